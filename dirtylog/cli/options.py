@@ -1,0 +1,66 @@
+"""Arguments several sub-commands share, and their conversion into machines."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TypeVar
+
+from dirtylog.guest.machine import Machine
+from dirtylog.units import UnitError, parse_duration, parse_rate, parse_size
+from dirtylog.workload import WORKLOAD_HELP, WORKLOADS
+
+T = TypeVar("T")
+
+
+def _argtype(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except UnitError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = name  # argparse names the type in its error message
+    return convert
+
+
+size_arg = _argtype(parse_size, "size")
+duration_arg = _argtype(parse_duration, "duration")
+rate_arg = _argtype(parse_rate, "rate")
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def add_machine_arguments(parser: argparse.ArgumentParser, *, memory: str = "1G", vcpus: int = 2,
+                          workload: str = "random") -> None:
+    """--memory, --vcpus, --workload, --rate and the workload's shape."""
+    group = parser.add_argument_group("machine")
+    group.add_argument("--memory", type=size_arg, default=parse_size(memory),
+                       help=f"guest RAM, e.g. 512M or 4G (default {memory})")
+    group.add_argument("--vcpus", type=positive_int, default=vcpus, help=f"vCPUs (default {vcpus})")
+    group.add_argument("--workload", choices=WORKLOADS, default=workload,
+                       help="; ".join(f"{name}: {text}" for name, text in WORKLOAD_HELP.items()))
+    group.add_argument("--rate", type=positive_int, default=None,
+                       help="pages per second per vCPU (default: as fast as the vCPU goes)")
+    group.add_argument("--slots", type=positive_int, default=1, help="memory slots RAM is split into (default 1)")
+    group.add_argument("--prefault", action="store_true",
+                       help="allocate all guest memory before starting (faster first touches)")
+    group.add_argument("--hot-fraction", type=float, default=0.1,
+                       help="hotset: fraction of pages that are hot (default 0.1)")
+    group.add_argument("--hot-weight", type=float, default=0.9,
+                       help="hotset: fraction of writes that go to hot pages (default 0.9)")
+
+
+def machine_from_args(args: argparse.Namespace) -> Machine:
+    """A new (not started) machine from :func:`add_machine_arguments`'s options."""
+    return Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots,
+                   hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault)

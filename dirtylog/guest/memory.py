@@ -1,0 +1,170 @@
+"""Guest RAM: one anonymous mapping, a NumPy view of it, and its split into KVM memory slots.
+
+Guest-physical address 0 is byte 0 of the mapping; slots are consecutive, 64-page aligned pieces of it
+(so each slot's dirty bitmap is whole words of the guest-wide one). The host's own writes into guest RAM
+never reach the KVM dirty log, so they go through :meth:`GuestMemory.write`, which records them in
+``host_dirty`` for trackers to OR in (as Firecracker's ``dump_dirty`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from dirtylog.kvm.errors import GuestMemoryError
+from dirtylog.kvm.system import MemorySlot, Vm
+from dirtylog.units import PAGE_SIZE, format_size
+
+SLOT_ALIGNMENT = 64 * PAGE_SIZE  # one dirty-bitmap word per 64 pages
+MADV_POPULATE_WRITE = 23  # Linux 5.14; not yet in Python 3.11's mmap module
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where a slot sits in guest-physical memory."""
+
+    slot: int
+    guest_phys_addr: int
+    memory_size: int
+
+    @property
+    def base_gfn(self) -> int:
+        return self.guest_phys_addr // PAGE_SIZE
+
+    @property
+    def npages(self) -> int:
+        return self.memory_size // PAGE_SIZE
+
+
+def plan_slots(memory_size: int, nslots: int) -> tuple[SlotLayout, ...]:
+    """Split ``memory_size`` bytes into ``nslots`` consecutive slots of whole 64-page units."""
+    if nslots < 1:
+        raise GuestMemoryError(f"a machine needs at least one memory slot, got {nslots}")
+    units = memory_size // SLOT_ALIGNMENT
+    if units < nslots:
+        raise GuestMemoryError(f"{format_size(memory_size)} cannot be split into {nslots} slots of at least "
+                               f"{format_size(SLOT_ALIGNMENT)}; use fewer slots or more memory")
+    layouts = []
+    start = 0
+    for index in range(nslots):
+        size_units = units // nslots + (1 if index < units % nslots else 0)
+        layouts.append(SlotLayout(index, start * SLOT_ALIGNMENT, size_units * SLOT_ALIGNMENT))
+        start += size_units
+    return tuple(layouts)
+
+
+def host_memory_bytes() -> tuple[int, int]:
+    """(MemTotal, MemAvailable) of this host, in bytes."""
+    values = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0]) * 1024
+    return values["MemTotal"], values.get("MemAvailable", values["MemTotal"])
+
+
+class GuestMemory:
+    """Anonymous host memory that backs guest-physical ``[0, size)``, viewed as bytes and as pages."""
+
+    def __init__(self, size: int, nslots: int = 1) -> None:
+        if size <= 0 or size % SLOT_ALIGNMENT:
+            raise GuestMemoryError(
+                f"guest memory of {size} bytes is not a positive multiple of {format_size(SLOT_ALIGNMENT)} "
+                f"(64 pages, one dirty-bitmap word); round it, e.g. to "
+                f"{format_size(max(SLOT_ALIGNMENT, size - size % SLOT_ALIGNMENT))}")
+        total, available = host_memory_bytes()
+        if size > total:
+            raise GuestMemoryError(f"{format_size(size)} of guest memory is more than this host has "
+                                   f"({format_size(total)} in all, {format_size(available)} available); "
+                                   "give the guest less memory")
+        self.layout = plan_slots(size, nslots)
+        try:
+            # Not MAP_NORESERVE: the kernel's overcommit check then refuses what it cannot back now,
+            # instead of the OOM killer taking the process in the middle of a migration.
+            self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError as error:
+            if error.errno == errno.ENOMEM:
+                raise GuestMemoryError(
+                    f"the host cannot back {format_size(size)} of guest memory ({format_size(available)} "
+                    "available); give the guest less memory or free some", error.errno) from None
+            raise
+        self.size = size
+        self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8)
+        self.words: npt.NDArray[np.uint64] = self.bytes.view(np.uint64)
+        self.pages: npt.NDArray[np.uint8] = self.bytes.reshape(-1, PAGE_SIZE)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self.host_dirty = np.zeros((self.npages + 63) // 64, dtype=np.uint64)
+
+    @property
+    def npages(self) -> int:
+        """Guest pages."""
+        return self.size // PAGE_SIZE
+
+    def prefault(self) -> None:
+        """Allocate every host page now (``MADV_POPULATE_WRITE``) so the guest's first touches are cheap."""
+        try:
+            self._map.madvise(MADV_POPULATE_WRITE)
+        except OSError as error:
+            raise GuestMemoryError(f"cannot pre-allocate {format_size(self.size)} of guest memory: "
+                                   f"{error.strerror}; give the guest less memory or skip prefaulting",
+                                   error.errno) from None
+
+    def register(self, vm: Vm, flags: int = 0) -> list[MemorySlot]:
+        """Create this memory's slots in ``vm``."""
+        return [vm.add_slot(s.slot, s.guest_phys_addr, s.memory_size, self.address + s.guest_phys_addr, flags)
+                for s in self.layout]
+
+    def slot_of(self, gfn: int) -> SlotLayout:
+        """The slot holding guest page ``gfn``."""
+        for layout in self.layout:
+            if layout.base_gfn <= gfn < layout.base_gfn + layout.npages:
+                return layout
+        raise GuestMemoryError(f"guest page {gfn} is outside guest memory (0..{self.npages - 1})")
+
+    def write(self, guest_phys_addr: int, data: bytes | npt.NDArray[np.uint8]) -> None:
+        """Write into guest memory from the host, recording the pages in ``host_dirty``."""
+        raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else data
+        end = guest_phys_addr + raw.size
+        if guest_phys_addr < 0 or end > self.size:
+            raise GuestMemoryError(f"write of {raw.size} bytes at {guest_phys_addr:#x} is outside guest memory "
+                                   f"(0..{self.size:#x})")
+        self.bytes[guest_phys_addr:end] = raw
+        self.mark_host_dirty(guest_phys_addr // PAGE_SIZE, (end - 1) // PAGE_SIZE + 1)
+
+    def mark_host_dirty(self, first_gfn: int, end_gfn: int) -> None:
+        """Record that the host wrote guest pages ``[first_gfn, end_gfn)``."""
+        bits = np.zeros(self.host_dirty.size * 64, dtype=bool)
+        bits[first_gfn:end_gfn] = True
+        self.host_dirty |= np.packbits(bits, bitorder="little").view(np.uint64)
+
+    def take_host_dirty(self) -> npt.NDArray[np.uint64]:
+        """Pages the host wrote since the last call (as bitmap words), and forget them."""
+        taken = self.host_dirty.copy()
+        self.host_dirty[:] = 0
+        return taken
+
+    def read(self, guest_phys_addr: int, length: int) -> bytes:
+        """Bytes of guest memory."""
+        if guest_phys_addr < 0 or guest_phys_addr + length > self.size:
+            raise GuestMemoryError(f"read of {length} bytes at {guest_phys_addr:#x} is outside guest memory")
+        return self.bytes[guest_phys_addr:guest_phys_addr + length].tobytes()
+
+    def slots(self) -> Iterator[SlotLayout]:
+        """The slot layout, lowest address first."""
+        return iter(self.layout)
+
+    def close(self) -> None:
+        """Unmap the memory; views of it must be gone."""
+        if self._map.closed:
+            return
+        del self.bytes, self.words, self.pages
+        # A caller may still hold a NumPy view (e.g. ``machine.memory``); the mapping is then freed with it.
+        with contextlib.suppress(BufferError):
+            self._map.close()
