@@ -1,0 +1,72 @@
+"""Keys and MACs of the migration stream: keyed BLAKE3 only (7+ GB/s here, against 1.5 GB/s for HMAC-SHA256).
+
+From the pre-shared key (the key file) both ends derive, with BLAKE3's key-derivation mode and a
+distinct context string per purpose (so no value can be replayed as another):
+
+* a root key, which makes key files of any length usable as a 32-byte BLAKE3 key;
+* the server proof: keyed hash of HELLO ‖ CHALLENGE-without-proof, proving the destination holds the key
+  (over the whole transcript, so a meddler cannot alter the source's HELLO or downgrade anything);
+* the client proof: keyed hash of HELLO ‖ CHALLENGE, proving the source holds the key;
+* one frame key per direction, from the root key and the hash of the handshake (both fresh nonces),
+  so every connection has its own keys and a frame from another session never verifies.
+
+Keys never go on the wire. Keys must be random (``dirtylog keygen``), not passwords: a proof is an
+offline guessing oracle for a low-entropy key.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Final
+
+from blake3 import blake3
+
+from dirtylog.migration.errors import LocalProtocolError
+from dirtylog.migration.events import BytesLike
+from dirtylog.migration.wire import MAC_SIZE
+
+MIN_KEY_SIZE: Final = 16
+_CONTEXT: Final = "dirtylog migration stream v1"
+
+
+def _derive(purpose: str, material: bytes) -> bytes:
+    return blake3(material, derive_key_context=f"{_CONTEXT} {purpose}").digest()
+
+
+def root_key(psk: bytes) -> bytes:
+    """The 32-byte root of all keys, from the pre-shared key file's bytes."""
+    if len(psk) < MIN_KEY_SIZE:
+        raise LocalProtocolError(
+            f"the key is {len(psk)} bytes; a key must be at least {MIN_KEY_SIZE} random bytes: "
+            "make one with `dirtylog keygen FILE` and copy it to both hosts"
+        )
+    return _derive("pre-shared key", bytes(psk))
+
+
+def server_proof(root: bytes, transcript: bytes) -> bytes:
+    """The destination's proof over HELLO ‖ CHALLENGE-up-to-the-proof."""
+    return blake3(transcript, key=_derive("server proof", root)).digest()
+
+
+def client_proof(root: bytes, transcript: bytes) -> bytes:
+    """The source's proof over HELLO ‖ CHALLENGE."""
+    return blake3(transcript, key=_derive("client proof", root)).digest()
+
+
+def frame_keys(root: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """(source→destination, destination→source) frame keys of this session."""
+    session = root + blake3(transcript).digest()
+    return _derive("source-to-destination frames", session), _derive("destination-to-source frames", session)
+
+
+def proofs_equal(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison, so timing leaks nothing about a proof or MAC."""
+    return hmac.compare_digest(a, b)
+
+
+def frame_mac(key: bytes, *parts: BytesLike) -> bytes:
+    """MAC of a frame: keyed BLAKE3 over its parts (header, payload head, data) hashed in place."""
+    hasher = blake3(key=key)
+    for part in parts:
+        hasher.update(part)
+    return hasher.digest(MAC_SIZE)
