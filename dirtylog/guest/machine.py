@@ -10,6 +10,7 @@ half-done ``out`` (the API document's rule for consistent register state), then 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import signal
 import struct
@@ -51,6 +52,7 @@ KICK_SIGNAL = signal.SIGUSR1
 PAUSE_TIMEOUT = 5.0  # seconds a pause may take before the machine reports a stuck vCPU
 SLEEP_THRESHOLD_SECONDS = 0.001  # a rate-limited guest further ahead than this sleeps in the host
 MAX_LAG_SECONDS = 0.05  # a guest further behind than this restarts its schedule instead of bursting
+THROTTLE_TIMESLICE = 0.01  # seconds of guest time between throttle sleeps, as QEMU's CPU_THROTTLE_TIMESLICE
 _REGS_FORMAT = "<18Q"
 
 
@@ -104,6 +106,8 @@ class _VcpuThread:
     parked: bool = False
     regs: abi.kvm_regs | None = None
     wake: threading.Event = field(default_factory=threading.Event)
+    delay: float = 0.0  # seconds to spend outside the guest at the next chance (throttling)
+    delayed_seconds: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -153,6 +157,9 @@ class Machine:
         self.crash: GuestCrash | None = None
         self.on_dirty_ring_full: Callable[[int], None] | None = None
         self.on_iteration: Callable[[int, int], None] | None = None
+        self.tracker: object | None = None
+        self.throttle = 0.0
+        self._throttle_thread: threading.Thread | None = None
         self.kvm = Kvm(kvm_device)
         try:
             if vcpus > self.kvm.max_vcpus:
@@ -252,6 +259,30 @@ class Machine:
         return [self.control(index, ControlBlock.ITERATION) for index in range(self.spec.vcpus)]
 
     # --- lifecycle ---------------------------------------------------------------------------------
+
+    def attach_tracker(self, tracker: object) -> None:
+        """Claim the machine's slot flags for ``tracker``: only one tracker may log at a time."""
+        if self.tracker is not None and self.tracker is not tracker:
+            raise MachineError(f"the machine already has an enabled {getattr(self.tracker, 'mode', '?')!r} tracker; "
+                               "disable it before enabling another")
+        self.tracker = tracker
+
+    def detach_tracker(self, tracker: object) -> None:
+        """Release the claim of :meth:`attach_tracker`."""
+        if self.tracker is tracker:
+            self.tracker = None
+
+    @property
+    def vcpus(self) -> list[Vcpu]:
+        """The vCPUs (created by :meth:`start`)."""
+        return [entry.vcpu for entry in self._threads]
+
+    def enable_dirty_ring(self, entries: int) -> None:
+        """Give each vCPU a dirty ring of ``entries`` entries; only possible before :meth:`start`."""
+        if self.state is not State.CREATED:
+            raise MachineError("the dirty ring must be chosen before the machine starts (KVM allows it only "
+                               "before vCPUs exist): call dirty_log('ring') before start()")
+        self.vm.enable_dirty_ring(entries * ctypes.sizeof(abi.kvm_dirty_gfn))
 
     def _create_vcpus(self) -> None:
         cpuid = self.kvm.supported_cpuid()
@@ -381,9 +412,10 @@ class Machine:
         for entry in self._threads:
             self._kick(entry)
 
-    def _kick(self, entry: _VcpuThread) -> None:
+    def _kick(self, entry: _VcpuThread, wake: bool = True) -> None:
         entry.vcpu.immediate_exit = True
-        entry.wake.set()
+        if wake:
+            entry.wake.set()
         if entry.ident and not entry.done.is_set():
             # The thread may end between the check and the kill.
             with contextlib.suppress(ProcessLookupError):
@@ -416,7 +448,12 @@ class Machine:
                         return
                     continue
                 exit_ = vcpu.run()
-                if not isinstance(exit_, Interrupted) and not self._handle_exit(index, entry, exit_):
+                if isinstance(exit_, Interrupted):
+                    # Clear before the loop rechecks the request: a pause that raced with this kick set
+                    # its request first and immediate_exit second, so one of the two is still seen.
+                    vcpu.immediate_exit = False
+                    self._serve_delay(entry)
+                elif not self._handle_exit(index, entry, exit_):
                     return
         except Exception as error:  # a failure in a vCPU thread must reach the user, not vanish
             self._record_crash(index, f"host error: {error}")
@@ -424,6 +461,44 @@ class Machine:
             entry.done.set()
             with self._control:
                 self._control.notify_all()
+
+    def delay_vcpu(self, vcpu: int, seconds: float) -> None:
+        """Hold ``vcpu`` outside the guest for ``seconds`` at its next chance (throttling); a pause
+        or stop cuts the delay short."""
+        entry = self._threads[vcpu]
+        with self._control:
+            entry.delay += seconds
+        self._kick(entry, wake=False)
+
+    def set_throttle(self, fraction: float) -> None:
+        """Keep every vCPU out of the guest ``fraction`` of the time (QEMU's cpu-throttle: every 10 ms
+        timeslice each vCPU sleeps ``fraction / (1 - fraction)`` timeslices); 0 stops throttling."""
+        if not 0 <= fraction < 1:
+            raise MachineError(f"throttle fraction must be in [0, 1), got {fraction}")
+        self.throttle = fraction
+        if fraction and (self._throttle_thread is None or not self._throttle_thread.is_alive()):
+            self._throttle_thread = threading.Thread(target=self._throttle_loop, name="throttle", daemon=True)
+            self._throttle_thread.start()
+
+    def _throttle_loop(self) -> None:
+        while self.throttle and self.state is State.RUNNING:
+            sleep = THROTTLE_TIMESLICE * self.throttle / (1 - self.throttle)
+            for index in range(len(self._threads)):
+                self.delay_vcpu(index, sleep)
+            time.sleep(THROTTLE_TIMESLICE + sleep)
+
+    @property
+    def throttled_seconds(self) -> float:
+        """Seconds vCPUs have spent held out of the guest by throttling, summed."""
+        return sum(entry.delayed_seconds for entry in self._threads)
+
+    def _serve_delay(self, entry: _VcpuThread) -> None:
+        with self._control:
+            delay, entry.delay = entry.delay, 0.0
+        if delay > 0 and self._request is _Request.RUN:
+            start = time.perf_counter()
+            entry.wake.wait(delay)
+            entry.delayed_seconds += time.perf_counter() - start
 
     def _park(self, entry: _VcpuThread) -> bool:
         """Leave the guest consistently and wait; False when the machine is stopping."""

@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from dirtylog.kvm.errors import GuestMemoryError
 from dirtylog.kvm.system import MemorySlot, Vm
+from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.units import PAGE_SIZE, format_size
 
 SLOT_ALIGNMENT = 64 * PAGE_SIZE  # one dirty-bitmap word per 64 pages
@@ -100,7 +101,7 @@ class GuestMemory:
         self.words: npt.NDArray[np.uint64] = self.bytes.view(np.uint64)
         self.pages: npt.NDArray[np.uint8] = self.bytes.reshape(-1, PAGE_SIZE)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        self.host_dirty = np.zeros((self.npages + 63) // 64, dtype=np.uint64)
+        self.host_dirty = DirtyBitmap.empty(self.npages)
 
     @property
     def npages(self) -> int:
@@ -140,14 +141,11 @@ class GuestMemory:
 
     def mark_host_dirty(self, first_gfn: int, end_gfn: int) -> None:
         """Record that the host wrote guest pages ``[first_gfn, end_gfn)``."""
-        bits = np.zeros(self.host_dirty.size * 64, dtype=bool)
-        bits[first_gfn:end_gfn] = True
-        self.host_dirty |= np.packbits(bits, bitorder="little").view(np.uint64)
+        self.host_dirty.set_range(first_gfn, end_gfn - first_gfn)
 
-    def take_host_dirty(self) -> npt.NDArray[np.uint64]:
-        """Pages the host wrote since the last call (as bitmap words), and forget them."""
-        taken = self.host_dirty.copy()
-        self.host_dirty[:] = 0
+    def take_host_dirty(self) -> DirtyBitmap:
+        """Pages the host wrote since the last call, and forget them."""
+        taken, self.host_dirty = self.host_dirty, DirtyBitmap.empty(self.npages)
         return taken
 
     def read(self, guest_phys_addr: int, length: int) -> bytes:

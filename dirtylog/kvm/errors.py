@@ -47,7 +47,8 @@ class DirtyLogError(KvmError):
 
 
 class NoSuchSlotError(DirtyLogError):
-    """KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG on a slot that does not exist (EINVAL)."""
+    """KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG on a slot that does not exist (EINVAL, or ENOENT on
+    kernels since the memslot rework)."""
 
 
 class LoggingNotEnabledError(DirtyLogError):

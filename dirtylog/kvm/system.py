@@ -368,15 +368,23 @@ class Vm:
             raise BadBufferError(f"{operation} on slot {slot}: bitmap must be a writable contiguous array")
 
     def _dirty_log_error(self, operation: str, slot: int, code: int) -> KvmError:
+        """The exception for a dirty-log errno. Today's kernels answer ENOENT both for a slot that
+        does not exist and for one without logging, and EINVAL for a slot number out of range (the
+        seed patch answered EINVAL for any bad slot): the slot table tells the cases apart."""
         logging = sorted(s.slot for s in self.slots.values() if s.logging)
+        choice = f"slots with logging are {logging}" if logging else "no slot has logging enabled yet"
         if code == errno.EINVAL:
             return NoSuchSlotError(
-                f"{operation}: memory slot {slot} does not exist or has no dirty log (EINVAL); slots with "
-                f"logging are {logging or 'none'}", code)
+                f"{operation}: memory slot {slot} is not a valid slot (EINVAL); this KVM has slots "
+                f"0..{self.kvm.max_memslots - 1} and this VM uses {sorted(self.slots)}", code)
+        if code == errno.ENOENT and slot not in self.slots:
+            return NoSuchSlotError(
+                f"{operation}: memory slot {slot} does not exist (ENOENT); this VM's slots are "
+                f"{sorted(self.slots)}, {choice}", code)
         if code == errno.ENOENT:
             return LoggingNotEnabledError(
-                f"{operation}: dirty logging is not enabled on memory slot {slot} (ENOENT); enable it with "
-                f"KVM_MEM_LOG_DIRTY_PAGES first, or collect from one of {logging or 'no slot yet'}", code)
+                f"{operation}: dirty logging is not enabled on memory slot {slot} (ENOENT); set "
+                f"KVM_MEM_LOG_DIRTY_PAGES on it first (tracker.enable()); {choice}", code)
         if code == errno.EFAULT:
             return BadBufferError(f"{operation} on slot {slot}: the kernel could not access the bitmap "
                                   "buffer (EFAULT); pass a writable buffer of the slot's bitmap size", code)

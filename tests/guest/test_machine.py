@@ -74,10 +74,16 @@ def _count_time(vcpus: int, iterations: int) -> float:
 
 def test_two_vcpus_run_in_parallel() -> None:
     iterations = 1_500_000_000
-    one = _count_time(1, iterations)
-    two = _count_time(2, iterations)
-    # Serialized vCPUs would take twice as long; parallel ones about the same.
-    assert two < 1.5 * one, (one, two)
+    # Serialized vCPUs would take twice as long; parallel ones about the same. The best of three
+    # interleaved attempts keeps a burst of load from another process from deciding the verdict.
+    ratios = []
+    for _ in range(3):
+        one = _count_time(1, iterations)
+        two = _count_time(2, iterations)
+        ratios.append(two / one)
+        if ratios[-1] < 1.5:
+            break
+    assert min(ratios) < 1.5, ratios
 
 
 def _crashing_program() -> GuestProgram:
