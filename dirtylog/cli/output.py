@@ -47,7 +47,7 @@ class RowPrinter:
 
     def row(self, *values: Any) -> None:
         if not self._printed_header:
-            console.print("  ".join(f"[bold]{name:>{width}}[/bold]" for name, width in self.columns))
+            console.print("  ".join(f"[bold]{name:>{width}}[/bold]" for name, width in self.columns), soft_wrap=True)
             self._printed_header = True
-        console.print("  ".join(f"{value!s:>{width}}" for value, (_, width) in zip(values, self.columns,
-                                                                                   strict=True)))
+        cells = (f"{value!s:>{width}}" for value, (_, width) in zip(values, self.columns, strict=True))
+        console.print("  ".join(cells), soft_wrap=True)

@@ -126,6 +126,8 @@ class Machine:
     """A KVM virtual machine running a guest workload on ``vcpus`` threads.
 
     ``memory`` is a size (``"1G"``) and ``rate`` pages per second per vCPU (None: unlimited);
+    ``dirty_ring`` gives each vCPU a dirty ring of that many entries (KVM allows it only before vCPUs
+    exist; ``dirty_log("ring")`` before :meth:`start` does the same);
     ``prefault`` allocates host memory up front (a first guest touch then costs ~3 us instead of ~24 us
     here; see docs/performance.md). The
     machine is created stopped; :meth:`start` runs it. Use it as a context manager so that everything
@@ -146,6 +148,8 @@ class Machine:
         page_size: HugePage = "2M",
         prefault: bool = False,
         program: GuestProgram | None = None,
+        blank: bool = False,
+        dirty_ring: int = 0,
         kvm_device: str | None = None,
     ) -> None:
         size = parse_size(memory)
@@ -158,6 +162,7 @@ class Machine:
         self.on_dirty_ring_full: Callable[[int], None] | None = None
         self.on_iteration: Callable[[int, int], None] | None = None
         self.tracker: object | None = None
+        self.handed_off_to = ""  # set by a migration once the destination owns the VM
         self.throttle = 0.0
         self._throttle_thread: threading.Thread | None = None
         self.kvm = Kvm(kvm_device)
@@ -165,6 +170,8 @@ class Machine:
             if vcpus > self.kvm.max_vcpus:
                 raise MachineError(f"this KVM allows {self.kvm.max_vcpus} vCPUs per VM; asked for {vcpus}")
             self.vm: Vm = self.kvm.create_vm()
+            if dirty_ring:
+                self.vm.enable_dirty_ring(dirty_ring * ctypes.sizeof(abi.kvm_dirty_gfn))
             self.ram = GuestMemory(size, slots)
             if prefault:
                 self.ram.prefault()
@@ -178,7 +185,8 @@ class Machine:
                 raise MachineError(f"this KVM ({self.kvm.host_type}) does not offer 1 GiB pages to guests "
                                    "(CPUID Page1GB); use page_size='2M'")
             self.page_size: HugePage = page_size
-            self._load()
+            if not blank:  # a migration destination gets every byte from the stream instead
+                self._load()
         except BaseException:
             self.close()
             raise
@@ -284,7 +292,7 @@ class Machine:
                                "before vCPUs exist): call dirty_log('ring') before start()")
         self.vm.enable_dirty_ring(entries * ctypes.sizeof(abi.kvm_dirty_gfn))
 
-    def _create_vcpus(self) -> None:
+    def _create_vcpus(self, states: list[bytes] | None) -> None:
         cpuid = self.kvm.supported_cpuid()
         for index in range(self.spec.vcpus):
             vcpu = self.vm.create_vcpu(index)
@@ -294,17 +302,25 @@ class Machine:
             self._threads.append(_VcpuThread(vcpu))
         tsc_khz = self._threads[0].vcpu.tsc_khz
         self.tsc_hz = tsc_khz * 1000
+        if states is not None:
+            # A migrated guest continues: its registers, TSC and control blocks come from the source.
+            for index, state in enumerate(states):
+                self.load_vcpu_state(index, state)
+            return
         for index in range(self.spec.vcpus):
             block = self._control_block(index, tsc_khz)
             for offset in (ControlBlock.TICKS_PER_PAGE, ControlBlock.SLEEP_THRESHOLD, ControlBlock.MAX_LAG):
                 self.set_control(index, offset, int(block[offset // 8]))
 
-    def start(self) -> None:
-        """Create the vCPUs and run the guest, one host thread per vCPU."""
+    def start(self, vcpu_states: list[bytes] | None = None) -> None:
+        """Create the vCPUs and run the guest, one host thread per vCPU; with ``vcpu_states`` (from
+        :meth:`vcpu_state` of a paused machine) the vCPUs continue where that machine stopped."""
         with self._transition:
             if self.state is not State.CREATED:
                 raise MachineError(f"start() needs a new machine; this one is {self.state.value}")
-            self._create_vcpus()
+            if vcpu_states is not None and len(vcpu_states) != self.spec.vcpus:
+                raise MachineError(f"{len(vcpu_states)} vCPU states given for {self.spec.vcpus} vCPUs")
+            self._create_vcpus(vcpu_states)
             self._request = _Request.RUN
             for index, entry in enumerate(self._threads):
                 entry.thread = threading.Thread(target=self._vcpu_loop, args=(index,), name=f"vcpu{index}",
@@ -331,6 +347,9 @@ class Machine:
             self._raise_if_crashed()
             if self.state is State.RUNNING:
                 return
+            if self.handed_off_to:
+                raise MachineError(f"this machine was migrated to {self.handed_off_to}, which runs it now; "
+                                   "resuming the old copy would run the VM twice")
             if self.state is not State.PAUSED:
                 raise MachineError(f"resume() needs a paused machine; this one is {self.state.value}")
             with self._control:

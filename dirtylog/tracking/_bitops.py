@@ -1,22 +1,30 @@
-"""Whole-array kernels behind :class:`~dirtylog.tracking.bitmap.DirtyBitmap`: positions and runs of set bits.
+"""Whole-array kernels behind :class:`~dirtylog.tracking.bitmap.DirtyBitmap`: set bits to positions and runs,
+and page lists and runs back to bits.
 
 A bitmap is a 1-D array of ``uint64`` words laid out as the kernel's ``dirty_bitmap``: bit ``i`` is bit
-``i % 64`` of word ``i // 64``. Everything here is pure NumPy, with no loop per page or per word; the only
-Python loops are over chunks of a few thousand words, so that the temporaries of one chunk stay in the
-L2 cache instead of streaming the whole bitmap through memory once per step.
+``i % 64`` of word ``i // 64``. Everything here is pure NumPy with no loop per page or per word; the only
+Python loops are over chunks of 8192 words (512 Ki pages), so that one chunk's temporaries stay in the L2
+cache instead of streaming the whole bitmap through memory once per step.
 
-Theory of operation, and the costs that shaped it (measured on the 2-core VMs this project runs on):
+Theory of operation, and the costs that shaped it (measured on this project's 2-vCPU VMs):
 
-* ``np.nonzero`` of a *bool* array is NumPy's only fast index generator. It pays about 0.5 ns per element
-  scanned, and it switches to a ``memchr`` loop (about 25 ns per hit) when at most 10 % of the elements are
-  true. So every extraction below either scans a dense bool array (> 10 % true, branchless path) or first
-  drops the zero words and zero bytes, after which at least one bit in eight is set.
-* ``np.unpackbits`` (0.1 ns per bit) and ufuncs on small integer types are cheap; gathers cost about
-  0.5 ns per element; ``np.repeat`` and ``np.cumsum`` cost 2-3 ns per element and are avoided.
-* Runs are found without visiting each set page: a 65 536-entry table maps every 16-bit unit to one code
-  byte per 2-bit region (a region holds at most one run start), saying where in the region the run starts
-  and how far it reaches inside the unit. One ``nonzero`` over the code bytes then yields every run start
-  and its length at once; the few runs that leave their 16-bit unit are extended afterwards.
+* ``np.nonzero`` of a *bool* array is NumPy's only fast index generator: about 0.5 ns per element scanned
+  on its branchless path, which it leaves for a ``memchr`` loop (about 25 ns per hit) when at most 10 % of
+  the elements are true. So a chunk more than 10 % set is unpacked and scanned whole, and a sparser one
+  first drops its zero words and zero bytes, after which at least one bit in eight is set.
+* ``np.unpackbits``, ``np.bitwise_count`` and ufuncs on small integer types are cheap; a gather costs about
+  0.5 ns per element and ``ufunc.at`` about 17 ns; ``np.repeat`` and ``np.cumsum`` 2-3 ns. None of the
+  latter three is used per page.
+* Runs, dense case: a 65 536-entry table gives every 16-bit unit one code byte per 2-bit region (a region
+  holds at most one run start): whether and where a run starts there, and its length inside the unit. One
+  ``nonzero`` over the code bytes yields every run start with its length. A run that crosses into the next
+  unit is found from the unit-boundary bits (a few per chunk): the next unit's first region is cleared and
+  the crossing run's code gains that unit's leading ones, so the scan already reads its whole length; only
+  runs over whole units are finished after the scan.
+* Runs, sparse case (under about one run per two words, estimated from a sample of blocks): the start and
+  end bits of the non-zero words are extracted as positions, and lengths are their differences.
+* Runs to bits: runs are merged, their boundaries marked in a transition bitmap, and the bitmap recovered
+  as its prefix XOR (six shift-XOR steps per word plus a running parity across words).
 """
 
 from __future__ import annotations
@@ -309,13 +317,14 @@ def _runs_dense_chunk(
     # of u+1 set), u+1 does not start a run at bit 0, and the run gains the leading ones of u+1.
     next_unit = int(words[stop] & np.uint64(0xFFFF)) if stop < words.size else 0
     crossing = np.nonzero((units[1:] & (units[:-1] >> np.uint16(15))) != 0)[0]
-    into = units[crossing + 1]
-    if next_unit & 1 and units[-1] >> 15:
-        crossing = np.append(crossing, units.size - 1)
-        into = np.append(into, np.uint16(next_unit))
+    after = crossing + 1
+    codes[after << 3] = 0
+    into = units[after]
     if first and int(words[first - 1] >> _U63) & int(units[0]) & 1:
         codes[0] = 0  # continues the run of the previous chunk
-    codes[(crossing[crossing < units.size - 1] + 1) << 3] = 0
+    if next_unit & 1 and units[-1] >> 15:  # crosses into the next chunk, which clears its own first region
+        crossing = np.append(crossing, units.size - 1)
+        into = np.append(into, np.uint16(next_unit))
     gain = tables.leading_ones[into]
     source = units[crossing]
     # Usual case: neither unit is all ones, so the run began in u and ends in u+1; its length fits the

@@ -50,6 +50,7 @@ class RingTracker(KvmBitmapTracker):
             self._slot_base[memslot.slot] = memslot.base_gfn
         self.ring_full_exits = 0
         self.harvested = 0
+        self.vcpu_harvested: dict[int, int] = {}  # entries harvested per vCPU: its dirty rate, for dirty-limit
 
     def _enable(self) -> None:
         with self._lock:
@@ -73,10 +74,16 @@ class RingTracker(KvmBitmapTracker):
 
     def _on_ring_full(self, vcpu: int) -> None:
         """Called on the full vCPU's thread: harvest and reset so it can run again, keep the pages."""
+        self.ring_full_exits += 1
+        self.sample()
+
+    def sample(self) -> dict[int, int]:
+        """Harvest and reset every ring now, keeping the pages for the next collection; returns the
+        cumulative entries harvested per vCPU (the basis of per-vCPU dirty rates)."""
         with self._lock:
-            self.ring_full_exits += 1
             self._pending.set_pages(self._harvest_all())
             self.machine.vm.reset_dirty_rings()
+            return dict(self.vcpu_harvested)
 
     def _harvest_all(self) -> npt.NDArray[np.uint64]:
         parts = [self._harvest(vcpu.id, vcpu.dirty_ring) for vcpu in self.machine.vcpus
@@ -99,5 +106,6 @@ class RingTracker(KvmBitmapTracker):
         ring["flags"][taken] = abi.KVM_DIRTY_GFN_F_RESET
         self._fetch[vcpu_id] = (fetch + count) % size
         self.harvested += count
+        self.vcpu_harvested[vcpu_id] = self.vcpu_harvested.get(vcpu_id, 0) + count
         result: npt.NDArray[np.uint64] = gfns.astype(np.uint64)
         return result

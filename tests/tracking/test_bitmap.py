@@ -8,6 +8,7 @@ run without needing bitmaps of half a million pages.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from unittest import mock
@@ -67,9 +68,7 @@ def page_sets(draw: st.DrawFn, max_pages: int = 3000) -> tuple[int, frozenset[in
         pages = draw(st.sets(st.integers(0, npages - 1), max_size=64))
     elif shape == "runs":
         pages = set()
-        for start, length in draw(
-            st.lists(st.tuples(st.integers(0, npages - 1), st.integers(1, 300)), max_size=12)
-        ):
+        for start, length in draw(st.lists(st.tuples(st.integers(0, npages - 1), st.integers(1, 300)), max_size=12)):
             pages.update(range(start, min(start + length, npages)))
     elif shape == "noise":
         seed, density = draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([0.02, 0.1, 0.5, 0.9]))
@@ -81,7 +80,7 @@ def page_sets(draw: st.DrawFn, max_pages: int = 3000) -> tuple[int, frozenset[in
         cuts += [0, npages, min(64, npages), max(npages - 64, 0)]
         cuts = sorted(set(cuts))
         pages = set()
-        for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
+        for i, (a, b) in enumerate(itertools.pairwise(cuts)):
             if i % 2 == draw(st.integers(0, 1)):
                 pages.update(range(a, b))
     return npages, frozenset(pages)
@@ -379,7 +378,7 @@ def test_copy_clear_and_repr() -> None:
     bm.clear()
     assert not bm and bm.count() == 0 and twin.count() == 3
     assert repr(twin) == "DirtyBitmap(npages=100, dirty=3)"
-    assert "5" not in DirtyBitmap.from_pages([5], 10)  # type: ignore[operator]
+    assert "5" not in DirtyBitmap.from_pages([5], 10)
     assert -1 not in twin and 100 not in twin and 2 in twin and np.uint64(3) in twin
 
 
@@ -415,7 +414,7 @@ def test_bad_words_are_refused() -> None:
     with pytest.raises(BitmapError, match="needs 2 64-bit words, got 1"):
         DirtyBitmap(np.zeros(1, dtype=np.uint64), 65)
     with pytest.raises(BitmapError, match="must be uint64"):
-        DirtyBitmap(np.zeros(2, dtype=np.int64), 65)  # type: ignore[arg-type]
+        DirtyBitmap(np.zeros(2, dtype=np.int64), 65)
     with pytest.raises(BitmapError, match="npages must be >= 0"):
         DirtyBitmap.empty(-1)
     with pytest.raises(BitmapError, match="npages must be an integer"):
@@ -429,7 +428,7 @@ def test_or_words_at_is_checked() -> None:
     with pytest.raises(BitmapError, match="whole 64-bit words; got 12 bytes"):
         bm.or_words_at(0, b"\x00" * 12)
     with pytest.raises(BitmapError, match="must be uint64"):
-        bm.or_words_at(0, np.zeros(1, dtype=np.uint32))  # type: ignore[arg-type]
+        bm.or_words_at(0, np.zeros(1, dtype=np.uint32))
 
 
 def test_from_runs_is_checked() -> None:

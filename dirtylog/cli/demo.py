@@ -1,0 +1,100 @@
+"""``dirtylog demo``: a VM whose guest keeps writing, migrated live over loopback to a second process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from dirtylog.cli.migrate import add_migration_arguments, migrate_with_progress
+from dirtylog.cli.options import add_machine_arguments, duration_arg
+from dirtylog.cli.output import console
+from dirtylog.errors import DirtylogError
+from dirtylog.machine import Machine
+from dirtylog.migration.keys import generate_key_file
+from dirtylog.units import format_size
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("demo", help="live-migrate a writing VM to another process over loopback")
+    add_machine_arguments(parser, memory="512M", workload="hotset")
+    parser.set_defaults(rate=50_000)
+    add_migration_arguments(parser)
+    parser.set_defaults(downtime_limit=0.05)
+    parser.add_argument("--warmup", type=duration_arg, default=1.0, help="run the guest this long first")
+    parser.add_argument("--duration", type=duration_arg, default=2.0, help="run the migrated guest this long")
+    parser.set_defaults(func=run, json=False, plot=None)
+
+
+def _relay(stream: IO[str], events: list[dict[str, Any]], address: list[str], ready: threading.Event) -> None:
+    """Show the destination's JSON lines to people, and keep them for the verdict."""
+    for line in stream:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            console.print(f"[dim]destination:[/dim] {line.rstrip()}")
+            continue
+        events.append(event)
+        kind = event.get("event")
+        if kind == "listening":
+            address.append(event["address"])
+            ready.set()
+        elif kind == "running":
+            console.print(f"[cyan]destination[/cyan]: guest running, progress {event['progress']:,} pages")
+        elif kind == "failed":
+            console.print(f"[cyan]destination[/cyan]: [red]{event['error']}[/red]")
+    ready.set()
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="dirtylog-demo-") as folder:
+        key_file = str(generate_key_file(Path(folder) / "demo.key"))
+        args.key_file = key_file
+        console.print("[bold]dirtylog demo[/bold]: two processes on this host, one pre-shared key, loopback TCP")
+        destination = subprocess.Popen(
+            [sys.executable, "-m", "dirtylog", "receive", "--listen", "127.0.0.1:0", "--key-file", key_file,
+             "--duration", f"{args.duration}s", "--json"],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert destination.stdout is not None
+        events: list[dict[str, Any]] = []
+        address: list[str] = []
+        ready = threading.Event()
+        relay = threading.Thread(target=_relay, args=(destination.stdout, events, address, ready), daemon=True)
+        relay.start()
+        try:
+            if not ready.wait(30) or not address:
+                raise DirtylogError("the destination process did not start listening")
+            args.to = address[0]
+            console.print(f"[cyan]destination[/cyan]: pid {destination.pid} listening on {args.to}")
+            with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots,
+                         hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault,
+                         dirty_ring=16384 if args.mode == "ring" else 0) as machine:
+                machine.start()
+                console.print(f"[magenta]source[/magenta]: {args.workload} guest on {args.vcpus} vCPUs, "
+                              f"{format_size(args.memory)}, writing {args.rate:,} pages/s per vCPU; "
+                              f"migrating after {args.warmup:.1f} s with a {args.downtime_limit * 1e3:.0f} ms "
+                              "downtime limit")
+                time.sleep(args.warmup)
+                stats = migrate_with_progress(machine, args)
+                paused_progress = machine.progress
+            status = destination.wait(timeout=60 + args.duration)
+        finally:
+            if destination.poll() is None:
+                destination.kill()
+        relay.join(5)
+    final = next((e for e in events if e.get("event") == "completed"), None)
+    if stats is None or final is None or status != 0:
+        console.print("[red bold]demo failed[/red bold]: see the messages above")
+        return 1
+    console.print(f"[green bold]verified[/green bold]: destination digest {final['stats']['digest']} equals the "
+                  f"source's; downtime {stats.downtime * 1e3 if stats.downtime else 0:.1f} ms; the guest's "
+                  f"progress went on from {paused_progress:,} (at the pause) to {final['progress_now']:,} pages "
+                  "on the destination")
+    return 0

@@ -1,0 +1,222 @@
+"""``dirtylog keygen``, ``dirtylog receive`` and ``dirtylog migrate``: live migration between processes and hosts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from dirtylog.cli.options import add_machine_arguments, duration_arg, positive_int, rate_arg, size_arg
+from dirtylog.cli.output import RowPrinter, console, emit_json, key_value_table
+from dirtylog.cli.plots import plot_series
+from dirtylog.machine import TRACKING_MODES, Machine
+from dirtylog.migration.destination import Listener, receive
+from dirtylog.migration.keys import generate_key_file, load_key
+from dirtylog.migration.precopy import MigrationError
+from dirtylog.migration.source import migrate
+from dirtylog.migration.stats import MigrationStats
+from dirtylog.migration.transport import parse_address
+from dirtylog.units import PAGE_SIZE, format_duration, format_size
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keygen = subparsers.add_parser("keygen", help="write a fresh pre-shared key file (mode 0600) for migrations")
+    keygen.add_argument("file", help="where to write the key; copy it to both hosts")
+    keygen.add_argument("--force", action="store_true", help="replace an existing file")
+    keygen.set_defaults(func=run_keygen)
+
+    recv = subparsers.add_parser("receive", help="wait for one live migration, verify it, and run the VM")
+    recv.add_argument("--listen", default="127.0.0.1:7000",
+                      help="address to listen on (default 127.0.0.1:7000; loopback unless you name another)")
+    recv.add_argument("--key-file", required=True, help="pre-shared key file (dirtylog keygen)")
+    recv.add_argument("--memory", type=size_arg, default=None, help="accept only guests of this memory size")
+    recv.add_argument("--duration", type=duration_arg, default=2.0,
+                      help="after the migration, run the guest this long to show it continues (default 2s)")
+    recv.add_argument("--timeout", type=duration_arg, default=30.0, help="give up when the source is silent this long")
+    recv.add_argument("--accept-timeout", type=duration_arg, default=None, help="give up if no source connects")
+    recv.add_argument("--json", action="store_true", help="JSON lines for machines")
+    recv.set_defaults(func=run_receive)
+
+    mig = subparsers.add_parser("migrate", help="start a VM with a workload and live-migrate it to `dirtylog receive`")
+    mig.add_argument("--to", required=True, help="destination host:port")
+    mig.add_argument("--key-file", required=True, help="pre-shared key file (dirtylog keygen)")
+    add_machine_arguments(mig)
+    add_migration_arguments(mig)
+    mig.add_argument("--warmup", type=duration_arg, default=1.0, help="run the guest this long before migrating")
+    mig.add_argument("--json", action="store_true", help="JSON lines for machines")
+    mig.add_argument("--plot", metavar="FILE.png", help="draw the migration timeline per round")
+    mig.set_defaults(func=run_migrate)
+
+
+def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The controls of a migration (shared with the demo)."""
+    group = parser.add_argument_group("migration")
+    group.add_argument("--downtime-limit", type=duration_arg, default=0.3, help="switch over when the rest can be "
+                       "sent within this (default 300ms, as QEMU)")
+    group.add_argument("--bandwidth", type=rate_arg, default=None, help="cap the stream, bytes/s, e.g. 500M")
+    group.add_argument("--max-time", type=duration_arg, default=None, help="give up (or force) after this long")
+    group.add_argument("--on-timeout", choices=("cancel", "force"), default="cancel",
+                       help="at --max-time: cancel (the source keeps running) or force the switch-over")
+    group.add_argument("--streams", type=positive_int, default=1, help="parallel TCP streams (default 1)")
+    group.add_argument("--no-zero-pages", dest="zero_pages", action="store_false", help="send zero pages as data")
+    group.add_argument("--compression", choices=("none", "lz4", "zstd"), default="none",
+                       help="page compression (default none: on loopback it costs more than it saves)")
+    group.add_argument("--mode", choices=TRACKING_MODES, default="log", help="dirty-log mode (default log)")
+    group.add_argument("--auto-converge", action="store_true", help="throttle vCPUs when the guest outruns the link")
+    group.add_argument("--dirty-limit", type=positive_int, default=None,
+                       help="cap each vCPU's dirty rate (pages/s) when it outruns the link; needs --mode ring")
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    path = generate_key_file(args.file, overwrite=args.force)
+    console.print(f"wrote a new key to {path} (mode 0600); copy it to the other host over a channel you trust")
+    return 0
+
+
+def _round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
+    rows.row(record["round"], f"{record['pages']:,}", f"{record['bytes'] / 1e6:,.1f}",
+             f"{record['mbps'] / 8:,.0f}", f"{record['dirty_pages']:,}", f"{record['dirty_pages_rate']:,}",
+             f"{record.get('expected_downtime_ms', 0):,.1f}", f"{record['throttle_percentage']}%")
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    load_key(args.key_file)  # a bad key file or address fails before any VM starts
+    parse_address(args.to)
+    ring = 16384 if args.mode == "ring" else 0
+    with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots, hot_fraction=args.hot_fraction,
+                 hot_weight=args.hot_weight, prefault=args.prefault, dirty_ring=ring) as machine:
+        machine.start()
+        if not args.json:
+            console.print(f"source: [bold]{args.workload}[/bold] on {args.vcpus} vCPU(s), {format_size(args.memory)}; "
+                          f"warming up {format_duration(args.warmup)}, then migrating to {args.to}")
+        time.sleep(args.warmup)
+        machine.check()
+        stats = migrate_with_progress(machine, args)
+        if stats is None:
+            before = machine.progress
+            time.sleep(0.5)
+            if not args.json:
+                console.print(f"the source VM keeps running here: progress {before:,} -> {machine.progress:,} pages")
+            return 1
+    return 0
+
+
+def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> MigrationStats | None:
+    """Run the migration with live rows (or JSON lines); None when it failed (already reported)."""
+    rows = RowPrinter([("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
+                       ("exp. downtime ms", 16), ("throttle", 8)])
+
+    def progress(kind: str, record: dict[str, Any]) -> None:
+        if args.json:
+            emit_json({"event": kind, **record})
+        elif kind == "round":
+            _round_row(rows, record)
+        elif kind == "switchover":
+            console.print(f"switch-over: paused, final {record['pages']:,} pages "
+                          f"({record['bytes'] / 1e6:,.1f} MB) sent in {record['paused_ms']:.1f} ms")
+
+    try:
+        stats = migrate(machine, args.to, key_file=args.key_file, downtime_limit=args.downtime_limit,
+                        bandwidth=args.bandwidth, max_time=args.max_time, on_timeout=args.on_timeout,
+                        streams=args.streams, zero_pages=args.zero_pages, compression=args.compression,
+                        mode=args.mode, auto_converge=args.auto_converge, dirty_limit=args.dirty_limit,
+                        progress=progress)
+    except MigrationError as error:
+        if args.json:
+            emit_json({"event": "failed", "error": str(error)})
+        else:
+            console.print(f"[red bold]migration failed[/red bold]: {error}")
+        return None
+    if args.plot:
+        plot_migration(args.plot, stats)
+    if args.json:
+        emit_json({"event": "completed", "stats": stats.as_dict()})
+    else:
+        print_stats("migration completed", stats)
+    return stats
+
+
+def print_stats(title: str, stats: MigrationStats) -> None:
+    """The query-migrate style summary for people."""
+    info = stats.as_dict()
+    ram = info["ram"]
+    rows = [
+        ("status", info["status"]),
+        ("total time", f"{info['total_time_ms']:,.1f} ms (setup {info['setup_time_ms']:,.1f} ms)"),
+        ("downtime", f"{info['downtime_ms']:,.1f} ms" if info["downtime_ms"] is not None else "-"),
+        ("expected downtime", f"{info['expected_downtime_ms']:,.1f} ms" if info["expected_downtime_ms"] is not None
+         else "-"),
+        ("transferred", f"{format_size(ram['transferred'])} of {format_size(ram['total'])} guest memory"),
+        ("throughput", f"{ram['mbps'] / 8:,.1f} MB/s"),
+        ("pages", f"{ram['normal']:,} sent with data, {ram['duplicate']:,} zero"),
+        ("dirty sync count", ram["dirty_sync_count"]),
+        ("dirty pages rate", f"{ram['dirty_pages_rate']:,} pages/s (last round)"),
+        ("throttle", f"{info['cpu_throttle_percentage']}%"
+         + (", dirty limit on" if info["dirty_limit_active"] else "")),
+        ("streams / compression / mode", f"{info['streams']} / {info['compression']} / {info['mode']}"),
+        ("memory digest", info["digest"]),
+    ]
+    console.print(key_value_table(title, rows))
+
+
+def plot_migration(path: str, stats: MigrationStats) -> None:
+    """Bytes remaining and dirty rate per round."""
+    rounds = stats.rounds
+    plot_series(path, "live migration timeline", [r.start + r.seconds for r in rounds], "seconds since start",
+                [("remaining", [r.dirty_pages * PAGE_SIZE / 1e6 for r in rounds], "MB"),
+                 ("dirty rate", [r.dirty_rate for r in rounds], "pages/s"),
+                 ("sent", [r.bandwidth / 1e6 for r in rounds], "MB/s")])
+
+
+def run_receive(args: argparse.Namespace) -> int:
+    listener = Listener(args.listen)
+    where = f"{listener.address[0]}:{listener.port}"
+    if args.json:
+        emit_json({"event": "listening", "address": where})
+    else:
+        console.print(f"destination: listening on {where}")
+    sys.stdout.flush()
+
+    def progress(kind: str, record: dict[str, Any]) -> None:
+        if args.json:
+            emit_json({"event": f"received-{kind}", **record})
+        elif kind == "round":
+            console.print(f"received round {record['round']}: {record['pages']:,} pages on stream 0")
+
+    try:
+        received = receive(listener, key_file=args.key_file, memory=args.memory, io_timeout=args.timeout,
+                           accept_timeout=args.accept_timeout, progress=progress)
+    except MigrationError as error:
+        if args.json:
+            emit_json({"event": "failed", "error": str(error)})
+        else:
+            console.print(f"[red bold]incoming migration failed[/red bold]: {error}")
+        return 1
+    finally:
+        listener.close()
+    machine = received.machine
+    with machine:
+        if not args.json:
+            console.print(f"[green]verified[/green] digest {received.stats.digest}; the VM runs here now "
+                          f"({machine.spec.vcpus} vCPUs, {format_size(machine.ram.size)})")
+        start, first = time.perf_counter(), machine.progress
+        last = first
+        while time.perf_counter() - start < args.duration:
+            time.sleep(min(0.5, args.duration))
+            machine.check()
+            now = machine.progress
+            if args.json:
+                emit_json({"event": "running", "t": round(time.perf_counter() - start, 3), "progress": now})
+            else:
+                console.print(f"  guest progress {now:,} pages (+{now - last:,})")
+            last = now
+        machine.pause()
+        continued = machine.progress > first or machine.spec.name == "idle"
+        if args.json:
+            emit_json({"event": "completed", "continued": continued, "progress_at_resume": first,
+                       "progress_now": machine.progress, "stats": received.stats.as_dict()})
+        else:
+            console.print(f"guest progress continued from {first:,} to {machine.progress:,} pages")
+            print_stats("incoming migration", received.stats)
+    return 0 if continued else 1

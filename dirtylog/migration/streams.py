@@ -1,0 +1,206 @@
+"""One migration stream on a socket: the sans-io connection, a sender thread, a reader thread.
+
+The engine builds frames on its own thread (``conn.send`` computes the MAC there) and hands the buffers
+to the stream's sender thread through a bounded queue, so hashing, gathering and the socket write
+overlap (blake3 and ``sendmsg`` both release the GIL). The reader thread turns whatever the peer says
+into events on a queue. A lock serializes use of the connection object between the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dirtylog.migration.connection import Connection
+from dirtylog.migration.errors import ProtocolError
+from dirtylog.migration.events import CLOSED, NEED_DATA, Abort, Event
+from dirtylog.migration.precopy import MigrationError
+from dirtylog.migration.transport import send_buffers
+
+RECV_CHUNK = 1 << 20
+QUEUE_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class StreamFailure:
+    """What ended a stream abnormally, as the reader or sender saw it."""
+
+    stream: int
+    reason: str
+    peer_abort: bool = False
+
+
+class Stream:
+    """A connection bound to a socket, with a sender and a reader thread."""
+
+    def __init__(self, index: int, sock: socket.socket, conn: Connection,
+                 pace: Callable[[int], None] | None = None) -> None:
+        self.index = index
+        self.sock = sock
+        self.conn = conn
+        self.pace = pace  # called with each write's size before it goes out (bandwidth cap)
+        self.lock = threading.Lock()
+        self.events: queue.Queue[Event | StreamFailure] = queue.Queue()
+        self.bytes_sent = 0
+        self._outbox: queue.Queue[Sequence[bytes | memoryview] | None] = queue.Queue(QUEUE_DEPTH)
+        self._sender: threading.Thread | None = None
+        self._reader: threading.Thread | None = None
+        self.failure: StreamFailure | None = None
+        self._closed = False
+
+    # --- sending -----------------------------------------------------------------------------------
+
+    def start(self, *, reader: bool = True, sender: bool = True) -> None:
+        """Start the threads (after the handshake, which the engine does synchronously)."""
+        if sender:
+            self._sender = threading.Thread(target=self._send_loop, name=f"stream{self.index}-send", daemon=True)
+            self._sender.start()
+        if reader:
+            self._reader = threading.Thread(target=self._read_loop, name=f"stream{self.index}-read", daemon=True)
+            self._reader.start()
+
+    def send(self, event: Event) -> None:
+        """Frame ``event`` now and queue it for the socket (blocks while the queue is full)."""
+        if self.failure is not None:
+            raise MigrationError(self.failure.reason)
+        with self.lock:
+            buffers = self.conn.send(event)
+        if self._sender is None:
+            self._write(buffers)
+            return
+        while True:
+            try:
+                self._outbox.put(buffers, timeout=0.5)
+                return
+            except queue.Full:
+                if self.failure is not None:
+                    raise MigrationError(self.failure.reason) from None
+
+    def drain(self, timeout: float) -> None:
+        """Wait until every queued frame is on the socket."""
+        deadline = time.monotonic() + timeout
+        while self._outbox.unfinished_tasks:
+            if self.failure is not None:
+                raise MigrationError(self.failure.reason)
+            if time.monotonic() > deadline:
+                raise MigrationError(f"stream {self.index}: the peer took no data for {timeout:.0f} s")
+            time.sleep(0.001)
+
+    def _write(self, buffers: Sequence[bytes | memoryview]) -> None:
+        size = sum(len(b) for b in buffers)
+        if self.pace is not None:
+            self.pace(size)
+        send_buffers(self.sock, buffers)
+        self.bytes_sent += size
+
+    def _send_loop(self) -> None:
+        while True:
+            try:
+                buffers = self._outbox.get(timeout=0.5)
+            except queue.Empty:
+                if self._closed:
+                    return
+                continue
+            try:
+                if buffers is None:
+                    return
+                if self.failure is None:
+                    self._write(buffers)
+            except OSError as error:
+                # The peer usually says why before it closes: let the reader deliver its Abort first.
+                if self._reader is not None:
+                    self._reader.join(0.5)
+                self._fail(f"stream {self.index}: sending failed: {error.strerror or error}")
+            finally:
+                self._outbox.task_done()
+
+    # --- receiving ---------------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        buffer = bytearray(RECV_CHUNK)
+        view = memoryview(buffer)
+        while not self._closed:
+            try:
+                count = self.sock.recv_into(view)
+            except TimeoutError:
+                continue
+            except OSError as error:
+                if not self._closed:
+                    self._fail(f"stream {self.index}: connection lost: {error.strerror or error}")
+                return
+            try:
+                with self.lock:
+                    self.conn.receive_data(view[:count])
+                    while (event := self.conn.next_event()) is not NEED_DATA:
+                        if event is CLOSED:
+                            return
+                        assert not isinstance(event, type(NEED_DATA))
+                        self.events.put(event)
+                        if isinstance(event, Abort):
+                            self._fail(f"the peer aborted: {event.reason}", peer_abort=True)
+                            return
+            except ProtocolError as error:
+                self.reply_best_effort(error.reply)
+                self._fail(str(error))
+                return
+            if count == 0:
+                return
+
+    def next_event(self, timeout: float, what: str) -> Event:
+        """The next event from the peer, or MigrationError after ``timeout`` or a failure."""
+        try:
+            item = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise MigrationError(f"stream {self.index}: no {what} from the peer within {timeout:.0f} s") from None
+        if isinstance(item, StreamFailure):
+            raise MigrationError(item.reason)
+        return item
+
+    # --- ending ------------------------------------------------------------------------------------
+
+    def _fail(self, reason: str, peer_abort: bool = False) -> None:
+        if self.failure is None:
+            self.failure = StreamFailure(self.index, reason, peer_abort)
+            self.events.put(self.failure)
+
+    def write_now(self, buffers: Sequence[bytes | memoryview]) -> None:
+        """Write on the caller's thread (the handshake, before the threads start)."""
+        try:
+            send_buffers(self.sock, buffers)
+        except OSError as error:
+            raise MigrationError(f"stream {self.index}: connection lost: {error.strerror or error}") from None
+
+    def reply_best_effort(self, buffers: Sequence[bytes | memoryview]) -> None:
+        """Tell the peer why we stop, if the socket still takes it."""
+        try:
+            self.sock.settimeout(1.0)
+            send_buffers(self.sock, buffers)
+        except OSError:
+            pass
+
+    def abort(self, reason: str, code: int) -> None:
+        """Send an Abort (best effort) and close."""
+        from dirtylog.migration.events import AbortCode
+
+        try:
+            with self.lock:
+                buffers = self.conn.send(Abort(reason[:900], AbortCode(code)))
+            self.reply_best_effort(buffers)
+        except (ProtocolError, OSError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        """Stop the threads and close the socket."""
+        self._closed = True
+        if self._sender is not None and self._sender.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._outbox.put_nowait(None)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()

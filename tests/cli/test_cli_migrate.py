@@ -1,0 +1,121 @@
+"""``dirtylog keygen / receive / migrate`` as two real processes, and their errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dirtylog.cli import main
+
+DIRTYLOG = [sys.executable, "-m", "dirtylog"]
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_keygen_writes_a_private_key_and_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "k"
+    assert main(["keygen", str(key)]) == 0
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(key.read_text().split()[1]) == 64
+    first = key.read_text()
+    assert main(["keygen", str(key)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert key.read_text() == first
+    assert main(["keygen", str(key), "--force"]) == 0
+    assert key.read_text() != first
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "k"
+    main(["keygen", str(key)])
+    os.chmod(key, 0o644)
+    assert main(["migrate", "--to", "127.0.0.1:9", "--key-file", str(key), "--memory", "64M"]) == 1
+    assert f"run `chmod 600 {key}`" in capsys.readouterr().err
+
+
+def test_a_missing_key_file_says_how_to_make_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["receive", "--key-file", str(tmp_path / "none"), "--listen", "127.0.0.1:0"]) == 1
+    assert "dirtylog keygen" in capsys.readouterr().err
+
+
+@pytest.mark.kvm
+def test_two_processes_migrate_and_the_guest_continues(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    main(["keygen", str(key)])
+    receiver = subprocess.Popen(
+        [*DIRTYLOG, "receive", "--listen", "127.0.0.1:0", "--key-file", str(key), "--duration", "500ms", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert receiver.stdout is not None
+    address = json.loads(receiver.stdout.readline())["address"]
+    plot = tmp_path / "timeline.png"
+    source = subprocess.run(
+        [
+            *DIRTYLOG,
+            "migrate",
+            "--to",
+            address,
+            "--key-file",
+            str(key),
+            "--memory",
+            "128M",
+            "--workload",
+            "hotset",
+            "--rate",
+            "20000",
+            "--warmup",
+            "300ms",
+            "--downtime-limit",
+            "100ms",
+            "--json",
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out, _ = receiver.communicate(timeout=120)
+    assert source.returncode == 0, source.stdout + source.stderr
+    assert receiver.returncode == 0, out
+    sent = json_lines(source.stdout)
+    completed = next(e for e in sent if e["event"] == "completed")
+    stats = completed["stats"]
+    assert isinstance(stats, dict) and stats["status"] == "completed" and stats["downtime_ms"] is not None
+    assert [e for e in sent if e["event"] == "round"]
+    received = next(e for e in json_lines(out) if e["event"] == "completed")
+    assert received["continued"] is True
+    assert isinstance(received["stats"], dict) and received["stats"]["digest"] == stats["digest"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.kvm
+def test_migrating_to_nobody_fails_and_the_source_keeps_running(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    main(["keygen", str(key)])
+    result = subprocess.run(
+        [*DIRTYLOG, "migrate", "--to", "127.0.0.1:9", "--key-file", str(key), "--memory", "64M", "--warmup", "100ms"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "nobody listens at 127.0.0.1:9" in result.stdout
+    assert "the source VM keeps running here" in result.stdout
+
+
+def test_bad_migration_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["migrate", "--to", "x:1", "--key-file", "k", "--downtime-limit", "soon"])
+    assert exit_info.value.code == 2
+    assert "argument --downtime-limit" in capsys.readouterr().err
+    assert main(["migrate", "--to", "nohost", "--key-file", "/nonexistent", "--memory", "64M"]) == 1

@@ -1,0 +1,131 @@
+"""Real-socket helpers for migration engine tests: key files, a receiving thread, a fault-injecting proxy."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dirtylog.migration.destination import Listener, Received, receive
+from dirtylog.migration.keys import generate_key_file
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> str:
+    return str(generate_key_file(tmp_path / "migration.key"))
+
+
+@dataclass
+class Receiver:
+    """``receive()`` running in a thread, with what it returned or raised."""
+
+    listener: Listener
+    thread: threading.Thread | None = None
+    result: Received | None = None
+    error: BaseException | None = None
+    memory_at_resume: Any = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.listener.port}"
+
+    def join(self, timeout: float = 60) -> None:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "receive() did not finish"
+
+
+def start_receiver(key_file: str, **kwargs: Any) -> Receiver:
+    """A destination listening on a free loopback port, receiving in a background thread."""
+    receiver = Receiver(Listener("127.0.0.1:0"))
+
+    def keep_memory(machine: Any) -> None:
+        receiver.memory_at_resume = machine.memory.copy()
+
+    def run() -> None:
+        try:
+            receiver.result = receive(receiver.listener, key_file=key_file, before_resume=keep_memory,
+                                      **{"io_timeout": 10.0, **kwargs})
+        except BaseException as error:  # reported to the test, which asserts on it
+            receiver.error = error
+        finally:
+            receiver.listener.close()
+
+    receiver.thread = threading.Thread(target=run, daemon=True)
+    receiver.thread.start()
+    return receiver
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[Receiver]]:
+    """Receivers a test started; their machines are stopped afterwards."""
+    started: list[Receiver] = []
+    yield started
+    for receiver in started:
+        if receiver.thread is not None:
+            receiver.thread.join(30)
+        if receiver.result is not None:
+            receiver.result.machine.stop()
+
+
+Mutator = Callable[[str, int, bytes], bytes | None]
+
+
+@dataclass
+class Proxy:
+    """A TCP relay between source and destination that can corrupt, duplicate or cut the byte stream.
+
+    ``mutate(direction, offset, chunk)`` sees each chunk ("up": source to destination, "down": back)
+    with its offset in that direction's stream, and returns the bytes to forward, or None to cut the
+    connection there.
+    """
+
+    upstream: str
+    mutate: Mutator
+    sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
+    cut: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def start(self) -> Proxy:
+        threading.Thread(target=self._serve, daemon=True).start()
+        return self
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            host, port = self.upstream.rsplit(":", 1)
+            server = socket.create_connection((host, int(port)))
+            for direction, source, target in (("up", client, server), ("down", server, client)):
+                threading.Thread(target=self._pump, args=(direction, source, target), daemon=True).start()
+
+    def _pump(self, direction: str, source: socket.socket, target: socket.socket) -> None:
+        offset = 0
+        try:
+            while chunk := source.recv(65536):
+                out = self.mutate(direction, offset, chunk)
+                offset += len(chunk)
+                if out is None:
+                    self.cut.set()
+                    break
+                target.sendall(out)
+        except OSError:
+            pass
+        for end in (source, target):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def close(self) -> None:
+        self.sock.close()

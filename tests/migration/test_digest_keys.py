@@ -1,0 +1,85 @@
+"""The incremental memory digest, key files and addresses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dirtylog.migration.digest import CHUNK_PAGES, ChunkDigest, memory_digest
+from dirtylog.migration.keys import KeyFileError, generate_key_file, load_key
+from dirtylog.migration.precopy import MigrationError
+from dirtylog.migration.transport import Pacer, parse_address
+from dirtylog.tracking.bitmap import DirtyBitmap
+
+PAGES = 4 * CHUNK_PAGES + 10  # not a whole number of chunks
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, PAGES - 1), st.integers(1, 255)), min_size=1, max_size=40),
+       st.booleans())
+def test_incremental_digest_equals_a_fresh_one(writes: list[tuple[int, int]], via_bitmap: bool) -> None:
+    memory = np.zeros(PAGES * 4096, dtype=np.uint8)
+    digest = ChunkDigest(memory, zeroed=True)
+    assert digest.digest() == memory_digest(memory)
+    for page, value in writes:
+        memory[page * 4096 + value] = value
+    if via_bitmap:
+        digest.mark_bitmap(DirtyBitmap.from_pages([page for page, _ in writes], PAGES))
+    else:
+        digest.mark_pages(np.array([page for page, _ in writes], dtype=np.uint64))
+    assert digest.digest() == memory_digest(memory)
+
+
+def test_an_unmarked_change_is_not_seen_until_marked() -> None:
+    memory = np.zeros(PAGES * 4096, dtype=np.uint8)
+    digest = ChunkDigest(memory, zeroed=True)
+    before = digest.digest()
+    memory[5 * 4096] = 1
+    assert digest.digest() == before  # what the source would send if its dirty log lost the write
+    digest.mark_pages(np.array([5], dtype=np.uint64))
+    assert digest.digest() == memory_digest(memory) != before
+    assert digest.rehashed_chunks == 1
+
+
+def test_key_files_round_trip_and_refuse_bad_ones(tmp_path: Path) -> None:
+    path = generate_key_file(tmp_path / "k")
+    assert len(load_key(path)) == 32
+    assert load_key(generate_key_file(tmp_path / "k2")) != load_key(path)
+    (tmp_path / "bad").write_text("not a key\n")
+    os.chmod(tmp_path / "bad", 0o600)
+    with pytest.raises(KeyFileError, match="not a dirtylog key file"):
+        load_key(tmp_path / "bad")
+    os.chmod(path, 0o640)
+    with pytest.raises(KeyFileError, match="accessible by other users"):
+        load_key(path)
+
+
+@pytest.mark.parametrize(("text", "parsed"), [
+    ("10.0.0.2:7000", ("10.0.0.2", 7000)),
+    (":7000", ("127.0.0.1", 7000)),
+    ("7000", ("127.0.0.1", 7000)),
+    ("[::1]:7000", ("::1", 7000)),
+])
+def test_addresses(text: str, parsed: tuple[str, int]) -> None:
+    assert parse_address(text) == parsed
+
+
+@pytest.mark.parametrize(("text", "message"), [("host", "no port number"), ("h:70000", "out of range")])
+def test_bad_addresses(text: str, message: str) -> None:
+    with pytest.raises(MigrationError, match=message):
+        parse_address(text)
+
+
+def test_pacer_holds_the_rate() -> None:
+    import time
+
+    pacer = Pacer(rate=10_000_000, burst_seconds=0.01)
+    start = time.monotonic()
+    for _ in range(30):
+        pacer.wait(100_000)  # 3 MB at 10 MB/s
+    assert time.monotonic() - start >= 0.25
