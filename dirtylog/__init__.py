@@ -1,7 +1,13 @@
 """dirtylog: dirty page logging for virtual machines, on real KVM and as the ARM stage-2 model."""
 
 from dirtylog.errors import DirtylogError
-from dirtylog.guest.machine import GuestCrashError, Machine, MachineError
+from dirtylog.guest.machine import GuestCrashError, MachineError
+from dirtylog.machine import Machine
+from dirtylog.migration.destination import receive
+from dirtylog.migration.precopy import MigrationError
+from dirtylog.migration.source import migrate
+from dirtylog.tracking.bitmap import DirtyBitmap
 
-__all__ = ["DirtylogError", "GuestCrashError", "Machine", "MachineError"]
+__all__ = ["DirtyBitmap", "DirtylogError", "GuestCrashError", "Machine", "MachineError", "MigrationError",
+           "migrate", "receive"]
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ import numpy as np
 from dirtylog.errors import DirtylogError
 from dirtylog.machine import Machine
 from dirtylog.migration.connection import DestinationConnection
-from dirtylog.migration.digest import ChunkDigest
+from dirtylog.migration.digest import PageDigest
 from dirtylog.migration.errors import ProtocolError
 from dirtylog.migration.events import (
     NEED_DATA,
@@ -110,7 +110,7 @@ class DestinationMigration:
         self.rounds: list[dict[str, Any]] = []
         self._apply_lock = threading.Lock()
         self._page_round: np.ndarray = np.zeros(0, dtype=np.int64)
-        self._digest: ChunkDigest | None = None
+        self._digest: PageDigest | None = None
         self._vcpu_states: dict[int, bytes] = {}
         self._completes: dict[int, Complete] = {}
         self._done = threading.Condition()
@@ -217,7 +217,7 @@ class DestinationMigration:
         if ours != theirs:
             raise MigrationError(f"the source's memory slots {theirs} differ from what this destination builds {ours}")
         self._page_round = np.full(machine.ram.npages, -1, dtype=np.int64)
-        self._digest = ChunkDigest(machine.ram.bytes, zeroed=True)  # a blank machine: no hashing until pages land
+        self._digest = PageDigest(machine.ram.npages)  # a blank machine: every fingerprint is the zero page's
         self.stats = MigrationStats(page_size=header.page_size, total_pages=header.total_pages,
                                     streams=header.streams, compression=header.codec)
 
@@ -280,14 +280,20 @@ class DestinationMigration:
         pages = self.machine.ram.pages
         with self._apply_lock:
             newer = self._page_round[pfns] <= batch.round
+            whole_run = batch.starts.size == 1 and bool(newer.all()) and not zero.any()
             if not newer.all():  # a later round of this page already arrived on another stream
                 keep_data = newer[~zero]
                 data, zero, pfns = data[keep_data], zero[newer], pfns[newer]
-            pages[pfns[~zero]] = data
-            if zero.any():
-                pages[pfns[zero]] = 0
+            if whole_run:  # one run of pages, all with data: a plain copy
+                first = int(pfns[0])
+                pages[first:first + pfns.size] = data
+            else:
+                pages[pfns[~zero]] = data
+                if zero.any():
+                    pages[pfns[zero]] = 0
             self._page_round[pfns] = batch.round
-            self._digest.mark_pages(pfns)
+            self._digest.update(pfns[~zero], data)
+            self._digest.zero(pfns[zero])
         self.stats.transferred += len(batch.data)
         self.stats.normal_pages += int(pfns.size - np.count_nonzero(zero))
         self.stats.duplicate_pages += int(np.count_nonzero(zero))
@@ -320,7 +326,8 @@ class DestinationMigration:
     def _take_over(self, start: float) -> Received:
         assert self.machine is not None and self._digest is not None
         primary = next(s for s in self.streams if s.index == 0)
-        digest = self._digest.digest()
+        with self._apply_lock:
+            digest = self._digest.digest()
         expected = self._completes[0].digest
         if digest != expected:
             raise _VerifyFailedError(f"memory digest mismatch: ours {digest.hex()}, the source's {expected.hex()}; "

@@ -1,11 +1,16 @@
-"""A digest of guest memory that stays current as pages change, so switch-over need not rehash it all.
+"""The memory digest of a migration, kept current page by page as pages cross the wire.
 
-Memory is cut into chunks of 64 pages (256 KiB), exactly one dirty-bitmap word each. Each chunk has an
-xxh3-64; the digest is the xxh3-128 of those, in order. A chunk is rehashed only when marked stale: the
-source marks the chunks of every collection (its contents may have changed), the destination the chunks
-it wrote. A full rehash of 4 GiB takes ~0.2 s here; the paused switch-over rehashes only the chunks of
-the final collection. On the source the result equals the digest of memory at the pause exactly when
-the dirty log lost no write, which is what the destination's check then confirms end to end.
+Each page has a 64-bit fingerprint, a linear hash of its 512 little-endian words with fixed odd
+multipliers (``sum(w[i] * K[i]) mod 2**64``); NumPy computes it for a whole batch in one ``einsum``
+(~19 GB/s here), on data the engine has just copied and is hot in cache. A zero page's fingerprint is 0,
+so a fresh, zeroed destination starts with the right values at no cost. The digest is the xxh3-128 of
+the fingerprint array.
+
+The source fingerprints what it sends, the destination what it applies (only the copy it keeps). At the
+switch-over every page dirtied since its last send is in the final round, so the source's digest is the
+digest of its memory at the pause exactly when the dirty log lost no write; the destination's check
+therefore verifies the transfer and the dirty log end to end. (Linear hashing detects every single-word
+change and random corruption with near certainty; it is not a MAC: tampering is the frame MAC's job.)
 """
 
 from __future__ import annotations
@@ -14,56 +19,41 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from dirtylog.tracking.bitmap import DirtyBitmap
+_WORDS = 512  # 64-bit words in a 4 KiB page
+_MULTIPLIERS = np.random.default_rng(0x6469727479).integers(0, 2**63, _WORDS, dtype=np.uint64) | np.uint64(1)
 
-CHUNK_PAGES = 64
+
+def fingerprints(pages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
+    """The fingerprint of each row of ``pages`` (shape ``(n, 4096)``)."""
+    words = pages.reshape(pages.shape[0], -1).view(np.uint64)
+    result: npt.NDArray[np.uint64] = np.einsum("ij,j->i", words, _MULTIPLIERS)  # wraps mod 2**64
+    return result
 
 
-class ChunkDigest:
-    """Per-chunk hashes of ``memory`` (a byte array of whole pages) and their digest."""
+class PageDigest:
+    """Fingerprints of every guest page, updated as pages are sent or applied."""
 
-    def __init__(self, memory: npt.NDArray[np.uint8], page_size: int = 4096, *, zeroed: bool = False) -> None:
-        """``zeroed``: the memory is known to be all zero (a fresh destination), so no chunk needs hashing."""
-        self.memory = memory
-        self.chunk_bytes = CHUNK_PAGES * page_size
-        self.page_size = page_size
-        nchunks = -(-memory.size // self.chunk_bytes)
-        if zeroed:
-            self.hashes = np.full(nchunks, xxhash.xxh3_64_intdigest(bytes(self.chunk_bytes)), dtype=np.uint64)
-            tail = memory.size - (nchunks - 1) * self.chunk_bytes  # the last chunk may be shorter
-            self.hashes[-1] = xxhash.xxh3_64_intdigest(bytes(tail))
-        else:
-            self.hashes = np.zeros(nchunks, dtype=np.uint64)
-        self.stale = np.full(nchunks, not zeroed, dtype=bool)
-        self.rehashed_chunks = 0
+    def __init__(self, npages: int) -> None:
+        self.values = np.zeros(npages, dtype=np.uint64)  # all zero: the fingerprint of zeroed memory
 
-    def mark_bitmap(self, bitmap: DirtyBitmap) -> None:
-        """Mark the chunks holding the bitmap's pages (one chunk per bitmap word)."""
-        self.stale[: bitmap.words.size] |= bitmap.words != 0
+    def update(self, pfns: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8]) -> None:
+        """Pages ``pfns`` now hold ``pages`` (one row each)."""
+        self.values[pfns] = fingerprints(pages)
 
-    def mark_pages(self, pfns: npt.NDArray[np.uint64]) -> None:
-        """Mark the chunks holding pages ``pfns``."""
-        self.stale[pfns // np.uint64(CHUNK_PAGES)] = True
-
-    def mark_all(self) -> None:
-        self.stale[:] = True
-
-    def refresh(self) -> None:
-        """Rehash every stale chunk from memory as it is now."""
-        memory, size = self.memory, self.chunk_bytes
-        digest = xxhash.xxh3_64_intdigest
-        # One call per 256 KiB chunk: the loop is per chunk, not per page, and xxh3 dominates it.
-        for chunk in np.flatnonzero(self.stale).tolist():
-            self.hashes[chunk] = digest(memory[chunk * size:(chunk + 1) * size].data)
-        self.rehashed_chunks += int(np.count_nonzero(self.stale))
-        self.stale[:] = False
+    def zero(self, pfns: npt.NDArray[np.uint64]) -> None:
+        """Pages ``pfns`` are now all zero."""
+        self.values[pfns] = 0
 
     def digest(self) -> bytes:
-        """16 bytes: xxh3-128 over the chunk hashes, after rehashing stale chunks."""
-        self.refresh()
-        return xxhash.xxh3_128_digest(self.hashes.tobytes())
+        """16 bytes: xxh3-128 over the fingerprints."""
+        return xxhash.xxh3_128_digest(self.values.data)
 
 
-def memory_digest(memory: npt.NDArray[np.uint8], page_size: int = 4096) -> bytes:
-    """The digest of ``memory`` computed from scratch (what :class:`ChunkDigest` must agree with)."""
-    return ChunkDigest(memory, page_size).digest()
+def memory_digest(memory: npt.NDArray[np.uint8], page_size: int = 4096, batch_pages: int = 4096) -> bytes:
+    """The digest of ``memory`` computed from scratch (what a migration's digest must equal)."""
+    pages = memory.reshape(-1, page_size)
+    digest = PageDigest(pages.shape[0])
+    for first in range(0, pages.shape[0], batch_pages):  # batches bound the temporary, not a per-page loop
+        rows = np.arange(first, min(first + batch_pages, pages.shape[0]), dtype=np.uint64)
+        digest.update(rows, pages[first:first + rows.size])
+    return digest.digest()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine, TrackingMode
 from dirtylog.migration.connection import SourceConnection
-from dirtylog.migration.digest import ChunkDigest
+from dirtylog.migration.digest import PageDigest
 from dirtylog.migration.errors import ProtocolError
 from dirtylog.migration.events import (
     NEED_DATA,
@@ -52,7 +54,7 @@ from dirtylog.migration.precopy import (
     TimeoutPolicy,
 )
 from dirtylog.migration.stats import MigrationStats
-from dirtylog.migration.streams import Stream
+from dirtylog.migration.streams import QUEUE_DEPTH, Stream
 from dirtylog.migration.transport import Pacer, connect, parse_address
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.bitmap import DirtyBitmap
@@ -125,7 +127,7 @@ class SourceMigration:
                                     compression=options.compression, mode=options.mode)
         self.controller = PrecopyController(policy)
         self.tracker: Tracker | None = None
-        self.digest = ChunkDigest(machine.ram.bytes)
+        self.digest = PageDigest(machine.ram.npages)
         self.pacer = Pacer(policy.bandwidth)
         self.pacer_lock = threading.Lock()
         self.rtt = 0.0
@@ -134,6 +136,10 @@ class SourceMigration:
         self._limiter_stop = threading.Event()
         self._limiter: threading.Thread | None = None
         self._next_stream = 0
+        # Batch buffers in flight: each stream's queue, the one being written, the one being filled.
+        self._buffers: queue.Queue[npt.NDArray[np.uint8]] = queue.Queue()
+        for _ in range(options.streams * (QUEUE_DEPTH + 1) + 1):
+            self._buffers.put(np.zeros((options.batch_pages, PAGE_SIZE), dtype=np.uint8))
 
     # --- the whole migration ------------------------------------------------------------------------
 
@@ -241,8 +247,6 @@ class SourceMigration:
             pages, zero, wire = self._send_round(round_, pending, final=False)
             dirty = self.tracker.collect()
             self.stats.dirty_sync_count += 1
-            self.digest.mark_bitmap(dirty)
-            self.digest.refresh()  # chunks written during the round; on a paused guest this is exact
             round_stats = RoundStats(round_, began - start, time.perf_counter() - began, pages, zero, wire,
                                      dirty.count(), self.controller.throttle, self.controller.dirty_limited)
             decision = self.controller.after_round(round_stats, time.perf_counter() - start)
@@ -270,23 +274,32 @@ class SourceMigration:
         per_stream = [0] * len(self.streams)
         for starts, lengths in pending.batches(self.options.batch_pages):
             pfns = pfns_from_runs(starts, lengths.astype(np.uint32))
-            # A private copy: the guest keeps writing, and the MAC covers what send() saw.
-            pages = ram.pages[pfns] if starts.size > 1 else ram.pages[int(starts[0]):int(starts[0] + lengths[0])].copy()
+            # A private copy: the guest keeps writing, and the MAC covers what send() saw. The copy goes
+            # into a pooled buffer, already faulted in, that comes back once the socket has taken it.
+            buffer = self._buffers.get()
+            pages = buffer[:pfns.size]
+            if starts.size == 1:
+                pages[:] = ram.pages[int(starts[0]):int(starts[0] + lengths[0])]
+            else:
+                np.take(ram.pages, pfns, axis=0, out=pages)
             zero = ~pages.view(np.uint64).any(axis=1) if self.options.zero_pages else np.zeros(pfns.size, bool)
             if elide:
                 # The destination starts zeroed: round 0 need not mention zero pages at all.
                 zero_total += int(np.count_nonzero(zero))
                 keep = ~zero
                 if not keep.any():
+                    self._buffers.put(buffer)
                     continue
                 if not keep.all():
                     pfns, pages = pfns[keep], pages[keep]
                 zero = np.zeros(pfns.size, bool)
             data = pages if not zero.any() else pages[~zero]
+            self.digest.update(pfns[~zero] if zero.any() else pfns, data)
+            self.digest.zero(pfns[zero])
             batch = make_page_batch(round_, pfns, zero, data, page_size=PAGE_SIZE, codec=self.options.compression)
             index = self._next_stream
             self._next_stream = (index + 1) % len(self.streams)
-            self.streams[index].send(batch)
+            self.streams[index].send(batch, on_sent=lambda used=buffer: self._buffers.put(used))
             per_stream[index] += pfns.size
             pages_total += pfns.size
             if not elide:
@@ -344,13 +357,12 @@ class SourceMigration:
         self.paused_by_us = True
         final = pending | self.tracker.collect()
         self.stats.dirty_sync_count += 1
-        self.digest.mark_bitmap(final)
         began = time.perf_counter()
         pages, zero, wire = self._send_round(len(self.stats.rounds), final, final=True)
         primary = self.streams[0]
         for vcpu in range(self.machine.spec.vcpus):
             primary.send(VcpuState(vcpu, self.machine.vcpu_state(vcpu)))
-        digest = self.digest.digest()  # paused: exactly the memory the destination must now hold
+        digest = self.digest.digest()  # every page dirtied since its last send went in the final round
         self.stats.digest = digest.hex()
         frames = tuple(stream.conn.frames_sent for stream in self.streams)
         for stream in reversed(self.streams):  # secondaries first: the primary's Complete is the last word

@@ -47,7 +47,8 @@ class Stream:
         self.lock = threading.Lock()
         self.events: queue.Queue[Event | StreamFailure] = queue.Queue()
         self.bytes_sent = 0
-        self._outbox: queue.Queue[Sequence[bytes | memoryview] | None] = queue.Queue(QUEUE_DEPTH)
+        self._outbox: queue.Queue[tuple[Sequence[bytes | memoryview], Callable[[], None] | None] | None] = \
+            queue.Queue(QUEUE_DEPTH)
         self._sender: threading.Thread | None = None
         self._reader: threading.Thread | None = None
         self.failure: StreamFailure | None = None
@@ -64,18 +65,26 @@ class Stream:
             self._reader = threading.Thread(target=self._read_loop, name=f"stream{self.index}-read", daemon=True)
             self._reader.start()
 
-    def send(self, event: Event) -> None:
-        """Frame ``event`` now and queue it for the socket (blocks while the queue is full)."""
+    def send(self, event: Event, on_sent: Callable[[], None] | None = None) -> None:
+        """Frame ``event`` now and queue it for the socket (blocks while the queue is full).
+
+        ``on_sent`` runs once the frame's bytes are written (or given up): the caller may then reuse
+        the memory the event's data lives in.
+        """
         if self.failure is not None:
             raise MigrationError(self.failure.reason)
         with self.lock:
             buffers = self.conn.send(event)
         if self._sender is None:
-            self._write(buffers)
+            try:
+                self._write(buffers)
+            finally:
+                if on_sent is not None:
+                    on_sent()
             return
         while True:
             try:
-                self._outbox.put(buffers, timeout=0.5)
+                self._outbox.put((buffers, on_sent), timeout=0.5)
                 return
             except queue.Full:
                 if self.failure is not None:
@@ -101,14 +110,16 @@ class Stream:
     def _send_loop(self) -> None:
         while True:
             try:
-                buffers = self._outbox.get(timeout=0.5)
+                item = self._outbox.get(timeout=0.5)
             except queue.Empty:
                 if self._closed:
                     return
                 continue
+            if item is None:
+                self._outbox.task_done()
+                return
+            buffers, on_sent = item
             try:
-                if buffers is None:
-                    return
                 if self.failure is None:
                     self._write(buffers)
             except OSError as error:
@@ -117,6 +128,8 @@ class Stream:
                     self._reader.join(0.5)
                 self._fail(f"stream {self.index}: sending failed: {error.strerror or error}")
             finally:
+                if on_sent is not None:
+                    on_sent()
                 self._outbox.task_done()
 
     # --- receiving ---------------------------------------------------------------------------------

@@ -94,18 +94,31 @@ class RingTracker(KvmBitmapTracker):
         """Guest page numbers of the DIRTY entries from this ring's fetch index, marked RESET."""
         size = ring.size
         fetch = self._fetch.get(vcpu_id, 0)
-        order = (fetch + np.arange(size)) % size
-        flags = ring["flags"][order]
-        not_dirty = np.flatnonzero((flags & abi.KVM_DIRTY_GFN_F_DIRTY) == 0)
-        count = int(not_dirty[0]) if not_dirty.size else size
+        # The DIRTY entries run from the fetch index up to the first entry that is not DIRTY, wrapping at
+        # most once: scan [fetch, size), and [0, fetch) only if all of that was DIRTY. Slices of the ring,
+        # not an index array over all of it (which cost more than the harvest itself at low counts).
+        flags = ring["flags"]
+        head = _dirty_prefix(flags[fetch:])
+        tail = _dirty_prefix(flags[:fetch]) if head == size - fetch else 0
+        count = head + tail
         if count == 0:
             return np.zeros(0, dtype=np.uint64)
-        taken = order[:count]
-        entries = ring[taken]  # read after flags: see the module docstring on ordering
-        gfns = self._slot_base[entries["slot"] & 0xFFFF] + entries["offset"]
-        ring["flags"][taken] = abi.KVM_DIRTY_GFN_F_RESET
+        taken = [ring[fetch:fetch + head], ring[:tail]] if tail else [ring[fetch:fetch + head]]
+        # read after flags: see the module docstring on ordering
+        gfns = np.concatenate([self._slot_base[entries["slot"] & 0xFFFF] + entries["offset"] for entries in taken])
+        for entries in taken:
+            entries["flags"] = abi.KVM_DIRTY_GFN_F_RESET
         self._fetch[vcpu_id] = (fetch + count) % size
         self.harvested += count
         self.vcpu_harvested[vcpu_id] = self.vcpu_harvested.get(vcpu_id, 0) + count
-        result: npt.NDArray[np.uint64] = gfns.astype(np.uint64)
+        result: npt.NDArray[np.uint64] = gfns.astype(np.uint64, copy=False)
         return result
+
+
+def _dirty_prefix(flags: npt.NDArray[np.uint32]) -> int:
+    """How many entries at the start of ``flags`` are DIRTY."""
+    if flags.size == 0:
+        return 0
+    clean = (flags & abi.KVM_DIRTY_GFN_F_DIRTY) == 0
+    first = int(np.argmax(clean))  # the first clean entry; 0 also when there is none
+    return first if clean[first] else int(flags.size)

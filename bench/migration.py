@@ -1,0 +1,209 @@
+"""Live migration throughput, downtime and convergence against the bounds measured in the same run.
+
+    python bench/migration.py [--sizes 1G,4G] [--quick] [--json]
+
+Each migration goes to a separate `dirtylog receive` process over loopback. Measures:
+  * throughput of round 0 of a guest whose memory is fully written (no zero pages) and then idles,
+    against a raw memory->socket copy of the same size to another process (goal >= 0.8x, one stream),
+    and with 2 streams;
+  * dirtying guests at several rates: downtime against the limit, total time against the ideal
+    size / (bandwidth - dirty rate);
+  * a guest that dirties faster than a capped link: cancelled at the time limit without help,
+    converging with auto-converge and with the dirty limit;
+  * compression: none / lz4 / zstd on half-compressible memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dirtylog.machine import Machine
+from dirtylog.migration.keys import generate_key_file
+from dirtylog.migration.precopy import MigrationError
+from dirtylog.migration.source import migrate
+from dirtylog.units import PAGE_SIZE, parse_size
+
+CHUNK = 1 << 20
+
+
+def raw_copy_rate(size: int) -> float:
+    """Bytes/s of a plain memory -> TCP -> memory copy of ``size`` bytes to another process."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    child = os.fork()
+    if child == 0:  # the receiver: recv_into a preallocated buffer, as fast as it can
+        server.close()
+        sock = socket.create_connection(("127.0.0.1", port))
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        while got < size:
+            got += sock.recv_into(view[got:], min(CHUNK, size - got))
+        sock.sendall(b"k")
+        os._exit(0)
+    conn, _ = server.accept()
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    view = memoryview(data)
+    start = time.perf_counter()
+    for offset in range(0, size, CHUNK):
+        conn.sendall(view[offset:offset + CHUNK])
+    conn.recv(1)
+    elapsed = time.perf_counter() - start
+    os.waitpid(child, 0)
+    conn.close()
+    server.close()
+    return size / elapsed
+
+
+class Destination:
+    """A `dirtylog receive` process for one migration."""
+
+    def __init__(self, key: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dirtylog", "receive", "--listen", "127.0.0.1:0", "--key-file", key,
+             "--duration", "0", "--json"], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        self.address = json.loads(self.process.stdout.readline())["address"]
+
+    def finish(self) -> dict[str, Any]:
+        out, _ = self.process.communicate(timeout=300)
+        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return next((e for e in events if e["event"] in ("completed", "failed")), {})
+
+
+def fill(machine: Machine, compressible: bool) -> None:
+    """Write every workload page with data (random, or half random and half low-entropy)."""
+    area = machine.memory[machine.workload_pages.start * PAGE_SIZE:].reshape(-1, PAGE_SIZE)
+    rng = np.random.default_rng(1)
+    area[:] = rng.integers(1, 256, area.shape, dtype=np.uint8)
+    if compressible:
+        area[::2, 16:] = 7  # every other page: 16 random bytes then a constant
+
+
+def run_migration(key: str, memory: int, *, workload: str = "idle", rate: int | None = None,
+                  filled: bool = True, compressible: bool = False, warmup: float = 0.5,
+                  **options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    destination = Destination(key)
+    ring = 4096 if options.get("mode") == "ring" else 0
+    with Machine(memory, vcpus=2, workload=workload, rate=rate, prefault=True, dirty_ring=ring) as machine:  # type: ignore[arg-type]
+        if filled:
+            fill(machine, compressible)
+        machine.start()
+        time.sleep(warmup)
+        try:
+            stats = migrate(machine, destination.address, key_file=key, **options).as_dict()
+        except MigrationError as error:
+            stats = {"status": "failed", "error": str(error)}
+    return stats, destination.finish()
+
+
+def round0_rate(stats: dict[str, Any]) -> float:
+    first = stats["rounds"][0]
+    return first["bytes"] / first["seconds"]
+
+
+def throughput(key: str, sizes: list[int], repeat: int) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        raw = statistics.median(raw_copy_rate(size) for _ in range(repeat))
+        for streams in (1, 2):
+            runs = [run_migration(key, size, streams=streams, downtime_limit="50ms")[0] for _ in range(repeat)]
+            ours = statistics.median(round0_rate(s) for s in runs)
+            rows.append({"memory": size, "streams": streams, "raw_gbps": raw / 1e9, "ours_gbps": ours / 1e9,
+                         "ratio": ours / raw, "downtime_ms": statistics.median(s["downtime_ms"] for s in runs),
+                         "total_s": statistics.median(s["total_time_ms"] for s in runs) / 1e3})
+    return rows
+
+
+def dirtying(key: str, memory: int, rates: list[int], bandwidth: float) -> list[dict[str, Any]]:
+    rows = []
+    for rate in rates:
+        stats, _ = run_migration(key, memory, workload="random", rate=rate, downtime_limit="50ms",
+                                 bandwidth=bandwidth, max_time="60s")
+        dirty_rate = 2 * rate * PAGE_SIZE  # bytes/s written by both vCPUs (an upper bound on dirtying)
+        ideal = memory / (bandwidth - dirty_rate) if bandwidth > dirty_rate else float("inf")
+        rows.append({"rate_pages_per_vcpu": rate, "status": stats["status"],
+                     "downtime_ms": stats.get("downtime_ms"), "limit_ms": 50.0,
+                     "total_s": (stats.get("total_time_ms") or 0) / 1e3, "ideal_s": ideal,
+                     "rounds": len(stats.get("rounds", []))})
+    return rows
+
+
+def convergence(key: str, memory: int, bandwidth: str) -> list[dict[str, Any]]:
+    rows = []
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("no aid", {}),
+        ("auto-converge", {"auto_converge": True}),
+        ("dirty-limit 2000 pages/s/vCPU", {"mode": "ring", "dirty_limit": 2000}),
+    ]
+    for name, extra in cases:
+        stats, _ = run_migration(key, memory, workload="random", filled=False, warmup=1.5, downtime_limit="20ms",
+                                 bandwidth=bandwidth, max_time="20s", **extra)
+        rows.append({"case": name, "status": stats["status"], "total_s": (stats.get("total_time_ms") or 0) / 1e3,
+                     "downtime_ms": stats.get("downtime_ms"), "rounds": len(stats.get("rounds", [])),
+                     "throttle_pct": stats.get("cpu_throttle_percentage"),
+                     "error": stats.get("error", "")[:80]})
+    return rows
+
+
+def compression(key: str, memory: int) -> list[dict[str, Any]]:
+    rows = []
+    for codec in ("none", "lz4", "zstd"):
+        stats, _ = run_migration(key, memory, compressible=True, compression=codec, downtime_limit="50ms")
+        rows.append({"codec": codec, "round0_gbps": round0_rate(stats) / 1e9,
+                     "wire_bytes": stats["ram"]["transferred"], "total_s": stats["total_time_ms"] / 1e3})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1G,4G")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1G only, one repeat")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    sizes = [parse_size(s) for s in ("1G" if args.quick else args.sizes).split(",")]
+    repeat = 1 if args.quick else args.repeat
+    with tempfile.TemporaryDirectory() as folder:
+        key = str(generate_key_file(Path(folder) / "k"))
+        results = {
+            "throughput": throughput(key, sizes, repeat),
+            "dirtying": dirtying(key, parse_size("1G"), [5_000, 20_000, 50_000], bandwidth=500e6),
+            "convergence": convergence(key, parse_size("512M"), "100M"),
+            "compression": compression(key, parse_size("1G")),
+        }
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print("throughput of round 0 (idle guest, memory fully written) vs raw memory->socket copy, same run")
+    for row in results["throughput"]:
+        print(f"  {row['memory'] >> 30} GiB, {row['streams']} stream(s): ours {row['ours_gbps']:.2f} GB/s, "
+              f"raw {row['raw_gbps']:.2f} GB/s, ratio {row['ratio']:.2f}x; downtime {row['downtime_ms']:.1f} ms, "
+              f"total {row['total_s']:.2f} s")
+    print("dirtying guests (1 GiB, random, 500 MB/s cap, 50 ms limit)")
+    for row in results["dirtying"]:
+        print(f"  {row['rate_pages_per_vcpu']:>6} pages/s/vCPU: {row['status']}, downtime {row['downtime_ms']} ms "
+              f"(limit 50), total {row['total_s']:.2f} s vs ideal {row['ideal_s']:.2f} s, {row['rounds']} rounds")
+    print("convergence (512 MiB, random at full speed, 100 MB/s cap, 20 ms limit, 20 s max)")
+    for row in results["convergence"]:
+        print(f"  {row['case']:>30}: {row['status']}, total {row['total_s']:.2f} s, downtime {row['downtime_ms']} ms, "
+              f"{row['rounds']} rounds, throttle {row['throttle_pct']}%")
+    print("compression (1 GiB, half the pages compressible)")
+    for row in results["compression"]:
+        print(f"  {row['codec']:>5}: round 0 {row['round0_gbps']:.2f} GB/s, {row['wire_bytes'] / 1e6:,.0f} MB on "
+              f"the wire, total {row['total_s']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
