@@ -10,6 +10,7 @@ resumes its copy (two-phase commit: see ``state.py``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -299,7 +300,7 @@ class SourceMigration:
             batch = make_page_batch(round_, pfns, zero, data, page_size=PAGE_SIZE, codec=self.options.compression)
             index = self._next_stream
             self._next_stream = (index + 1) % len(self.streams)
-            self.streams[index].send(batch, on_sent=lambda used=buffer: self._buffers.put(used))
+            self.streams[index].send(batch, on_sent=functools.partial(self._buffers.put, buffer))
             per_stream[index] += pfns.size
             pages_total += pfns.size
             if not elide:
