@@ -292,7 +292,14 @@ class Machine:
                                "before vCPUs exist): call dirty_log('ring') before start()")
         self.vm.enable_dirty_ring(entries * ctypes.sizeof(abi.kvm_dirty_gfn))
 
-    def _create_vcpus(self, states: list[bytes] | None) -> None:
+    def create_vcpus(self) -> None:
+        """Create and set up the vCPUs without running them (``start()`` does it if not done yet).
+
+        A migration destination calls this early, so the switch-over only loads registers."""
+        if self._threads:
+            return
+        if self.state is not State.CREATED:
+            raise MachineError(f"vCPUs are created before start(); this machine is {self.state.value}")
         cpuid = self.kvm.supported_cpuid()
         for index in range(self.spec.vcpus):
             vcpu = self.vm.create_vcpu(index)
@@ -300,15 +307,12 @@ class Machine:
             vcpu.set_sregs(long_mode_sregs(vcpu.get_sregs()))
             vcpu.set_regs(entry_regs(control_block_addr(index), index))
             self._threads.append(_VcpuThread(vcpu))
-        tsc_khz = self._threads[0].vcpu.tsc_khz
-        self.tsc_hz = tsc_khz * 1000
-        if states is not None:
-            # A migrated guest continues: its registers, TSC and control blocks come from the source.
-            for index, state in enumerate(states):
-                self.load_vcpu_state(index, state)
-            return
+        self.tsc_hz = self._threads[0].vcpu.tsc_khz * 1000
+
+    def _write_timing(self) -> None:
+        """Control-block fields in TSC ticks, now that the vCPUs' TSC frequency is known."""
         for index in range(self.spec.vcpus):
-            block = self._control_block(index, tsc_khz)
+            block = self._control_block(index, self.tsc_hz // 1000)
             for offset in (ControlBlock.TICKS_PER_PAGE, ControlBlock.SLEEP_THRESHOLD, ControlBlock.MAX_LAG):
                 self.set_control(index, offset, int(block[offset // 8]))
 
@@ -320,7 +324,13 @@ class Machine:
                 raise MachineError(f"start() needs a new machine; this one is {self.state.value}")
             if vcpu_states is not None and len(vcpu_states) != self.spec.vcpus:
                 raise MachineError(f"{len(vcpu_states)} vCPU states given for {self.spec.vcpus} vCPUs")
-            self._create_vcpus(vcpu_states)
+            self.create_vcpus()
+            if vcpu_states is None:
+                self._write_timing()
+            else:
+                # A migrated guest continues: its registers, TSC and control blocks come from the source.
+                for index, state in enumerate(vcpu_states):
+                    self.load_vcpu_state(index, state)
             self._request = _Request.RUN
             for index, entry in enumerate(self._threads):
                 entry.thread = threading.Thread(target=self._vcpu_loop, args=(index,), name=f"vcpu{index}",

@@ -23,6 +23,7 @@ from dirtylog.migration.connection import DestinationConnection
 from dirtylog.migration.digest import PageDigest
 from dirtylog.migration.errors import ProtocolError
 from dirtylog.migration.events import (
+    CLOSED,
     NEED_DATA,
     Abort,
     AbortCode,
@@ -46,6 +47,7 @@ from dirtylog.migration.transport import listen, parse_address
 from dirtylog.units import PAGE_SIZE
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
+SCRATCH_BYTES = 4096
 
 
 @dataclass
@@ -216,6 +218,7 @@ class DestinationMigration:
         theirs = sorted((s.base_gfn, s.npages) for s in header.slots)
         if ours != theirs:
             raise MigrationError(f"the source's memory slots {theirs} differ from what this destination builds {ours}")
+        machine.create_vcpus()  # now, not in the downtime
         self._page_round = np.full(machine.ram.npages, -1, dtype=np.int64)
         self._digest = PageDigest(machine.ram.npages)  # a blank machine: every fingerprint is the zero page's
         self.stats = MigrationStats(page_size=header.page_size, total_pages=header.total_pages,
@@ -224,14 +227,28 @@ class DestinationMigration:
     # --- receiving ----------------------------------------------------------------------------------
 
     def _read(self, stream: Stream) -> None:
-        buffer = bytearray(1 << 20)
-        view = memoryview(buffer)
+        # Frame headers and small frames land in a scratch buffer; the rest of a page batch is received
+        # straight into the frame's own buffer, sparing a copy of every page.
+        scratch = memoryview(bytearray(SCRATCH_BYTES))
+        conn = stream.conn
         try:
             while True:
-                count = stream.sock.recv_into(view)
+                with stream.lock:
+                    target = conn.receive_buffer()
+                if target is not None:
+                    count = stream.sock.recv_into(target)
+                    if count:
+                        with stream.lock:
+                            conn.received(count)
+                else:
+                    count = stream.sock.recv_into(scratch)
+                    with stream.lock:
+                        conn.receive_data(scratch[:count])
+                if count == 0:
+                    with stream.lock:
+                        conn.receive_data(b"")
                 with stream.lock:  # the main thread may be sending Verified or Resumed on this connection
-                    stream.conn.receive_data(view[:count])
-                    while (event := stream.conn.next_event()) is not NEED_DATA:
+                    while (event := conn.next_event()) is not NEED_DATA:
                         if not self._handle(stream, event):
                             return
                 if count == 0:
@@ -246,6 +263,8 @@ class DestinationMigration:
 
     def _handle(self, stream: Stream, event: object) -> bool:
         """Act on one event; False when this stream has nothing more to say."""
+        if event is CLOSED:
+            return False
         if isinstance(event, PageBatch):
             self._apply(event)
         elif isinstance(event, RoundEnd):

@@ -40,6 +40,10 @@ class PageDigest:
         """Pages ``pfns`` now hold ``pages`` (one row each)."""
         self.values[pfns] = fingerprints(pages)
 
+    def set(self, pfns: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
+        """Pages ``pfns`` now have fingerprints ``values`` (computed by the caller, e.g. to find zero pages)."""
+        self.values[pfns] = values
+
     def zero(self, pfns: npt.NDArray[np.uint64]) -> None:
         """Pages ``pfns`` are now all zero."""
         self.values[pfns] = 0

@@ -114,6 +114,23 @@ class FrameReader:
             if self._filled == len(self._fill):
                 self._finish()
 
+    def writable(self) -> memoryview | None:
+        """Where the rest of the unit being received goes, for a transport that receives in place
+        (asyncio's ``BufferedProtocol`` pattern); None between units, when ``feed`` must be used."""
+        if self._fill is None or self._error is not None or self._closed:
+            return None
+        return self._fill[self._filled:]
+
+    def wrote(self, count: int) -> None:
+        """``count`` bytes arrived directly in :meth:`writable`'s view."""
+        if self._fill is None or not 0 < count <= len(self._fill) - self._filled:
+            raise LocalProtocolError(f"{count} bytes reported for a receive buffer that takes "
+                                     f"{0 if self._fill is None else len(self._fill) - self._filled}")
+        self.bytes_received += count
+        self._filled += count
+        if self._filled == len(self._fill):
+            self._finish()
+
     def close(self) -> None:
         """The peer closed its side (EOF)."""
         self._closed = True

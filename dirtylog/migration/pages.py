@@ -87,15 +87,17 @@ def make_page_batch(
     *,
     page_size: int,
     codec: Codec = "none",
+    runs: tuple[NDArray[np.uint64], NDArray[np.uint32]] | None = None,
 ) -> PageBatch:
     """A PageBatch of ``pfns`` (strictly ascending), ``zero`` marking all-zero pages.
 
     ``data`` is the non-zero pages concatenated in ``pfns`` order (e.g. ``pages[~zero]``), taken as is
     for ``codec="none"``. With lz4 or zstd the batch carries the compressed block unless compression
     saves less than 1/16: then decompressing would cost the receiver more than it saves on the link,
-    and the batch goes raw.
+    and the batch goes raw. ``runs``, when the caller already has them, are ``pfns`` as (starts,
+    lengths) and spare recomputing them.
     """
-    starts, lengths = runs_from_pfns(pfns)
+    starts, lengths = runs if runs is not None else runs_from_pfns(pfns)
     zero_mask = np.asarray(zero, dtype=np.bool_).ravel()
     view = as_bytes_view(data)
     if codec != "none" and len(view):

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine, TrackingMode
 from dirtylog.migration.connection import SourceConnection
-from dirtylog.migration.digest import PageDigest
+from dirtylog.migration.digest import PageDigest, fingerprints
 from dirtylog.migration.errors import ProtocolError
 from dirtylog.migration.events import (
     NEED_DATA,
@@ -74,7 +74,7 @@ class MigrationOptions:
     zero_pages: bool = True  # elide zero pages (not sent in round 0, markers later)
     compression: Codec = "none"
     mode: TrackingMode = "log"
-    batch_pages: int = 256  # 1 MiB of pages per frame
+    batch_pages: int = 512  # pages per frame
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
 
@@ -136,7 +136,7 @@ class SourceMigration:
         self.paused_by_us = False
         self._limiter_stop = threading.Event()
         self._limiter: threading.Thread | None = None
-        self._next_stream = 0
+        self._next_stream = self._last_stream = 0
         # Batch buffers in flight: each stream's queue, the one being written, the one being filled.
         self._buffers: queue.Queue[npt.NDArray[np.uint8]] = queue.Queue()
         for _ in range(options.streams * (QUEUE_DEPTH + 1) + 1):
@@ -268,44 +268,16 @@ class SourceMigration:
 
     def _send_round(self, round_: int, pending: DirtyBitmap, final: bool) -> tuple[int, int, int]:
         """Send ``pending`` as round ``round_``; returns pages, zero pages, wire bytes."""
-        ram = self.machine.ram
-        elide = self.options.zero_pages and round_ == 0
         sent_before = sum(s.bytes_sent for s in self.streams) + self._queued_bytes()
         pages_total = zero_total = 0
         per_stream = [0] * len(self.streams)
         for starts, lengths in pending.batches(self.options.batch_pages):
-            pfns = pfns_from_runs(starts, lengths.astype(np.uint32))
-            # A private copy: the guest keeps writing, and the MAC covers what send() saw. The copy goes
-            # into a pooled buffer, already faulted in, that comes back once the socket has taken it.
             buffer = self._buffers.get()
-            pages = buffer[:pfns.size]
-            if starts.size == 1:
-                pages[:] = ram.pages[int(starts[0]):int(starts[0] + lengths[0])]
-            else:
-                np.take(ram.pages, pfns, axis=0, out=pages)
-            zero = ~pages.view(np.uint64).any(axis=1) if self.options.zero_pages else np.zeros(pfns.size, bool)
-            if elide:
-                # The destination starts zeroed: round 0 need not mention zero pages at all.
-                zero_total += int(np.count_nonzero(zero))
-                keep = ~zero
-                if not keep.any():
-                    self._buffers.put(buffer)
-                    continue
-                if not keep.all():
-                    pfns, pages = pfns[keep], pages[keep]
-                zero = np.zeros(pfns.size, bool)
-            data = pages if not zero.any() else pages[~zero]
-            self.digest.update(pfns[~zero] if zero.any() else pfns, data)
-            self.digest.zero(pfns[zero])
-            batch = make_page_batch(round_, pfns, zero, data, page_size=PAGE_SIZE, codec=self.options.compression)
-            index = self._next_stream
-            self._next_stream = (index + 1) % len(self.streams)
-            self.streams[index].send(batch, on_sent=functools.partial(self._buffers.put, buffer))
-            per_stream[index] += pfns.size
-            pages_total += pfns.size
-            if not elide:
-                zero_total += batch.nzero
-            self.stats.normal_pages += pfns.size - (0 if elide else batch.nzero)
+            sent, zeros = self._send_batch(round_, starts, lengths.astype(np.uint32), buffer)
+            if sent:
+                per_stream[self._last_stream] += sent
+            pages_total += sent
+            zero_total += zeros
         stats = {"final": final}
         for stream, count in zip(self.streams, per_stream, strict=True):
             stream.send(RoundEnd(round_, count, stats))
@@ -313,6 +285,47 @@ class SourceMigration:
         wire = sum(s.bytes_sent for s in self.streams) + self._queued_bytes() - sent_before
         self.stats.transferred += wire
         return pages_total, zero_total, wire
+
+    def _send_batch(self, round_: int, starts: npt.NDArray[np.uint64], lengths: npt.NDArray[np.uint32],
+                    buffer: npt.NDArray[np.uint8]) -> tuple[int, int]:
+        """Copy one batch of pages into ``buffer``, fingerprint it and queue it; returns (pages on the wire,
+        zero pages). ``buffer`` goes back to the pool once the socket has taken it."""
+        ram = self.machine.ram
+        if starts.size == 1:  # a single run: one slice copy, no page-number arithmetic
+            first, count = int(starts[0]), int(lengths[0])
+            pfns = np.arange(first, first + count, dtype=np.uint64)
+            pages = buffer[:count]
+            pages[:] = ram.pages[first:first + count]
+        else:
+            pfns = pfns_from_runs(starts, lengths)
+            pages = buffer[:pfns.size]
+            np.take(ram.pages, pfns, axis=0, out=pages)
+        # A private copy: the guest keeps writing, and the MAC covers what send() saw. Its fingerprints
+        # feed the digest and find zero pages (a fingerprint of 0 is confirmed by looking at the page).
+        prints = fingerprints(pages)
+        zero = prints == 0
+        if zero.any():
+            zero[zero] = ~pages[zero].view(np.uint64).any(axis=1)
+        if not self.options.zero_pages:
+            zero[:] = False
+        runs: tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint32]] | None = (starts, lengths)
+        zeros = int(np.count_nonzero(zero))
+        if round_ == 0 and zeros:
+            # The destination starts zeroed: round 0 need not mention zero pages at all.
+            if zeros == pfns.size:
+                self._buffers.put(buffer)
+                return 0, zeros
+            keep = ~zero
+            pfns, pages, prints, zero, runs = pfns[keep], pages[keep], prints[keep], zero[keep], None
+        data = pages if not zero.any() else pages[~zero]
+        self.digest.set(pfns, prints)
+        batch = make_page_batch(round_, pfns, zero, data, page_size=PAGE_SIZE, codec=self.options.compression,
+                                runs=runs)
+        index = self._last_stream = self._next_stream
+        self._next_stream = (index + 1) % len(self.streams)
+        self.streams[index].send(batch, on_sent=functools.partial(self._buffers.put, buffer))
+        self.stats.normal_pages += int(pfns.size - np.count_nonzero(zero))
+        return int(pfns.size), zeros
 
     def _queued_bytes(self) -> int:
         return sum(s.conn.bytes_sent for s in self.streams) - sum(s.bytes_sent for s in self.streams)

@@ -29,6 +29,7 @@ from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.tracking.kvm_log import KvmBitmapTracker
 
 DEFAULT_RING_ENTRIES = 16384  # 256 KiB per vCPU; QEMU's default is 4096, the host maximum is 65536 here
+_FIRST_SCAN_BLOCK = 4096  # entries of a ring's flags looked at first when harvesting
 
 
 class RingTracker(KvmBitmapTracker):
@@ -116,9 +117,16 @@ class RingTracker(KvmBitmapTracker):
 
 
 def _dirty_prefix(flags: npt.NDArray[np.uint32]) -> int:
-    """How many entries at the start of ``flags`` are DIRTY."""
-    if flags.size == 0:
-        return 0
-    clean = (flags & abi.KVM_DIRTY_GFN_F_DIRTY) == 0
-    first = int(np.argmax(clean))  # the first clean entry; 0 also when there is none
-    return first if clean[first] else int(flags.size)
+    """How many entries at the start of ``flags`` are DIRTY.
+
+    Scanned in doubling blocks, so the cost follows the number of DIRTY entries, not the ring's size.
+    """
+    start, block = 0, _FIRST_SCAN_BLOCK
+    while start < flags.size:
+        clean = (flags[start:start + block] & abi.KVM_DIRTY_GFN_F_DIRTY) == 0
+        first = int(np.argmax(clean))  # the first clean entry; 0 also when there is none
+        if clean[first]:
+            return start + first
+        start += clean.size
+        block *= 2
+    return int(flags.size)

@@ -112,7 +112,7 @@ def keys() -> tuple[bytes, bytes]:
 def sealed(to: str, ftype: int, payload: bytes, seq: int, flags: int = 0) -> bytes:
     """A frame with a valid MAC in the recorded session: what a peer holding the key could send."""
     head = FRAME_HEADER.pack(ftype, flags, 0, len(payload), seq)
-    return head + payload + frame_mac(keys()[0 if to == "destination" else 1], head + payload)
+    return head + payload + frame_mac(keys()[0 if to == "destination" else 1], seq, head + payload)
 
 
 def handshake_units(to: str) -> int:

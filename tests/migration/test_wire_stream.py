@@ -275,11 +275,12 @@ def assert_refused(to: str, outcome: Outcome) -> ProtocolError:
 
 def seal_raw(conn: Connection, ftype: int, payload: bytes, *, flags: int = 0, reserved: int = 0) -> bytes:
     """An authentic frame with any payload (what a buggy or hostile peer holding the key could send)."""
-    head = FRAME_HEADER.pack(ftype, flags, reserved, len(payload), conn._send_seq)
+    seq = conn._send_seq
+    head = FRAME_HEADER.pack(ftype, flags, reserved, len(payload), seq)
     conn._send_seq += 1
     assert conn._send_key is not None
     pending, conn._pending = join(conn._pending), []
-    return pending + head + payload + frame_mac(conn._send_key, head + payload)
+    return pending + head + payload + frame_mac(conn._send_key, seq, head + payload)
 
 
 def streaming_pair(codec: Codec = "lz4", vcpus: int = 1) -> tuple[SourceConnection, DestinationConnection]:
