@@ -160,13 +160,13 @@ class DestinationMigration:
         conn = DestinationConnection(self.key, page_size=PAGE_SIZE)
         stream = Stream(len(self.streams), sock, conn)
         self.streams.append(stream)
-        hello = self._read_sync(stream, Hello)
+        hello = stream.read_until(Hello, "source", self.io_timeout)
         if migration_id is not None and hello.migration_id != migration_id:
             raise MigrationError("a connection from another migration arrived while streams of this one were "
                                  "expected; one migration at a time")
         stream.index = hello.stream_index
         stream.write_now(conn.accept())
-        header = self._read_sync(stream, Header)
+        header = stream.read_until(Header, "source", self.io_timeout)
         if self.memory is not None and header.memory_bytes != self.memory:
             raise MigrationError(
                 f"the source's guest has {header.memory_bytes >> 20} MiB of memory, this destination accepts "
@@ -176,30 +176,6 @@ class DestinationMigration:
         self.header = header
         del peer
         return stream
-
-    def _read_sync(self, stream: Stream, wanted: type) -> Any:
-        buffer = bytearray(1 << 16)
-        while True:
-            try:
-                event = stream.conn.next_event()
-            except ProtocolError as error:
-                stream.reply_best_effort(error.reply)
-                raise
-            if isinstance(event, wanted):
-                return event
-            if isinstance(event, Abort):
-                raise MigrationError(f"the source aborted: {event.reason}")
-            if event is not NEED_DATA:
-                raise MigrationError(f"unexpected {type(event).__name__} while waiting for {wanted.__name__}")
-            try:
-                count = stream.sock.recv_into(buffer)
-            except TimeoutError:
-                raise MigrationError(f"the source sent nothing for {self.io_timeout:.0f} s") from None
-            try:
-                stream.conn.receive_data(memoryview(buffer)[:count])
-            except ProtocolError as error:
-                stream.reply_best_effort(error.reply)  # tell the peer why (a REJECT record or an Abort)
-                raise
 
     def _build_machine(self, first: Stream) -> None:
         header = self.header

@@ -28,8 +28,6 @@ from dirtylog.migration.connection import SourceConnection
 from dirtylog.migration.digest import PageDigest, fingerprints
 from dirtylog.migration.errors import ProtocolError
 from dirtylog.migration.events import (
-    NEED_DATA,
-    Abort,
     AbortCode,
     Accepted,
     Codec,
@@ -181,43 +179,13 @@ class SourceMigration:
             self.streams.append(stream)
             began = time.perf_counter()
             stream.write_now(conn.initiate())
-            self._await_handshake(stream, Accepted)
+            stream.read_until(Accepted, "destination", self.options.io_timeout)
             self.rtt = time.perf_counter() - began if index == 0 else min(self.rtt, time.perf_counter() - began)
             stream.send(header)
         for stream in self.streams:
-            self._await_handshake(stream, Ready)
+            stream.read_until(Ready, "destination", self.options.io_timeout)
         for stream in self.streams:
             stream.start()
-
-    def _await_handshake(self, stream: Stream, wanted: type) -> Any:
-        """Read synchronously until ``wanted`` (threads start only once the handshake is done)."""
-        buffer = bytearray(1 << 16)
-        deadline = time.monotonic() + self.options.io_timeout
-        while True:
-            try:
-                event = stream.conn.next_event()
-            except ProtocolError as error:
-                stream.reply_best_effort(error.reply)
-                raise
-            if isinstance(event, wanted):
-                return event
-            if isinstance(event, Abort):
-                raise MigrationError(f"the destination refused the migration: {event.reason}")
-            if event is not NEED_DATA:
-                raise MigrationError(f"stream {stream.index}: unexpected {type(event).__name__} in the handshake")
-            if time.monotonic() > deadline:
-                raise MigrationError(f"the destination did not answer within {self.options.io_timeout:.0f} s")
-            try:
-                count = stream.sock.recv_into(buffer)
-            except TimeoutError:
-                raise MigrationError(f"the destination did not answer within {self.options.io_timeout:.0f} s") from None
-            except OSError as error:
-                raise MigrationError(f"connection to the destination lost: {error.strerror or error}") from None
-            try:
-                stream.conn.receive_data(memoryview(buffer)[:count])
-            except ProtocolError as error:
-                stream.reply_best_effort(error.reply)  # tell the peer why (a REJECT record or an Abort)
-                raise
 
     def _pace(self, nbytes: int) -> None:
         with self.pacer_lock:

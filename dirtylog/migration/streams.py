@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dirtylog.migration.connection import Connection
 from dirtylog.migration.errors import ProtocolError
@@ -23,6 +24,7 @@ from dirtylog.migration.precopy import MigrationError
 from dirtylog.migration.transport import send_buffers
 
 RECV_CHUNK = 1 << 20
+E = TypeVar("E", bound=Event)
 QUEUE_DEPTH = 8
 
 
@@ -163,6 +165,39 @@ class Stream:
                 return
             if count == 0:
                 return
+
+    def read_until(self, wanted: type[E], peer: str, timeout: float) -> E:
+        """Read on the caller's thread until the peer sends ``wanted`` (the handshake, before the threads
+        start). Errors are told to the peer (a REJECT record or an Abort) before they are raised."""
+        buffer = bytearray(1 << 16)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                event = self.conn.next_event()
+            except ProtocolError as error:
+                self.reply_best_effort(error.reply)
+                raise
+            if isinstance(event, wanted):
+                return event
+            if isinstance(event, Abort):
+                raise MigrationError(f"the {peer} refused the migration: {event.reason}")
+            if event is not NEED_DATA:
+                raise MigrationError(f"stream {self.index}: unexpected {type(event).__name__} from the {peer} "
+                                     f"while waiting for {wanted.__name__}")
+            try:
+                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                count = self.sock.recv_into(buffer)
+            except TimeoutError:
+                raise MigrationError(f"the {peer} sent nothing for {timeout:.0f} s") from None
+            except OSError as error:
+                raise MigrationError(f"connection to the {peer} lost: {error.strerror or error}") from None
+            finally:
+                self.sock.settimeout(timeout)
+            try:
+                self.conn.receive_data(memoryview(buffer)[:count])
+            except ProtocolError as error:
+                self.reply_best_effort(error.reply)
+                raise
 
     def next_event(self, timeout: float, what: str) -> Event:
         """The next event from the peer, or MigrationError after ``timeout`` or a failure."""
