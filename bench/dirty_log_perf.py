@@ -59,7 +59,7 @@ from dirtylog.kvm.system import Vm
 from dirtylog.machine import TRACKING_MODES, Machine, TrackingMode
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.bitmap import DirtyBitmap
-from dirtylog.tracking.kvm_ring import RingTracker
+from dirtylog.tracking.kvm_ring import DEFAULT_RING_ENTRIES, RingTracker
 from dirtylog.units import parse_size
 
 GOAL_RATIO = 1.15
@@ -67,7 +67,6 @@ GOAL_RUNS_MS = 10.0
 DENSITIES = (0.01, 0.10, 1.0)
 RUNS_NPAGES = 1 << 24  # 64 GiB of 4 KiB pages
 RUNS_DENSITY = 0.10
-MAX_RING_ENTRIES = 65536  # the host maximum here (KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 1 MiB)
 BARRIER_TIMEOUT = 120.0
 
 # The bench's guest program reads one control-block field the library's programs do not use.
@@ -625,8 +624,9 @@ def main() -> None:
     parser.add_argument("-x", "--slots", type=int, default=1, help="memory slots (the selftest's -x)")
     parser.add_argument("--no-initially-set", dest="initially_set", action="store_false",
                         help="clear mode without KVM_DIRTY_LOG_INITIALLY_SET (the selftest sets it when offered)")
-    parser.add_argument("--ring-entries", type=int, default=MAX_RING_ENTRIES,
-                        help=f"dirty ring entries per vCPU (default {MAX_RING_ENTRIES}, the host maximum)")
+    parser.add_argument("--ring-entries", type=int, default=DEFAULT_RING_ENTRIES,
+                        help=f"dirty ring entries per vCPU (default {DEFAULT_RING_ENTRIES}, the tracker's; "
+                        "65536 is the host maximum here)")
     parser.add_argument("--densities", type=lambda text: tuple(float(v) / 100 for v in text.split(",")),
                         default=DENSITIES, help="part-2 dirty percentages (default 1,10,100)")
     parser.add_argument("-r", "--repeat", type=int, default=7,
