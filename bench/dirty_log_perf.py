@@ -1,6 +1,6 @@
 """Dirty logging on real KVM, modelled on the kernel's ``dirty_log_perf_test``, plus our cost over the bare ioctls.
 
-    python bench/dirty_log_perf.py                 # 2 vCPUs x 2 GiB, every mode, tables (~5 minutes here)
+    python bench/dirty_log_perf.py                 # 2 vCPUs x 2 GiB, every mode, tables (5-6 minutes here)
     python bench/dirty_log_perf.py --json          # the same as one JSON object, raw samples included
     python bench/dirty_log_perf.py -m clear -b 1G -v 1 -i 5 -w 100 -a --densities 1,10
 
@@ -574,9 +574,9 @@ def print_table(results: dict[str, Any]) -> None:
     p = results["params"]
     print(f"dirty_log_perf: {p['vcpus']} vCPUs x {p['bytes_per_vcpu'] >> 20} MiB, {p['slots']} slot(s), "
           f"-w {p['write_percent']}{' -a' if p['random_access'] else ''}, {p['iterations']} iterations, "
-          f"{p['repeat']} repeats per comparison; load {results['load_before']} -> {results['load_after']}")
-    for mode in results["modes"]:
-        r = mode
+          f"{p['repeat']} samples per comparison ({p['full_repeat']} at 100 %); ring {p['ring_entries']} entries; "
+          f"load {results['load_before']} -> {results['load_after']}")
+    for r in results["modes"]:
         print(f"\n== {r['mode']} ==  populate {r['populate_s']:.3f} s   enable {r['enable_ms']:.2f} ms   "
               f"disable {r['disable_ms']:.2f} ms")
         get, clear = ("harvest", "reset") if r["mode"] == "ring" else ("get", "clear")

@@ -11,7 +11,7 @@ from typing import Literal
 from dirtylog.guest import machine as guest
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.kvm_log import DEFAULT_CLEAR_CHUNK_PAGES, ClearTracker, LogTracker
-from dirtylog.tracking.kvm_ring import DEFAULT_RING_ENTRIES, RingTracker
+from dirtylog.tracking.kvm_ring import RingTracker
 
 TrackingMode = Literal["log", "clear", "ring"]
 TRACKING_MODES: tuple[TrackingMode, ...] = ("log", "clear", "ring")
@@ -25,11 +25,12 @@ class Machine(guest.Machine):
 
     def dirty_log(self, mode: TrackingMode = "log", *, slots: list[int] | None = None, initially_set: bool = False,
                   clear_chunk_pages: int = DEFAULT_CLEAR_CHUNK_PAGES,
-                  ring_entries: int = DEFAULT_RING_ENTRIES) -> Tracker:
+                  ring_entries: int | None = None) -> Tracker:
         """A dirty-page tracker for this machine (not yet enabled).
 
         ``log``: KVM_GET_DIRTY_LOG; ``clear``: KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG (``initially_set``,
-        ``clear_chunk_pages``); ``ring``: per-vCPU dirty rings of ``ring_entries`` — choose it before
+        ``clear_chunk_pages``); ``ring``: per-vCPU dirty rings of ``ring_entries`` (default: the largest the
+        host allows, up to 65536) — choose it before
         :meth:`start`, since KVM only allows rings before vCPUs exist. ``slots`` limits logging to those
         memory slots (default: all).
         """

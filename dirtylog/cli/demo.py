@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[cyan]destination[/cyan]: pid {destination.pid} listening on {args.to}")
             with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots,
                          hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault,
-                         dirty_ring=16384 if args.mode == "ring" else 0) as machine:
+                         dirty_ring=args.mode == "ring") as machine:
                 machine.start()
                 console.print(f"[magenta]source[/magenta]: {args.workload} guest on {args.vcpus} vCPUs, "
                               f"{format_size(args.memory)}, writing {args.rate:,} pages/s per vCPU; "

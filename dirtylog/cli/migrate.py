@@ -83,9 +83,8 @@ def _round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
 def run_migrate(args: argparse.Namespace) -> int:
     load_key(args.key_file)  # a bad key file or address fails before any VM starts
     parse_address(args.to)
-    ring = 16384 if args.mode == "ring" else 0
     with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots, hot_fraction=args.hot_fraction,
-                 hot_weight=args.hot_weight, prefault=args.prefault, dirty_ring=ring) as machine:
+                 hot_weight=args.hot_weight, prefault=args.prefault, dirty_ring=args.mode == "ring") as machine:
         machine.start()
         if not args.json:
             console.print(f"source: [bold]{args.workload}[/bold] on {args.vcpus} vCPU(s), {format_size(args.memory)}; "

@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--verify", action="store_true",
                         help="run the stamp workload and check every collection; fail on any lost page")
     parser.add_argument("--initially-set", action="store_true", help="clear mode: KVM_DIRTY_LOG_INITIALLY_SET")
-    parser.add_argument("--ring-entries", type=positive_int, default=16384, help="ring mode: entries per vCPU")
+    parser.add_argument("--ring-entries", type=positive_int, default=None,
+                        help="ring mode: entries per vCPU (default: the host's largest, up to 65536)")
     parser.add_argument("--json", action="store_true", help="JSON lines: one per collection, then a summary")
     parser.add_argument("--plot", metavar="FILE.png", help="draw dirty pages and collection time per interval")
     parser.set_defaults(func=run)

@@ -52,6 +52,7 @@ KICK_SIGNAL = signal.SIGUSR1
 PAUSE_TIMEOUT = 5.0  # seconds a pause may take before the machine reports a stuck vCPU
 SLEEP_THRESHOLD_SECONDS = 0.001  # a rate-limited guest further ahead than this sleeps in the host
 MAX_LAG_SECONDS = 0.05  # a guest further behind than this restarts its schedule instead of bursting
+DEFAULT_RING_ENTRIES = 65536  # 1 MiB per vCPU: the host maximum here (QEMU defaults to 4096)
 THROTTLE_TIMESLICE = 0.01  # seconds of guest time between throttle sleeps, as QEMU's CPU_THROTTLE_TIMESLICE
 _REGS_FORMAT = "<18Q"
 
@@ -126,8 +127,8 @@ class Machine:
     """A KVM virtual machine running a guest workload on ``vcpus`` threads.
 
     ``memory`` is a size (``"1G"``) and ``rate`` pages per second per vCPU (None: unlimited);
-    ``dirty_ring`` gives each vCPU a dirty ring of that many entries (KVM allows it only before vCPUs
-    exist; ``dirty_log("ring")`` before :meth:`start` does the same);
+    ``dirty_ring`` gives each vCPU a dirty ring (True: the default size, or a number of entries; KVM
+    allows rings only before vCPUs exist, and ``dirty_log("ring")`` before :meth:`start` does the same);
     ``prefault`` allocates host memory up front (a first guest touch then costs ~3 us instead of ~24 us
     here; see docs/performance.md). The
     machine is created stopped; :meth:`start` runs it. Use it as a context manager so that everything
@@ -149,7 +150,7 @@ class Machine:
         prefault: bool = False,
         program: GuestProgram | None = None,
         blank: bool = False,
-        dirty_ring: int = 0,
+        dirty_ring: int | bool = False,
         kvm_device: str | None = None,
     ) -> None:
         size = parse_size(memory)
@@ -170,12 +171,12 @@ class Machine:
             if vcpus > self.kvm.max_vcpus:
                 raise MachineError(f"this KVM allows {self.kvm.max_vcpus} vCPUs per VM; asked for {vcpus}")
             self.vm: Vm = self.kvm.create_vm()
-            if dirty_ring:
-                self.vm.enable_dirty_ring(dirty_ring * ctypes.sizeof(abi.kvm_dirty_gfn))
             self.ram = GuestMemory(size, slots)
             if prefault:
                 self.ram.prefault()
             self.ram.register(self.vm)
+            if dirty_ring:
+                self.enable_dirty_ring(None if dirty_ring is True else int(dirty_ring))
             first = WORKLOAD_ADDR // PAGE_SIZE
             self.spec = WorkloadSpec(
                 workload, first, self.ram.npages - first, vcpus, rate, hot_fraction, hot_weight,
@@ -285,12 +286,16 @@ class Machine:
         """The vCPUs (created by :meth:`start`)."""
         return [entry.vcpu for entry in self._threads]
 
-    def enable_dirty_ring(self, entries: int) -> None:
-        """Give each vCPU a dirty ring of ``entries`` entries; only possible before :meth:`start`."""
+    def enable_dirty_ring(self, entries: int | None = None) -> None:
+        """Give each vCPU a dirty ring of ``entries`` entries (default: the largest the host allows, up
+        to 65536, so that harvesting, not ring-full exits, sets the pace); only possible before start."""
         if self.state is not State.CREATED:
             raise MachineError("the dirty ring must be chosen before the machine starts (KVM allows it only "
                                "before vCPUs exist): call dirty_log('ring') before start()")
-        self.vm.enable_dirty_ring(entries * ctypes.sizeof(abi.kvm_dirty_gfn))
+        entry = ctypes.sizeof(abi.kvm_dirty_gfn)
+        if entries is None:
+            entries = min(DEFAULT_RING_ENTRIES, self.vm.dirty_ring_max_bytes // entry) or DEFAULT_RING_ENTRIES
+        self.vm.enable_dirty_ring(entries * entry)
 
     def create_vcpus(self) -> None:
         """Create and set up the vCPUs without running them (``start()`` does it if not done yet).

@@ -392,6 +392,12 @@ class Vm:
 
     # --- dirty ring --------------------------------------------------------------------------------
 
+    @property
+    def dirty_ring_max_bytes(self) -> int:
+        """The largest dirty ring per vCPU this KVM offers, in bytes (0: no dirty ring)."""
+        return (self.check_extension(abi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+                or self.check_extension(abi.KVM_CAP_DIRTY_LOG_RING))
+
     def enable_dirty_ring(self, ring_bytes: int) -> None:
         """Give every vCPU a dirty ring of ``ring_bytes`` (``KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]``).
 

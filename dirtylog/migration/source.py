@@ -113,7 +113,7 @@ class SourceMigration:
             raise MigrationError("the dirty limit measures each vCPU's dirty rate with the dirty ring: use mode 'ring'")
         if options.mode == "ring" and machine.vm.dirty_ring_bytes == 0:
             raise MigrationError("mode 'ring' needs a machine created with a dirty ring (Machine(..., dirty_ring="
-                                 "16384)); KVM allows rings only before vCPUs exist. Or use mode 'log' or 'clear'")
+                                 "True)); KVM allows rings only before vCPUs exist. Or use mode 'log' or 'clear'")
         self.machine = machine
         self.to = to
         self.address = parse_address(to)

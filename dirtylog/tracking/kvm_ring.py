@@ -28,7 +28,6 @@ from dirtylog.kvm import abi
 from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.tracking.kvm_log import KvmBitmapTracker
 
-DEFAULT_RING_ENTRIES = 16384  # 256 KiB per vCPU; QEMU's default is 4096, the host maximum is 65536 here
 _FIRST_SCAN_BLOCK = 4096  # entries of a ring's flags looked at first when harvesting
 
 
@@ -37,8 +36,7 @@ class RingTracker(KvmBitmapTracker):
 
     mode = "ring"
 
-    def __init__(self, machine: Machine, slots: list[int] | None = None, *,
-                 entries: int = DEFAULT_RING_ENTRIES) -> None:
+    def __init__(self, machine: Machine, slots: list[int] | None = None, *, entries: int | None = None) -> None:
         super().__init__(machine, slots)
         if machine.vm.dirty_ring_bytes == 0:
             machine.enable_dirty_ring(entries)
@@ -75,13 +73,13 @@ class RingTracker(KvmBitmapTracker):
 
     def _on_ring_full(self, vcpu: int) -> None:
         """Called on the full vCPU's thread: harvest and reset so it can run again, keep the pages."""
-        self.ring_full_exits += 1
-        self.sample()
+        self.sample(ring_full=True)
 
-    def sample(self) -> dict[int, int]:
+    def sample(self, *, ring_full: bool = False) -> dict[int, int]:
         """Harvest and reset every ring now, keeping the pages for the next collection; returns the
         cumulative entries harvested per vCPU (the basis of per-vCPU dirty rates)."""
         with self._lock:
+            self.ring_full_exits += ring_full
             self._pending.set_pages(self._harvest_all())
             self.machine.vm.reset_dirty_rings()
             return dict(self.vcpu_harvested)
