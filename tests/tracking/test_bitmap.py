@@ -3,7 +3,9 @@
 Property tests draw bitmaps of every shape that matters (empty, full, sparse pages, long runs, dense noise,
 sizes around multiples of 64) and check each operation against the same operation on Python sets. The
 chunked kernels are also run with chunks of 1-3 words, so that chunk boundaries fall inside every kind of
-run without needing bitmaps of half a million pages.
+run without needing bitmaps of half a million pages. Every runs kernel is also called directly, whatever the
+dispatcher would pick; the slot kernel's re-slotting of crowded words (units of 5 or more runs) and its wide
+fallback for words of more than 16 runs get a shape of their own.
 """
 
 from __future__ import annotations
@@ -48,12 +50,18 @@ def as_runs(starts: NDArray[np.uint64], lengths: NDArray[np.uint64]) -> list[tup
     return list(zip(starts.tolist(), lengths.tolist(), strict=True))
 
 
+KERNELS = ["dense", "sparse", "slots", "slots-wide"]
+
+
 def kernel_runs(bm: DirtyBitmap, kernel: str) -> list[tuple[int, int]]:
-    """Runs from one of the two internal kernels, whatever the public dispatcher would pick."""
+    """Runs from one of the internal kernels, whatever the public dispatcher would pick."""
     if kernel == "dense":
         starts, lengths = _bitops._runs_dense(bm.words, bm.count())
-    else:
+    elif kernel == "sparse":
         starts, lengths = _bitops._runs_sparse(bm.words)
+    else:
+        slots = _bitops._WIDE_SLOTS if kernel == "slots-wide" else _bitops._NARROW_SLOTS
+        starts, lengths = _bitops._runs_slots(bm.words, bm.count(), _bitops._slot_layout(slots))
     return as_runs(starts.view(np.uint64), lengths.view(np.uint64))
 
 
@@ -63,7 +71,7 @@ def page_sets(draw: st.DrawFn, max_pages: int = 3000) -> tuple[int, frozenset[in
     npages = draw(st.one_of(st.sampled_from(EDGE_SIZES), st.integers(0, max_pages)))
     if npages == 0:
         return 0, frozenset()
-    shape = draw(st.sampled_from(["pages", "runs", "noise", "full", "ends"]))
+    shape = draw(st.sampled_from(["pages", "runs", "noise", "full", "ends", "combs"]))
     if shape == "pages":
         pages = draw(st.sets(st.integers(0, npages - 1), max_size=64))
     elif shape == "runs":
@@ -75,6 +83,11 @@ def page_sets(draw: st.DrawFn, max_pages: int = 3000) -> tuple[int, frozenset[in
         pages = set(np.flatnonzero(np.random.default_rng(seed).random(npages) < density).tolist())
     elif shape == "full":
         pages = set(range(npages))
+    elif shape == "combs":  # stretches of every other page (8 runs a unit, 32 a word), some broken up
+        pages = set()
+        for start, length in draw(st.lists(st.tuples(st.integers(0, npages - 1), st.integers(1, 400)), max_size=6)):
+            pages.update(range(start, min(start + length, npages), 2))
+        pages -= set(draw(st.lists(st.integers(0, npages - 1), max_size=20)))
     else:  # runs touching page 0, the last page and word boundaries
         cuts = draw(st.lists(st.integers(0, npages), min_size=2, max_size=8))
         cuts += [0, npages, min(64, npages), max(npages - 64, 0)]
@@ -92,8 +105,9 @@ def make(npages: int, pages: frozenset[int] | set[int]) -> DirtyBitmap:
 
 @contextmanager
 def chunk_words(words: int) -> Iterator[None]:
-    """Run the chunked kernels with tiny chunks, so runs and dense words straddle chunk boundaries."""
-    with mock.patch.object(_bitops, "CHUNK_WORDS", words):
+    """Run the chunked kernels with tiny chunks, so runs and dense words straddle chunk boundaries (and the
+    slot kernel's detection passes with blocks of a few units)."""
+    with mock.patch.object(_bitops, "CHUNK_WORDS", words), mock.patch.object(_bitops, "_DETECT_UNITS", 4 * words + 1):
         yield
 
 
@@ -225,15 +239,15 @@ def test_runs_match_reference(case: tuple[int, frozenset[int]]) -> None:
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])
 @given(case=page_sets())
-def test_runs_both_kernels_across_chunk_boundaries(chunk: int, case: tuple[int, frozenset[int]]) -> None:
+def test_runs_every_kernel_across_chunk_boundaries(chunk: int, case: tuple[int, frozenset[int]]) -> None:
     npages, pages = case
     bm = make(npages, pages)
     expected = ref_runs(set(pages))
     with chunk_words(chunk):
         assert as_runs(*bm.runs()) == expected
         if pages:
-            assert kernel_runs(bm, "dense") == expected
-            assert kernel_runs(bm, "sparse") == expected
+            for kernel in KERNELS:
+                assert kernel_runs(bm, kernel) == expected, kernel
 
 
 def test_runs_crossing_words_units_and_chunks() -> None:
@@ -243,8 +257,25 @@ def test_runs_crossing_words_units_and_chunks() -> None:
     bm = make(npages, pages)
     for chunk in (1, 2, 3, 5, 8192):
         with chunk_words(chunk):
-            assert kernel_runs(bm, "dense") == ref_runs(pages)
-            assert kernel_runs(bm, "sparse") == ref_runs(pages)
+            for kernel in KERNELS:
+                assert kernel_runs(bm, kernel) == ref_runs(pages), (chunk, kernel)
+
+
+def test_slot_kernel_crowded_and_overfull_words() -> None:
+    """Words the narrow layout cannot hold as they are: re-slotted, or (over 16 runs) read in the wide one."""
+    pages: set[int] = set()
+    pages |= set(range(64 * 2 + 1, 64 * 2 + 16, 2))  # a unit of 8 runs, the rest of its word empty
+    pages |= set(range(64 * 3, 64 * 3 + 10, 2)) | set(range(64 * 3 + 15, 64 * 3 + 40))  # 6 runs, the last going on
+    pages |= set(range(64 * 5 - 3, 64 * 5 + 1)) | set(range(64 * 5 + 2, 64 * 6, 2))  # a run comes in, 31 start
+    pages |= set(range(64 * 6 - 1, 64 * 6 + 5))  # ... and the last goes on
+    pages |= set(range(64 * 7 + 16, 64 * 9))  # a run over whole units and a whole word
+    pages |= set(range(64 * 9 + 1, 64 * 9 + 33, 2)) | {64 * 9 + 35}  # 17 runs in one word
+    npages = 64 * 12
+    bm = make(npages, pages)
+    for chunk in (1, 2, 3, 4, 8192):
+        with chunk_words(chunk):
+            for kernel in KERNELS:
+                assert kernel_runs(bm, kernel) == ref_runs(pages), (chunk, kernel)
 
 
 @given(page_sets(), st.integers(1, 700))
