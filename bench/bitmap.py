@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from dirtylog.tracking.bitmap import DirtyBitmap
+from dirtylog.bitmap import DirtyBitmap
 
 PAGE_SIZE = 4096
 SIZES = {"4G": 1 << 20, "64G": 1 << 24}

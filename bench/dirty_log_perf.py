@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.asm import R8, R9, R10, R11, R12, R13, R14, R15, RAX, RBX, RDI, RDX, Assembler, Mem
 from dirtylog.guest.programs import ControlBlock, GuestProgram, Port
 from dirtylog.guest.x86 import CODE_ADDR, control_block_addr
@@ -58,7 +59,6 @@ from dirtylog.kvm.ioctl import ioctl
 from dirtylog.kvm.system import Vm
 from dirtylog.machine import TRACKING_MODES, Machine, TrackingMode
 from dirtylog.tracking.base import Tracker
-from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.tracking.kvm_ring import DEFAULT_RING_ENTRIES, RingTracker
 from dirtylog.units import parse_size
 

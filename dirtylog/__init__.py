@@ -1,12 +1,12 @@
 """dirtylog: dirty page logging for virtual machines, on real KVM and as the ARM stage-2 model."""
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.machine import GuestCrashError, MachineError
 from dirtylog.machine import Machine
 from dirtylog.migration.destination import receive
 from dirtylog.migration.precopy import MigrationError
 from dirtylog.migration.source import migrate
-from dirtylog.tracking.bitmap import DirtyBitmap
 
 __all__ = ["DirtyBitmap", "DirtylogError", "GuestCrashError", "Machine", "MachineError", "MigrationError",
            "migrate", "receive"]

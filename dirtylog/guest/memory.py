@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.kvm.errors import GuestMemoryError
 from dirtylog.kvm.system import MemorySlot, Vm
-from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.units import PAGE_SIZE, format_size
 
 SLOT_ALIGNMENT = 64 * PAGE_SIZE  # one dirty-bitmap word per 64 pages

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine, TrackingMode
 from dirtylog.migration.connection import SourceConnection
@@ -56,7 +57,6 @@ from dirtylog.migration.stats import MigrationStats
 from dirtylog.migration.streams import QUEUE_DEPTH, Stream
 from dirtylog.migration.transport import Pacer, connect, parse_address
 from dirtylog.tracking.base import Tracker
-from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.tracking.kvm_ring import RingTracker
 from dirtylog.units import PAGE_SIZE, parse_duration, parse_rate
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from dirtylog.tracking.bitmap import DirtyBitmap
+from dirtylog.bitmap import DirtyBitmap
 
 
 @dataclass

@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
 from dirtylog.kvm import abi
 from dirtylog.tracking.base import Tracker
-from dirtylog.tracking.bitmap import DirtyBitmap
 
 DEFAULT_CLEAR_CHUNK_PAGES = 1 << 18  # 1 GiB of 4 KiB pages per KVM_CLEAR_DIRTY_LOG, as QEMU's default
 

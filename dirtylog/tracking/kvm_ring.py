@@ -23,9 +23,9 @@ import threading
 import numpy as np
 import numpy.typing as npt
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
 from dirtylog.kvm import abi
-from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.tracking.kvm_log import KvmBitmapTracker
 
 _FIRST_SCAN_BLOCK = 4096  # entries of a ring's flags looked at first when harvesting

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.errors import DirtylogError
 from dirtylog.stage2.cpu import vcpu_write
 from dirtylog.stage2.dirty_log import PATCH_ORDER, DirtyLogOrder, KvmDirtyLog, kvm_vm_ioctl_get_dirty_log
@@ -32,7 +33,6 @@ from dirtylog.stage2.mmu import stage2_populate_memslot
 from dirtylog.stage2.pgtable import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_BLOCK
 from dirtylog.stage2.regions import KvmUserspaceMemoryRegion, kvm_vm_ioctl_set_user_memory_region
 from dirtylog.tracking.base import Tracker
-from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.workload import WorkloadSpec
 
 _USERSPACE_BASE = 0x7F00_0000_0000

@@ -31,10 +31,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
 from dirtylog.guest.x86 import control_block_addr
 from dirtylog.tracking.base import Tracker
-from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.units import PAGE_SIZE
 
 ViolationKind = Literal["lost", "stale", "outside"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("dirtylog.tracking.bitmap", reason="DirtyBitmap (dirtylog/tracking/bitmap.py) is not there yet")
+pytest.importorskip("dirtylog.bitmap", reason="DirtyBitmap (dirtylog/tracking/bitmap.py) is not there yet")
 
 from dirtylog.stage2.dirty_log import PATCH_ORDER
 from dirtylog.stage2.mutants import variant_named

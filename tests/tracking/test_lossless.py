@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.machine import Machine
 from dirtylog.tracking.base import Tracker
-from dirtylog.tracking.bitmap import DirtyBitmap
 from dirtylog.tracking.verify import StampVerifier
 from dirtylog.units import PAGE_SIZE
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,9 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
+from dirtylog.bitmap import BitmapError, DirtyBitmap, _bitops, _runs
 from dirtylog.errors import DirtylogError
-from dirtylog.tracking import _bitops
-from dirtylog.tracking.bitmap import BitmapError, DirtyBitmap
 
 settings.register_profile("bitmap", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("bitmap")
@@ -56,12 +54,12 @@ KERNELS = ["dense", "sparse", "slots", "slots-wide"]
 def kernel_runs(bm: DirtyBitmap, kernel: str) -> list[tuple[int, int]]:
     """Runs from one of the internal kernels, whatever the public dispatcher would pick."""
     if kernel == "dense":
-        starts, lengths = _bitops._runs_dense(bm.words, bm.count())
+        starts, lengths = _runs._runs_dense(bm.words, bm.count())
     elif kernel == "sparse":
-        starts, lengths = _bitops._runs_sparse(bm.words)
+        starts, lengths = _runs._runs_sparse(bm.words)
     else:
-        slots = _bitops._WIDE_SLOTS if kernel == "slots-wide" else _bitops._NARROW_SLOTS
-        starts, lengths = _bitops._runs_slots(bm.words, bm.count(), _bitops._slot_layout(slots))
+        slots = _runs._WIDE_SLOTS if kernel == "slots-wide" else _runs._NARROW_SLOTS
+        starts, lengths = _runs._runs_slots(bm.words, bm.count(), _runs._slot_layout(slots))
     return as_runs(starts.view(np.uint64), lengths.view(np.uint64))
 
 
@@ -107,8 +105,13 @@ def make(npages: int, pages: frozenset[int] | set[int]) -> DirtyBitmap:
 def chunk_words(words: int) -> Iterator[None]:
     """Run the chunked kernels with tiny chunks, so runs and dense words straddle chunk boundaries (and the
     slot kernel's detection passes with blocks of a few units)."""
-    with mock.patch.object(_bitops, "CHUNK_WORDS", words), mock.patch.object(_bitops, "_DETECT_UNITS", 4 * words + 1):
+    saved = _bitops.CHUNK_WORDS, _runs.CHUNK_WORDS, _runs._DETECT_UNITS
+    _bitops.CHUNK_WORDS = _runs.CHUNK_WORDS = words  # type: ignore[misc]
+    _runs._DETECT_UNITS = 4 * words + 1  # type: ignore[misc]
+    try:
         yield
+    finally:
+        _bitops.CHUNK_WORDS, _runs.CHUNK_WORDS, _runs._DETECT_UNITS = saved  # type: ignore[misc]
 
 
 # -- construction, export, round trips ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ page ``i`` is bit ``i % 64`` of word ``i // 64``, so ``KVM_GET_DIRTY_LOG`` buffe
 and a memslot's log is ORed in at word ``base_gfn // 64``. Bits at or beyond ``npages`` are always zero;
 every constructor that takes foreign data enforces that, and every operation keeps it.
 
-All work is whole-array NumPy (see :mod:`dirtylog.tracking._bitops` for the kernels and their costs).
+All work is whole-array NumPy (see :mod:`dirtylog.bitmap._bitops` for the kernels and their costs).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from typing import Final, Self, TypeAlias
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from dirtylog.bitmap import _bitops, _runs
+from dirtylog.bitmap._bitops import tail_mask
 from dirtylog.errors import DirtylogError
-from dirtylog.tracking import _bitops
-from dirtylog.tracking._bitops import tail_mask
 
 __all__ = ["BitmapError", "DirtyBitmap"]
 
 # The kernel writes dirty_bitmap as native unsigned longs; reading them as little-endian words is right
 # on every host KVM runs on (x86-64, arm64, riscv64, little-endian ppc64).
 if sys.byteorder != "little":  # pragma: no cover
-    raise ImportError("dirtylog.tracking.bitmap assumes a little-endian host, as KVM's dirty_bitmap does")
+    raise ImportError("dirtylog.bitmap assumes a little-endian host, as KVM's dirty_bitmap does")
 
 _WORD_BYTES: Final = 8
 
@@ -347,7 +347,7 @@ class DirtyBitmap:
 
     def runs(self) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
         """``(starts, lengths)`` of the maximal runs of contiguous dirty pages, sorted by start."""
-        starts, lengths = _bitops.runs(self.words)
+        starts, lengths = _runs.runs(self.words)
         return starts.view(np.uint64), lengths.view(np.uint64)
 
     def batches(self, max_pages: int) -> Iterator[tuple[NDArray[np.uint64], NDArray[np.uint64]]]:
@@ -359,7 +359,7 @@ class DirtyBitmap:
         m = int(max_pages)
         if m <= 0:
             raise BitmapError(f"max_pages must be positive, got {max_pages}")
-        starts, lengths = _bitops.runs(self.words)
+        starts, lengths = _runs.runs(self.words)
         return _batches(starts, lengths, m)
 
     def __repr__(self) -> str:
