@@ -32,7 +32,10 @@ TimeoutPolicy = Literal["cancel", "force"]
 
 class MigrationError(DirtylogError):
     """A migration failed or was cancelled; unless the message says otherwise, the source VM is
-    running with its memory intact and a retry may follow."""
+    running with its memory intact and a retry may follow. ``stats`` holds what the source measured
+    up to the failure (a MigrationStats), when there was a source engine to measure it."""
+
+    stats: Any = None
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,9 @@ class SourceMigration:
             self._switchover(pending, start)
         except BaseException as error:
             self._fail(error, start)
-            raise self._as_migration_error(error) from (None if isinstance(error, MigrationError) else error)
+            failure = self._as_migration_error(error)
+            failure.stats = self.stats
+            raise failure from (None if isinstance(error, MigrationError) else error)
         finally:
             self._stop_helpers()
         self.stats.total_time = time.perf_counter() - start
@@ -249,6 +251,10 @@ class SourceMigration:
         stats = {"final": final}
         for stream, count in zip(self.streams, per_stream, strict=True):
             stream.send(RoundEnd(round_, count, stats))
+        # A round ends when its bytes are on the wire, not in our queues: otherwise its rate is flattered
+        # and the switch-over would wait for data the controller thought was sent.
+        for stream in self.streams:
+            stream.drain(self.options.io_timeout)
         self.stats.duplicate_pages += zero_total
         wire = sum(s.bytes_sent for s in self.streams) + self._queued_bytes() - sent_before
         self.stats.transferred += wire
@@ -337,9 +343,10 @@ class SourceMigration:
         paused_at = time.perf_counter()
         self.machine.pause()
         self.paused_by_us = True
+        phases = {"pause": time.perf_counter()}
         final = pending | self.tracker.collect()
         self.stats.dirty_sync_count += 1
-        began = time.perf_counter()
+        began = phases["final_collect"] = time.perf_counter()
         pages, zero, wire = self._send_round(len(self.stats.rounds), final, final=True)
         primary = self.streams[0]
         for vcpu in range(self.machine.spec.vcpus):
@@ -351,6 +358,7 @@ class SourceMigration:
             stream.send(Complete(digest, frames))
         for stream in self.streams:
             stream.drain(self.options.io_timeout)
+        phases["final_send"] = time.perf_counter()
         self.stats.rounds.append(RoundStats(len(self.stats.rounds), began - start, time.perf_counter() - began,
                                             pages, zero, wire, 0, self.controller.throttle,
                                             self.controller.dirty_limited, final=True))
@@ -359,6 +367,7 @@ class SourceMigration:
         verified = primary.next_event(self.options.io_timeout, "Verified")
         if not isinstance(verified, Verified) or verified.digest != digest:
             raise MigrationError(f"the destination answered {type(verified).__name__} instead of verifying the digest")
+        phases["verify"] = time.perf_counter()
         primary.send(Commit())
         primary.drain(self.options.io_timeout)
         self.committed = True
@@ -366,7 +375,11 @@ class SourceMigration:
         resumed = primary.next_event(self.options.io_timeout, "Resumed")
         if not isinstance(resumed, Resumed):
             raise MigrationError(f"the destination answered {type(resumed).__name__} instead of Resumed")
-        self.stats.downtime = max(0.0, time.perf_counter() - paused_at - self.rtt / 2)
+        phases["commit_resume"] = time.perf_counter()
+        self.stats.downtime = max(0.0, phases["commit_resume"] - paused_at - self.rtt / 2)
+        marks = [paused_at, *phases.values()]
+        self.stats.switchover = {name: round((end - begin) * 1e3, 3)
+                                 for name, begin, end in zip(phases, marks, marks[1:], strict=False)}
         self.tracker.disable()
         for stream in self.streams:
             stream.close()

@@ -33,6 +33,7 @@ class MigrationStats:
     mode: str = "log"
     digest: str = ""
     error: str = ""
+    switchover: dict[str, float] = field(default_factory=dict)  # ms per phase of the downtime
     rounds: list[RoundStats] = field(default_factory=list)
 
     @property
@@ -76,5 +77,6 @@ class MigrationStats:
             "mode": self.mode,
             "digest": self.digest,
             "error": self.error,
+            "switchover_ms": self.switchover,
             "rounds": [r.as_dict(self.page_size) for r in self.rounds],
         }
