@@ -52,14 +52,15 @@ from numpy.typing import NDArray
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.asm import R8, R9, R10, R11, R12, R13, R14, R15, RAX, RBX, RDI, RDX, Assembler, Mem
-from dirtylog.guest.programs import ControlBlock, GuestProgram, Port
+from dirtylog.guest.machine import DEFAULT_RING_ENTRIES
+from dirtylog.guest.programs import ControlBlock, GuestProgram, Port, xorshift
 from dirtylog.guest.x86 import CODE_ADDR, control_block_addr
 from dirtylog.kvm import abi
 from dirtylog.kvm.ioctl import ioctl
 from dirtylog.kvm.system import Vm
 from dirtylog.machine import TRACKING_MODES, Machine, TrackingMode
 from dirtylog.tracking.base import Tracker
-from dirtylog.tracking.kvm_ring import DEFAULT_RING_ENTRIES, RingTracker
+from dirtylog.tracking.kvm_ring import RingTracker
 from dirtylog.units import parse_size
 
 GOAL_RATIO = 1.15
@@ -101,13 +102,7 @@ def writer_program() -> GuestProgram:
     a.label("next")
     a.test(R14, R14)
     a.jz("sequential")
-    for shift, left in ((13, True), (7, False), (17, True)):
-        a.mov(RAX, R11)
-        if left:
-            a.shl(RAX, shift)
-        else:
-            a.shr(RAX, shift)
-        a.xor(R11, RAX)
+    xorshift(a)
     a.mov(RAX, R11)
     a.mul(R12)  # RDX = R11 * pages >> 64: a uniform page index without division
     a.mov(RAX, RDX)

@@ -102,7 +102,7 @@ def _read_tsc(a: Assembler) -> None:
     a.or_(RAX, RDX)
 
 
-def _xorshift(a: Assembler) -> None:
+def xorshift(a: Assembler) -> None:
     """Advance the PRNG in R11 (xorshift64, Marsaglia 13/7/17); clobbers RAX."""
     for shift, left in ((13, True), (7, False), (17, True)):
         a.mov(RAX, R11)
@@ -168,7 +168,7 @@ def _sequential(a: Assembler) -> None:
 
 def _random(a: Assembler) -> None:
     a.label("next")
-    _xorshift(a)
+    xorshift(a)
     _page_address(a, R12)
     a.mov(Mem(RAX), R10)
     _after_write(a, "w")
@@ -177,7 +177,7 @@ def _random(a: Assembler) -> None:
 
 def _hotset(a: Assembler) -> None:
     a.label("next")
-    _xorshift(a)
+    xorshift(a)
     a.mov32(EAX, R11D)  # the PRNG's low half picks hot or cold; its high half picks the page
     a.cmp(RAX, Mem(R15, ControlBlock.HOT_THRESHOLD))
     a.jae("cold")
@@ -197,7 +197,7 @@ def _stamp(a: Assembler) -> None:
     a.label("iteration")
     a.mov(R8, Mem(R15, ControlBlock.WRITES_PER_ITERATION))
     a.label("next")
-    _xorshift(a)
+    xorshift(a)
     _page_address(a, R12)
     a.mov(Mem(RAX), R9)
     _after_write(a, "w")

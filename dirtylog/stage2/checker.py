@@ -455,22 +455,7 @@ def _check_exhaustive(config: CheckConfig, variant: Variant) -> CheckResult:
         if len(parents) >= config.max_states:
             complete = False
             break
-    seconds = time.perf_counter() - start
-    counterexample = None
-    if found is not None:
-        violation, actions = found
-        counterexample = Counterexample(violation.invariant, violation.detail, _trace(config, variant, actions))
-    return CheckResult(
-        variant=variant.name,
-        mode="exhaustive",
-        config=config,
-        states=len(parents),
-        transitions=transitions,
-        seconds=seconds,
-        schedules=terminals,
-        counterexample=counterexample,
-        complete=complete,
-    )
+    return _result(config, variant, "exhaustive", start, len(parents), transitions, terminals, found, complete)
 
 
 def _check_random(config: CheckConfig, variant: Variant) -> CheckResult:
@@ -502,18 +487,17 @@ def _check_random(config: CheckConfig, variant: Variant) -> CheckResult:
                 found = (violation, taken)
         if found is not None:
             break
-    seconds = time.perf_counter() - start
+    return _result(config, variant, "random", start, len(seen), transitions, schedules, found, True)
+
+
+def _result(config: CheckConfig, variant: Variant, mode: Literal["exhaustive", "random"], start: float, states: int,
+            transitions: int,
+            schedules: int, found: tuple[_Violation, list[int]] | None, complete: bool) -> CheckResult:
+    """The result of a search, with the counterexample's readable trace if one was found."""
     counterexample = None
     if found is not None:
         violation, actions = found
         counterexample = Counterexample(violation.invariant, violation.detail, _trace(config, variant, actions))
-    return CheckResult(
-        variant=variant.name,
-        mode="random",
-        config=config,
-        states=len(seen),
-        transitions=transitions,
-        seconds=seconds,
-        schedules=schedules,
-        counterexample=counterexample,
-    )
+    return CheckResult(variant=variant.name, mode=mode, config=config, states=states, transitions=transitions,
+                       seconds=time.perf_counter() - start, schedules=schedules, counterexample=counterexample,
+                       complete=complete)
