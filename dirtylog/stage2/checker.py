@@ -490,9 +490,9 @@ def _check_random(config: CheckConfig, variant: Variant) -> CheckResult:
     return _result(config, variant, "random", start, len(seen), transitions, schedules, found, True)
 
 
-def _result(config: CheckConfig, variant: Variant, mode: Literal["exhaustive", "random"], start: float, states: int,
-            transitions: int,
-            schedules: int, found: tuple[_Violation, list[int]] | None, complete: bool) -> CheckResult:
+def _result(config: CheckConfig, variant: Variant, mode: Literal["exhaustive", "random"], start: float,
+            states: int, transitions: int, schedules: int, found: tuple[_Violation, list[int]] | None,
+            complete: bool) -> CheckResult:
     """The result of a search, with the counterexample's readable trace if one was found."""
     counterexample = None
     if found is not None:
