@@ -53,7 +53,7 @@ def test_no_write_is_lost_while_the_collector_runs_concurrently(mode: str, optio
     verifier = prove(mode, options, seconds=2.0)
     report = verifier.report
     assert report.ok, "\n".join(v.describe() for v in report.violations[:20])
-    assert report.collections > 100
+    assert report.collections > 40  # many collections raced the guest (about 150 on a quiet machine)
     assert report.changes_seen > 20_000
     # Over-reporting is allowed by KVM's contract; on this host it stays far below 1 %.
     assert report.over_reported < 0.01 * report.pages_reported
