@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+from bitmap import bench_case  # bench/bitmap.py: this folder is on sys.path when run as a script
 from numpy.typing import NDArray
 
 from dirtylog.bitmap import DirtyBitmap
@@ -66,7 +67,6 @@ from dirtylog.units import parse_size
 GOAL_RATIO = 1.15
 GOAL_RUNS_MS = 10.0
 DENSITIES = (0.01, 0.10, 1.0)
-RUNS_NPAGES = 1 << 24  # 64 GiB of 4 KiB pages
 RUNS_DENSITY = 0.10
 BARRIER_TIMEOUT = 120.0
 
@@ -534,31 +534,12 @@ def compare(machine: Machine, tracker: Tracker, barrier: IterationBarrier, densi
         {key: [int(value) for value in samples[f"{key}_faults"]] for key in ("bare", "ours")})
 
 
-def median_ms(fn: Callable[[], Any], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return ms(statistics.median(times))
-
-
 def conversion(repeat: int) -> dict[str, float]:
-    """Bitmap → runs on a 64 GiB-equivalent bitmap at 10 % random dirty pages (no KVM involved)."""
-    rng = np.random.default_rng(3)
-    words = np.packbits(rng.random(RUNS_NPAGES) < RUNS_DENSITY, bitorder="little").view(np.uint64)
-    bitmap = DirtyBitmap(words.copy(), RUNS_NPAGES)
-    starts, _ = bitmap.runs()
-    return {
-        "npages": RUNS_NPAGES,
-        "dirty": bitmap.count(),
-        "runs": int(starts.size),
-        "runs_ms": median_ms(bitmap.runs, repeat),
-        "pages_ms": median_ms(bitmap.pages, repeat),
-        "bare_pages_ms": median_ms(
-            lambda: np.flatnonzero(np.unpackbits(bitmap.words.view(np.uint8), bitorder="little")), repeat),
-    }
+    """Bitmap -> runs on a 64 GiB-equivalent bitmap at 10 % random dirty pages (no KVM involved), measured
+    by bench/bitmap.py's own case."""
+    row = bench_case("64G", RUNS_DENSITY, "random", repeat, np.random.default_rng(3))
+    return {"npages": row.npages, "dirty": row.dirty, "runs": row.runs, "runs_ms": row.runs_ms,
+            "pages_ms": row.pages_ms, "bare_pages_ms": row.baseline_ms}
 
 
 # --------------------------------------------------------------------------------------------------------
