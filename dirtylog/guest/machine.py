@@ -108,7 +108,6 @@ class _VcpuThread:
     regs: abi.kvm_regs | None = None
     wake: threading.Event = field(default_factory=threading.Event)
     delay: float = 0.0  # seconds to spend outside the guest at the next chance (throttling)
-    delayed_seconds: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -521,18 +520,11 @@ class Machine:
                 self.delay_vcpu(index, sleep)
             time.sleep(THROTTLE_TIMESLICE + sleep)
 
-    @property
-    def throttled_seconds(self) -> float:
-        """Seconds vCPUs have spent held out of the guest by throttling, summed."""
-        return sum(entry.delayed_seconds for entry in self._threads)
-
     def _serve_delay(self, entry: _VcpuThread) -> None:
         with self._control:
             delay, entry.delay = entry.delay, 0.0
         if delay > 0 and self._request is _Request.RUN:
-            start = time.perf_counter()
             entry.wake.wait(delay)
-            entry.delayed_seconds += time.perf_counter() - start
 
     def _park(self, entry: _VcpuThread) -> bool:
         """Leave the guest consistently and wait; False when the machine is stopping."""

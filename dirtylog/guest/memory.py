@@ -122,13 +122,6 @@ class GuestMemory:
         return [vm.add_slot(s.slot, s.guest_phys_addr, s.memory_size, self.address + s.guest_phys_addr, flags)
                 for s in self.layout]
 
-    def slot_of(self, gfn: int) -> SlotLayout:
-        """The slot holding guest page ``gfn``."""
-        for layout in self.layout:
-            if layout.base_gfn <= gfn < layout.base_gfn + layout.npages:
-                return layout
-        raise GuestMemoryError(f"guest page {gfn} is outside guest memory (0..{self.npages - 1})")
-
     def write(self, guest_phys_addr: int, data: bytes | npt.NDArray[np.uint8]) -> None:
         """Write into guest memory from the host, recording the pages in ``host_dirty``."""
         raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else data
