@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import errno
 import mmap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,16 +139,6 @@ class GuestMemory:
         """Pages the host wrote since the last call, and forget them."""
         taken, self.host_dirty = self.host_dirty, DirtyBitmap.empty(self.npages)
         return taken
-
-    def read(self, guest_phys_addr: int, length: int) -> bytes:
-        """Bytes of guest memory."""
-        if guest_phys_addr < 0 or guest_phys_addr + length > self.size:
-            raise GuestMemoryError(f"read of {length} bytes at {guest_phys_addr:#x} is outside guest memory")
-        return self.bytes[guest_phys_addr:guest_phys_addr + length].tobytes()
-
-    def slots(self) -> Iterator[SlotLayout]:
-        """The slot layout, lowest address first."""
-        return iter(self.layout)
 
     def close(self) -> None:
         """Unmap the memory; views of it must be gone."""
