@@ -238,7 +238,7 @@ class SourceMigration:
 
     def _send_round(self, round_: int, pending: DirtyBitmap, final: bool) -> tuple[int, int, int]:
         """Send ``pending`` as round ``round_``; returns pages, zero pages, wire bytes."""
-        sent_before = sum(s.bytes_sent for s in self.streams) + self._queued_bytes()
+        sent_before = sum(s.bytes_sent for s in self.streams)  # every queue is drained between rounds
         pages_total = zero_total = 0
         per_stream = [0] * len(self.streams)
         for starts, lengths in pending.batches(self.options.batch_pages):
@@ -256,7 +256,7 @@ class SourceMigration:
         for stream in self.streams:
             stream.drain(self.options.io_timeout)
         self.stats.duplicate_pages += zero_total
-        wire = sum(s.bytes_sent for s in self.streams) + self._queued_bytes() - sent_before
+        wire = sum(s.bytes_sent for s in self.streams) - sent_before
         self.stats.transferred += wire
         return pages_total, zero_total, wire
 
@@ -300,9 +300,6 @@ class SourceMigration:
         self.streams[index].send(batch, on_sent=functools.partial(self._buffers.put, buffer))
         self.stats.normal_pages += int(pfns.size - np.count_nonzero(zero))
         return int(pfns.size), zeros
-
-    def _queued_bytes(self) -> int:
-        return sum(s.conn.bytes_sent for s in self.streams) - sum(s.bytes_sent for s in self.streams)
 
     # --- convergence aids ---------------------------------------------------------------------------
 
