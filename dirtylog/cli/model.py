@@ -8,28 +8,14 @@ exits 0 when no write is lost and no page is reported without a write, 1 with a 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
 
 from rich.table import Table
 
+from dirtylog.cli.options import whole_number
 from dirtylog.cli.output import console, emit_json, key_value_table
 from dirtylog.stage2.checker import CheckConfig, CheckResult, check
 from dirtylog.stage2.mutants import MUTANTS, PATCH, variant_named
-
-
-def _whole_number(minimum: int) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
-        return value
-
-    convert.__name__ = f"number >= {minimum}"
-    return convert
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,27 +43,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     shape = check_parser.add_argument_group("configuration")
     shape.add_argument(
-        "--vcpus", type=_whole_number(1), default=defaults.vcpus, help=f"vCPUs (default {defaults.vcpus})"
+        "--vcpus", type=whole_number(1), default=defaults.vcpus, help=f"vCPUs (default {defaults.vcpus})"
     )
     shape.add_argument(
         "--pages",
-        type=_whole_number(1),
+        type=whole_number(1),
         default=defaults.pages,
         help=f"pages in the memslot (default {defaults.pages})",
     )
     shape.add_argument(
-        "--writes", type=_whole_number(0), default=defaults.writes, help=f"writes per vCPU (default {defaults.writes})"
+        "--writes", type=whole_number(0), default=defaults.writes, help=f"writes per vCPU (default {defaults.writes})"
     )
     shape.add_argument(
         "--collections",
-        type=_whole_number(1),
+        type=whole_number(1),
         default=defaults.collections,
         help=f"KVM_GET_DIRTY_LOG calls, the last after every vCPU finished (default {defaults.collections})",
     )
     sampling = check_parser.add_argument_group("sampling")
     sampling.add_argument(
         "--random-schedules",
-        type=_whole_number(0),
+        type=whole_number(0),
         default=0,
         metavar="S",
         help="run S random schedules instead of exploring all (for configurations too large to exhaust)",

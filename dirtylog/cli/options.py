@@ -29,15 +29,22 @@ duration_arg = _argtype(parse_duration, "duration")
 rate_arg = _argtype(parse_rate, "rate")
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    convert.__name__ = f"number >= {minimum}"
+    return convert
+
+
+positive_int = whole_number(1)
 
 
 def add_machine_arguments(parser: argparse.ArgumentParser, *, memory: str = "1G", vcpus: int = 2,
