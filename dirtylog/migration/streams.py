@@ -26,6 +26,7 @@ from dirtylog.migration.transport import send_buffers
 RECV_CHUNK = 1 << 20
 E = TypeVar("E", bound=Event)
 QUEUE_DEPTH = 8
+ABORT_LINGER = 2.0  # seconds an aborting side waits for the peer to hear why and close
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ class Stream:
             pass
 
     def abort(self, reason: str, code: int) -> None:
-        """Send an Abort (best effort) and close."""
+        """Send an Abort (best effort) and half-close: nothing more goes out; ``close`` ends the rest."""
         from dirtylog.migration.events import AbortCode
 
         try:
@@ -241,14 +242,28 @@ class Stream:
             self.reply_best_effort(buffers)
         except (ProtocolError, OSError):
             pass
-        self.close()
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
 
-    def close(self) -> None:
-        """Stop the threads and close the socket."""
+    def close(self, linger_until: float | None = None) -> None:
+        """Stop the threads and close the socket.
+
+        With ``linger_until`` (a ``time.monotonic()`` deadline; after ``abort``), first read and drop what
+        the peer still sends until it closes too: closing with unread bytes queued sends a RST instead of
+        a FIN, and a RST can overtake our Abort, so the peer (or a relay on the way) would see "connection
+        reset" instead of the reason."""
         self._closed = True
         if self._sender is not None and self._sender.is_alive():
             with contextlib.suppress(queue.Full):
                 self._outbox.put_nowait(None)
+        if linger_until is not None:
+            with contextlib.suppress(OSError):
+                sink = bytearray(RECV_CHUNK)
+                while (left := linger_until - time.monotonic()) > 0:
+                    self.sock.settimeout(left)
+                    if self.sock.recv_into(sink) == 0:
+                        break
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()

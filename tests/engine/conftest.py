@@ -107,25 +107,34 @@ class Proxy:
                 return
             host, port = self.upstream.rsplit(":", 1)
             server = socket.create_connection((host, int(port)))
+            done = threading.Barrier(2, action=lambda c=client, s=server: (c.close(), s.close()))
             for direction, source, target in (("up", client, server), ("down", server, client)):
-                threading.Thread(target=self._pump, args=(direction, source, target), daemon=True).start()
+                threading.Thread(target=self._pump, args=(direction, source, target, done), daemon=True).start()
 
-    def _pump(self, direction: str, source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, direction: str, source: socket.socket, target: socket.socket, done: threading.Barrier) -> None:
+        # Like a real relay: an end that closes cleanly is passed on as a half-close, so what the other
+        # direction still carries (an Abort, say) gets through; a cut or an error drops the whole connection.
         offset = 0
+        cut = False
         try:
             while chunk := source.recv(65536):
                 out = self.mutate(direction, offset, chunk)
                 offset += len(chunk)
                 if out is None:
                     self.cut.set()
+                    cut = True
                     break
                 target.sendall(out)
         except OSError:
-            pass
-        for end in (source, target):
+            cut = True
+        if cut:
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+        else:
             with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
-            end.close()
+                target.shutdown(socket.SHUT_WR)
+        done.wait()
 
     def close(self) -> None:
         self.sock.close()
