@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Final, Self, TypeAlias
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from dirtylog.bitmap import _bitops, _runs
+from dirtylog.bitmap import _bitops
 from dirtylog.bitmap._bitops import tail_mask
 from dirtylog.errors import DirtylogError
 
@@ -31,6 +32,14 @@ if sys.byteorder != "little":  # pragma: no cover
 _WORD_BYTES: Final = 8
 
 Words: TypeAlias = NDArray[np.uint64]
+
+
+def _runs_kernel() -> ModuleType:
+    """The compiled runs kernel, imported on first use: importing Numba costs 0.3 s that most commands
+    (``dirtylog info``, the model) never need."""
+    from dirtylog.bitmap import _runs as module
+
+    return module
 
 
 class BitmapError(DirtylogError, ValueError):
@@ -347,7 +356,7 @@ class DirtyBitmap:
 
     def runs(self) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
         """``(starts, lengths)`` of the maximal runs of contiguous dirty pages, sorted by start."""
-        starts, lengths = _runs.runs(self.words)
+        starts, lengths = _runs_kernel().runs(self.words)
         return starts.view(np.uint64), lengths.view(np.uint64)
 
     def batches(self, max_pages: int) -> Iterator[tuple[NDArray[np.uint64], NDArray[np.uint64]]]:
@@ -359,7 +368,7 @@ class DirtyBitmap:
         m = int(max_pages)
         if m <= 0:
             raise BitmapError(f"max_pages must be positive, got {max_pages}")
-        starts, lengths = _runs.runs(self.words)
+        starts, lengths = _runs_kernel().runs(self.words)
         return _batches(starts, lengths, m)
 
     def __repr__(self) -> str:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from dirtylog.bitmap import BitmapError, DirtyBitmap, _bitops, _runs
+from dirtylog.bitmap import BitmapError, DirtyBitmap, _bitops
 from dirtylog.errors import DirtylogError
 
 settings.register_profile("bitmap", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -46,21 +46,6 @@ def ref_runs(pages: set[int]) -> list[tuple[int, int]]:
 def as_runs(starts: NDArray[np.uint64], lengths: NDArray[np.uint64]) -> list[tuple[int, int]]:
     assert starts.dtype == np.uint64 and lengths.dtype == np.uint64
     return list(zip(starts.tolist(), lengths.tolist(), strict=True))
-
-
-KERNELS = ["dense", "sparse", "slots", "slots-wide"]
-
-
-def kernel_runs(bm: DirtyBitmap, kernel: str) -> list[tuple[int, int]]:
-    """Runs from one of the internal kernels, whatever the public dispatcher would pick."""
-    if kernel == "dense":
-        starts, lengths = _runs._runs_dense(bm.words, bm.count())
-    elif kernel == "sparse":
-        starts, lengths = _runs._runs_sparse(bm.words)
-    else:
-        slots = _runs._WIDE_SLOTS if kernel == "slots-wide" else _runs._NARROW_SLOTS
-        starts, lengths = _runs._runs_slots(bm.words, bm.count(), _runs._slot_layout(slots))
-    return as_runs(starts.view(np.uint64), lengths.view(np.uint64))
 
 
 @st.composite
@@ -103,15 +88,13 @@ def make(npages: int, pages: frozenset[int] | set[int]) -> DirtyBitmap:
 
 @contextmanager
 def chunk_words(words: int) -> Iterator[None]:
-    """Run the chunked kernels with tiny chunks, so runs and dense words straddle chunk boundaries (and the
-    slot kernel's detection passes with blocks of a few units)."""
-    saved = _bitops.CHUNK_WORDS, _runs.CHUNK_WORDS, _runs._DETECT_UNITS
-    _bitops.CHUNK_WORDS = _runs.CHUNK_WORDS = words  # type: ignore[misc]
-    _runs._DETECT_UNITS = 4 * words + 1  # type: ignore[misc]
+    """Run the chunked kernels with tiny chunks, so runs and dense words straddle chunk boundaries."""
+    saved = _bitops.CHUNK_WORDS
+    _bitops.CHUNK_WORDS = words  # type: ignore[misc]
     try:
         yield
     finally:
-        _bitops.CHUNK_WORDS, _runs.CHUNK_WORDS, _runs._DETECT_UNITS = saved  # type: ignore[misc]
+        _bitops.CHUNK_WORDS = saved  # type: ignore[misc]
 
 
 # -- construction, export, round trips ------------------------------------------------------------------------
@@ -240,45 +223,19 @@ def test_runs_match_reference(case: tuple[int, frozenset[int]]) -> None:
     assert as_runs(*make(npages, pages).runs()) == ref_runs(set(pages))
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 3])
-@given(case=page_sets())
-def test_runs_every_kernel_across_chunk_boundaries(chunk: int, case: tuple[int, frozenset[int]]) -> None:
-    npages, pages = case
-    bm = make(npages, pages)
-    expected = ref_runs(set(pages))
-    with chunk_words(chunk):
-        assert as_runs(*bm.runs()) == expected
-        if pages:
-            for kernel in KERNELS:
-                assert kernel_runs(bm, kernel) == expected, kernel
-
-
-def test_runs_crossing_words_units_and_chunks() -> None:
-    # runs over 16-bit units, whole words and chunk boundaries, ending at npages (a multiple of 64)
+def test_runs_crossing_words() -> None:
+    # runs inside a word, over word boundaries and whole words, ending at npages (a multiple of 64)
     npages = 64 * 40
     pages = set(range(15, 17)) | set(range(60, 200)) | set(range(1000, npages)) | {500, 502, 504, 506}
-    bm = make(npages, pages)
-    for chunk in (1, 2, 3, 5, 8192):
-        with chunk_words(chunk):
-            for kernel in KERNELS:
-                assert kernel_runs(bm, kernel) == ref_runs(pages), (chunk, kernel)
-
-
-def test_slot_kernel_crowded_and_overfull_words() -> None:
-    """Words the narrow layout cannot hold as they are: re-slotted, or (over 16 runs) read in the wide one."""
-    pages: set[int] = set()
-    pages |= set(range(64 * 2 + 1, 64 * 2 + 16, 2))  # a unit of 8 runs, the rest of its word empty
-    pages |= set(range(64 * 3, 64 * 3 + 10, 2)) | set(range(64 * 3 + 15, 64 * 3 + 40))  # 6 runs, the last going on
-    pages |= set(range(64 * 5 - 3, 64 * 5 + 1)) | set(range(64 * 5 + 2, 64 * 6, 2))  # a run comes in, 31 start
-    pages |= set(range(64 * 6 - 1, 64 * 6 + 5))  # ... and the last goes on
-    pages |= set(range(64 * 7 + 16, 64 * 9))  # a run over whole units and a whole word
     pages |= set(range(64 * 9 + 1, 64 * 9 + 33, 2)) | {64 * 9 + 35}  # 17 runs in one word
-    npages = 64 * 12
-    bm = make(npages, pages)
-    for chunk in (1, 2, 3, 4, 8192):
-        with chunk_words(chunk):
-            for kernel in KERNELS:
-                assert kernel_runs(bm, kernel) == ref_runs(pages), (chunk, kernel)
+    assert as_runs(*make(npages, pages).runs()) == ref_runs(pages)
+
+
+def test_runs_of_a_bitmap_with_every_other_page() -> None:
+    # 32 runs in every word: the most a word can hold
+    npages = 64 * 100 + 7
+    pages = set(range(0, npages, 2))
+    assert as_runs(*make(npages, pages).runs()) == ref_runs(pages)
 
 
 @given(page_sets(), st.integers(1, 700))
