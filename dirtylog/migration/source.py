@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dirtylog.bitmap import DirtyBitmap
+from dirtylog.bitmap import DirtyBitmap, load_kernels
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine, TrackingMode
 from dirtylog.migration.connection import SourceConnection
@@ -184,6 +184,7 @@ class SourceMigration:
             stream.read_until(Accepted, "destination", self.options.io_timeout)
             self.rtt = time.perf_counter() - began if index == 0 else min(self.rtt, time.perf_counter() - began)
             stream.send(header)
+        load_kernels()  # while the destination builds its VM, so that no round pays for it
         for stream in self.streams:
             stream.read_until(Ready, "destination", self.options.io_timeout)
         for stream in self.streams:
