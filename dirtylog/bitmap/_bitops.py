@@ -35,10 +35,7 @@ _U63: Final = np.uint64(63)
 # Words per chunk: 8192 words are 512 Ki pages, whose temporaries (a few hundred KiB each) fit in L2.
 CHUNK_WORDS: Final = 8192
 
-
-
 _EMPTY_I64: Final = np.empty(0, dtype=np.int64)
-_EMPTY_INTP: Final = np.empty(0, dtype=np.intp)
 
 
 def nwords(npages: int) -> int:
