@@ -42,7 +42,7 @@ from dirtylog.migration.keys import load_key
 from dirtylog.migration.pages import decode_pages
 from dirtylog.migration.precopy import MigrationError
 from dirtylog.migration.stats import MigrationStats
-from dirtylog.migration.streams import ABORT_LINGER, Stream
+from dirtylog.migration.streams import Stream, close_aborted
 from dirtylog.migration.transport import listen, parse_address
 from dirtylog.units import PAGE_SIZE
 
@@ -351,9 +351,7 @@ class DestinationMigration:
             stream.abort(str(error), code)
         if self.machine is not None and self.machine.state.value == "created":
             self.machine.close()
-        linger_until = time.monotonic() + ABORT_LINGER
-        for stream in self.streams:
-            stream.close(linger_until)
+        close_aborted(self.streams)
         self.stats.status = "failed"
         self.stats.error = str(error)
 

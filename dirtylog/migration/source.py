@@ -54,7 +54,7 @@ from dirtylog.migration.precopy import (
     TimeoutPolicy,
 )
 from dirtylog.migration.stats import MigrationStats
-from dirtylog.migration.streams import ABORT_LINGER, QUEUE_DEPTH, Stream
+from dirtylog.migration.streams import QUEUE_DEPTH, Stream, close_aborted
 from dirtylog.migration.transport import Pacer, connect, parse_address
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.kvm_ring import RingTracker
@@ -401,9 +401,7 @@ class SourceMigration:
                 self.tracker.disable()
         if not self.committed and self.machine.state is State.PAUSED and self.paused_by_us:
             self.machine.resume()
-        linger_until = time.monotonic() + ABORT_LINGER  # the guest runs again: now let the Abort arrive
-        for stream in self.streams:
-            stream.close(linger_until)
+        close_aborted(self.streams)  # the guest runs again: now let the Abort arrive
 
     def _as_migration_error(self, error: BaseException) -> MigrationError:
         if self.committed:

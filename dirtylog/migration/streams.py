@@ -267,3 +267,10 @@ class Stream:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+def close_aborted(streams: Sequence[Stream]) -> None:
+    """Close streams after ``abort``, giving their peers ABORT_LINGER seconds in all to hear why and close."""
+    linger_until = time.monotonic() + ABORT_LINGER
+    for stream in streams:
+        stream.close(linger_until)
