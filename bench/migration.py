@@ -10,7 +10,10 @@ Each migration goes to a separate `dirtylog receive` process over loopback. Meas
     size / (bandwidth - dirty rate);
   * a guest that dirties faster than a capped link: cancelled at the time limit without help,
     converging with auto-converge and with the dirty limit;
-  * compression: none / lz4 / zstd on half-compressible memory.
+  * compression: none / lz4 / zstd on half-compressible memory;
+  * budget: the CPU cost per GB of the raw copy and of each pass the engine adds over every byte (copy out
+    of the guest, MAC, fingerprints, copy into the guest), alone and while a raw copy runs beside them, and
+    the throughput ratio those costs allow on this machine's cores.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from dirtylog.machine import Machine
+from dirtylog.migration.auth import frame_mac
+from dirtylog.migration.digest import fingerprints
 from dirtylog.migration.keys import generate_key_file
 from dirtylog.migration.precopy import MigrationError
 from dirtylog.migration.source import migrate
@@ -64,6 +69,108 @@ def raw_copy_rate(size: int) -> float:
     conn.close()
     server.close()
     return size / elapsed
+
+
+def raw_copy_cpu(size: int) -> tuple[float, float, float]:
+    """(bytes/s, sender CPU s per GB, receiver CPU s per GB) of one raw copy of ``size`` bytes."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    report_r, report_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        server.close()
+        buffer = bytearray(size)
+        sock = socket.create_connection(("127.0.0.1", port))
+        view, got = memoryview(buffer), 0
+        began = time.process_time()
+        while got < size:
+            got += sock.recv_into(view[got:], min(CHUNK, size - got))
+        os.write(report_w, str(time.process_time() - began).encode())
+        sock.sendall(b"k")
+        os._exit(0)
+    conn, _ = server.accept()
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    view = memoryview(data)
+    cpu, start = time.process_time(), time.perf_counter()
+    for offset in range(0, size, CHUNK):
+        conn.sendall(view[offset:offset + CHUNK])
+    conn.recv(1)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    receiver_cpu = float(os.read(report_r, 64))
+    os.waitpid(child, 0)
+    for fd in (report_r, report_w):
+        os.close(fd)
+    conn.close()
+    server.close()
+    return size / elapsed, cpu / size * 1e9, receiver_cpu / size * 1e9
+
+
+def copy_traffic(seconds: float) -> list[int]:
+    """Two processes copying 64 MiB over and over through a loopback socket for ``seconds``; their pids."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    pids = []
+    for role in ("receiver", "sender"):
+        pid = os.fork()
+        if pid == 0:
+            buffer = bytearray(64 << 20)
+            if role == "receiver":
+                server.close()
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    while sock.recv_into(buffer):  # until the sender closes
+                        pass
+            else:
+                conn, _ = server.accept()
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    conn.sendall(buffer)
+                conn.close()
+            os._exit(0)
+        pids.append(pid)
+    server.close()
+    return pids
+
+
+def pass_costs(memory: np.ndarray, batch_pages: int = 1024) -> dict[str, float]:
+    """CPU seconds per GB of each pass the engine makes over the pages, in 4 MiB batches as it does."""
+    pages = memory.reshape(-1, PAGE_SIZE)
+    buffer = np.empty((batch_pages, PAGE_SIZE), dtype=np.uint8)
+    key = os.urandom(32)
+    passes = {
+        "copy": lambda first: np.copyto(buffer, pages[first:first + batch_pages]),
+        "mac": lambda first: frame_mac(key, first, pages[first:first + batch_pages]),
+        "fingerprints": lambda first: fingerprints(pages[first:first + batch_pages]),
+    }
+    costs = {}
+    for name, one in passes.items():
+        began = time.process_time()
+        for first in range(0, pages.shape[0] - batch_pages + 1, batch_pages):
+            one(first)
+        costs[name] = (time.process_time() - began) / memory.size * 1e9
+    return costs
+
+
+def budget(size: int) -> dict[str, Any]:
+    """What the raw copy and the engine's extra passes cost per GB, and the ratio that leaves on these cores."""
+    rate, send_cpu, recv_cpu = raw_copy_cpu(size)
+    memory = np.random.default_rng(2).integers(0, 256, size, dtype=np.uint8)
+    alone = pass_costs(memory)
+    # The same passes while a raw copy runs beside them, as the kernel's copies do in a migration.
+    pids = copy_traffic(seconds=3.0)
+    contended = pass_costs(memory)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    cores = os.cpu_count() or 1
+    # Per GB: the kernel's two copies, then the source's copy, MAC and fingerprints and the destination's
+    # MAC, fingerprints and copy into guest memory (without it: receiving straight into guest memory).
+    extra = contended["copy"] + 2 * (contended["mac"] + contended["fingerprints"])
+    bounds = {}
+    for name, cpu in (("today", send_cpu + recv_cpu + extra + contended["copy"]),
+                      ("receive in place", send_cpu + recv_cpu + extra)):
+        bounds[name] = min(1.0, cores / cpu / (rate / 1e9))  # GB/s these cores can carry, over the raw rate
+    return {"raw_gbps": rate / 1e9, "raw_send_cpu_s_per_gb": send_cpu, "raw_recv_cpu_s_per_gb": recv_cpu,
+            "cores": cores, "alone_s_per_gb": alone, "beside_raw_copy_s_per_gb": contended,
+            "ratio_bound": bounds}
 
 
 class Destination:
@@ -174,7 +281,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1G,4G")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1G only, one repeat")
-    parser.add_argument("--sections", default="throughput,dirtying,convergence,compression",
+    parser.add_argument("--sections", default="throughput,dirtying,convergence,compression,budget",
                         help="comma-separated subset to run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -187,6 +294,7 @@ def main() -> None:
             "dirtying": lambda: dirtying(key, parse_size("1G"), [5_000, 20_000, 50_000], bandwidth=500e6),
             "convergence": lambda: convergence(key, parse_size("128M"), "100M"),
             "compression": lambda: compression(key, parse_size("1G")),
+            "budget": lambda: budget(parse_size("1G")),
         }
         results = {name: sections[name]() for name in args.sections.split(",")}
     if args.json:
@@ -210,6 +318,15 @@ def main() -> None:
     for row in results.get("compression", []):
         print(f"  {row['codec']:>5}: round 0 {row['round0_gbps']:.2f} GB/s, {row['wire_bytes'] / 1e6:,.0f} MB on "
               f"the wire, total {row['total_s']:.2f} s")
+    if "budget" in results:
+        b = results["budget"]
+        print(f"budget (CPU s per GB; {b['cores']} cores): raw copy {b['raw_gbps']:.2f} GB/s, sender "
+              f"{b['raw_send_cpu_s_per_gb']:.3f} + receiver {b['raw_recv_cpu_s_per_gb']:.3f}")
+        for name in ("copy", "mac", "fingerprints"):
+            print(f"  {name:>12}: {b['alone_s_per_gb'][name]:.3f} alone, {b['beside_raw_copy_s_per_gb'][name]:.3f} "
+                  "beside a raw copy")
+        for name, bound in b["ratio_bound"].items():
+            print(f"  throughput ratio these costs allow ({name}): {bound:.2f}x")
 
 
 if __name__ == "__main__":
