@@ -42,7 +42,7 @@ from dirtylog.migration.events import (
     Role,
     Sentinel,
 )
-from dirtylog.migration.framing import EOF, Frame, FrameReader, Record
+from dirtylog.migration.framing import EOF, Frame, FrameReader, Placer, Record
 from dirtylog.migration.state import ABORTABLE, HANDSHAKE, Phase, StreamState
 from dirtylog.migration.validate import check_abort
 from dirtylog.migration.wire import (
@@ -157,6 +157,11 @@ class Connection:
         self._check_usable()
         return self._reader.writable()
 
+    def place_data_with(self, placer: Placer | None) -> None:
+        """Receive the bulk data of large frames where ``placer`` says (see :class:`Placer`), from the next
+        frame on; None to stop."""
+        self._reader.placer = placer
+
     def received(self, count: int) -> None:
         """``count`` bytes were received directly into :meth:`receive_buffer`'s view."""
         self._check_usable()
@@ -267,9 +272,10 @@ class Connection:
         buf = frame.buffer.data.toreadonly()
         end = FRAME_HEADER.size + frame.length
         name = frame_name(frame.type)
+        parts = (buf[:end],) if frame.data is None else (buf[: FRAME_HEADER.size + frame.data_at], frame.data)
         # The claimed sequence number is the nonce: an authentic frame out of place then verifies, and is
         # refused below as a replay with a message that says so.
-        if not proofs_equal(frame_mac(self._recv_key, frame.seq, buf[:end]), bytes(buf[end:])):
+        if not proofs_equal(frame_mac(self._recv_key, frame.seq, *parts), bytes(buf[end:])):
             raise AuthenticationError(
                 f"frame {self._recv_seq} from the {self._peer} failed authentication: corrupted or tampered with "
                 "in transit (or a frame of another session)"
@@ -284,7 +290,8 @@ class Connection:
             raise RemoteProtocolError(f"frame {frame.seq} ({name}) has unknown flags {frame.flags:#x}")
         header = self._state.header
         try:
-            event = decode_payload(frame.type, buf[FRAME_HEADER.size : end], header.page_size if header else 0)
+            event = decode_payload(frame.type, buf[FRAME_HEADER.size : end], header.page_size if header else 0,
+                                   placed=frame.data)
         except RemoteProtocolError as exc:
             raise RemoteProtocolError(f"frame {frame.seq} from the {self._peer}: {exc}") from None
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,6 +39,25 @@ from dirtylog.migration.wire import (
 
 PREFIX_SIZE: Final = FRAME_HEADER.size
 _VERSION_END: Final = len(MAGIC) + 2
+PEEK_SIZE: Final = 32  # payload bytes a Placer sees first (a PAGE_BATCH's fixed head)
+PLACE_MIN: Final = 64 << 10  # smaller frames are not worth the extra steps
+
+
+class Placer(Protocol):
+    """Decides where the bulk data of a large frame is received, in two steps, before its MAC is checked.
+
+    The bytes placed are not yet authenticated when they land: place them only where a frame that fails
+    its MAC does no harm (the destination's guest memory, which is never resumed unverified).
+    """
+
+    def head_size(self, ftype: int, peek: memoryview, length: int) -> int:
+        """Payload bytes before the data, given the first PEEK_SIZE of them; 0 to receive the frame whole."""
+        ...
+
+    def place(self, ftype: int, head: memoryview, length: int) -> memoryview | None:
+        """Where the ``length - len(head)`` data bytes go (a writable byte view of exactly that size), or
+        None to receive the frame whole."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +72,11 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A whole frame in its own buffer: 16-byte header, payload, 16-byte MAC."""
+    """A whole frame in its own buffer: 16-byte header, payload, 16-byte MAC.
+
+    A placed frame's data went where its Placer said: ``buffer`` then holds the header, the payload's
+    first ``data_at`` bytes, and the MAC at its usual place; ``data`` is the payload's rest.
+    """
 
     buffer: NDArray[np.uint8]
     type: int
@@ -62,6 +85,8 @@ class Frame:
     length: int
     seq: int
     index: int
+    data: memoryview | None = None
+    data_at: int = 0
 
 
 class _Eof(enum.Enum):
@@ -81,6 +106,7 @@ class FrameReader:
 
     def __init__(self, peer: str, records: int) -> None:
         self.peer = peer
+        self.placer: Placer | None = None  # set once the receiver knows where data may go
         self.bytes_received = 0
         self._records_left = records
         self._frames = 0
@@ -93,6 +119,10 @@ class FrameReader:
         self._frame: NDArray[np.uint8] | None = None
         self._fill: memoryview | None = None  # where the current unit's remaining bytes go
         self._filled = 0
+        self._done = 0  # bytes of the current unit received into earlier fills
+        self._steps: list[str] = []  # what comes after the current fill, for a frame being placed
+        self._data_at = 0
+        self._placed: memoryview | None = None
 
     def feed(self, data: BytesLike) -> None:
         """Take received bytes (copied into unit buffers; ``data`` may be reused afterwards)."""
@@ -112,7 +142,7 @@ class FrameReader:
             self._filled += take
             pos += take
             if self._filled == len(self._fill):
-                self._finish()
+                self._advance()
 
     def writable(self) -> memoryview | None:
         """Where the rest of the unit being received goes, for a transport that receives in place
@@ -129,7 +159,7 @@ class FrameReader:
         self.bytes_received += count
         self._filled += count
         if self._filled == len(self._fill):
-            self._finish()
+            self._advance()
 
     def close(self) -> None:
         """The peer closed its side (EOF)."""
@@ -206,9 +236,45 @@ class FrameReader:
             self._frame = np.empty(PREFIX_SIZE + length + MAC_SIZE, dtype=np.uint8)
             self._frame[:PREFIX_SIZE] = np.frombuffer(self._prefix, dtype=np.uint8)
             self._fill = self._frame.data[PREFIX_SIZE:]
-        self._filled = 0
+            if self.placer is not None and length >= PLACE_MIN:
+                self._fill = self._frame.data[PREFIX_SIZE : PREFIX_SIZE + PEEK_SIZE]
+                self._steps = ["peeked"]
+        self._filled = self._done = 0
         if not len(self._fill):
             self._finish()
+
+    def _advance(self) -> None:
+        """The current fill is full: finish the unit, or go on to the next step of placing a frame."""
+        if not self._steps:
+            self._finish()
+            return
+        assert self._frame is not None and self.placer is not None and self._fill is not None
+        step = self._steps.pop()
+        ftype, _, _, length, _ = FRAME_HEADER.unpack(self._prefix)
+        payload = self._frame.data[PREFIX_SIZE : PREFIX_SIZE + length]
+        self._done += len(self._fill)
+        self._filled = 0
+        if step == "peeked":
+            head = self.placer.head_size(ftype, payload[:PEEK_SIZE].toreadonly(), length)
+            if PEEK_SIZE <= head < length:
+                self._data_at = head
+                self._fill = payload[PEEK_SIZE:head]
+                self._steps = ["headed"]
+                if len(self._fill):
+                    return
+                step = self._steps.pop()
+            else:
+                self._fill = self._frame.data[PREFIX_SIZE + PEEK_SIZE :]  # the rest, as usual
+                return
+        if step == "headed":
+            target = self.placer.place(ftype, payload[: self._data_at].toreadonly(), length)
+            if target is None or len(target) != length - self._data_at:
+                self._fill = self._frame.data[PREFIX_SIZE + self._data_at :]
+                return
+            self._placed = self._fill = target
+            self._steps = ["mac"]
+        elif step == "mac":
+            self._fill = self._frame.data[PREFIX_SIZE + length :]
 
     def _finish(self) -> None:
         if self._is_record:
@@ -220,17 +286,22 @@ class FrameReader:
         else:
             assert self._frame is not None
             ftype, flags, reserved, length, seq = FRAME_HEADER.unpack(self._prefix)
-            self._units.append(Frame(self._frame, ftype, flags, reserved, length, seq, self._frames))
+            data_at = self._data_at if self._placed is not None else 0
+            self._units.append(Frame(self._frame, ftype, flags, reserved, length, seq, self._frames,
+                                     self._placed, data_at))
             self._frames += 1
         self._prefix = bytearray()
-        self._record = self._frame = self._fill = None
+        self._record = self._frame = self._fill = self._placed = None
+        self._data_at = 0
 
     def _truncated(self) -> TruncatedStreamError:
         what = "a handshake record" if self._is_record else f"frame {self._frames}"
         if self._fill is None:
             size = f"{len(self._prefix)} bytes of its header"
         else:
-            size = f"{len(self._prefix) + self._filled} of {PREFIX_SIZE + len(self._fill)} bytes"
+            unit = self._record if self._record is not None else self._frame
+            body = len(unit) - (0 if self._record is not None else PREFIX_SIZE) if unit is not None else 0
+            size = f"{len(self._prefix) + self._done + self._filled} of {len(self._prefix) + body} bytes"
             if not self._is_record:
                 what += f" ({frame_name(self._prefix[0])})"
         return TruncatedStreamError(

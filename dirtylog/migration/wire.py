@@ -17,6 +17,7 @@ events without checking their meaning; ``validate`` does that, for both directio
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import struct
@@ -277,20 +278,54 @@ def _encode_batch_head(batch: PageBatch, data_len: int) -> bytes:
 # -- frame payloads: decoding ---------------------------------------------------------------------
 
 
-def decode_payload(ftype: int, payload: memoryview, page_size: int) -> Event:
+def decode_payload(ftype: int, payload: memoryview, page_size: int, placed: memoryview | None = None) -> Event:
     """The event in a verified frame's payload; RemoteProtocolError if it is malformed.
 
     ``payload`` is a read-only view into the frame's own buffer: arrays and data of the returned
     event are views of it, not copies. ``page_size`` (from the Header) fills in PageBatch.page_size.
+    ``placed`` is a PageBatch's data when it was received elsewhere (see ``batch_data_at``): the
+    payload's own bytes there are then not read.
     """
     try:
         kind = FrameType(ftype)
     except ValueError:
         raise RemoteProtocolError(f"unknown frame type {ftype:#04x}") from None
     try:
-        return _DECODERS[kind](payload, page_size)
+        event = _DECODERS[kind](payload, page_size)
     except struct.error as exc:  # a payload too short for its fixed part
         raise RemoteProtocolError(f"{kind.name} frame of {len(payload)} bytes is malformed: {exc}") from None
+    if placed is not None:
+        if not isinstance(event, PageBatch) or len(placed) != len(as_bytes_view(event.data)):
+            raise LocalProtocolError(f"placed data of {len(placed)} bytes does not fit this {kind.name} frame")
+        event = dataclasses.replace(event, data=placed.toreadonly())
+    return event
+
+
+def batch_data_at(peek: memoryview) -> int:
+    """Where the data starts in a PAGE_BATCH payload, from its first BATCH_HEAD.size bytes (0 if they are
+    malformed: the frame is then received whole and refused by its decoder)."""
+    if len(peek) < BATCH_HEAD.size:
+        return 0
+    _, _, flags, rsvd, nruns, npages, _ = BATCH_HEAD.unpack_from(peek)
+    if flags or rsvd or npages > MAX_BATCH_PAGES or nruns > npages:
+        return 0
+    return batch_layout(nruns, npages)[2]
+
+
+def batch_single_run(head: memoryview) -> tuple[int, int, int] | None:
+    """``(round, first page, pages)`` of an uncompressed PAGE_BATCH head (its payload up to the data) with
+    one run and no zero pages, whose data is then exactly those pages in order; None for any other."""
+    if len(head) < BATCH_HEAD.size + 16:
+        return None
+    rnd, codec_id, flags, rsvd, nruns, npages, _ = BATCH_HEAD.unpack_from(head)
+    if nruns != 1 or flags or rsvd or codec_id != CODEC_IDS["none"] or len(head) != batch_layout(1, npages)[2]:
+        return None
+    _, bitmap_at, _ = batch_layout(1, npages)
+    (first,) = struct.unpack_from("<Q", head, BATCH_HEAD.size)
+    (length,) = struct.unpack_from("<I", head, BATCH_HEAD.size + 8)
+    if length != npages or any(head[bitmap_at:]):
+        return None
+    return rnd, first, npages
 
 
 def _decode_header(p: memoryview, _: int) -> Header:

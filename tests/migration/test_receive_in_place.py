@@ -1,17 +1,21 @@
-"""Receiving into the connection's own frame buffer gives exactly the events receive_data() gives."""
+"""Receiving into the connection's own frame buffer, or page data straight where a Placer puts it, gives
+exactly the events receive_data() gives."""
 
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dirtylog.migration.connection import DestinationConnection
+from dirtylog.migration.errors import AuthenticationError, TruncatedStreamError
 from dirtylog.migration.events import NEED_DATA, Header, MemorySlot, PageBatch, Ready, RoundEnd
 from dirtylog.migration.loopback import collect, connect, join
 from dirtylog.migration.pages import decode_pages, make_page_batch
+from dirtylog.migration.wire import FrameType, batch_data_at, batch_single_run
 
 KEY = b"k" * 32
 
@@ -58,3 +62,104 @@ def test_in_place_receive_yields_the_same_batches(chunks: list[int]) -> None:
 def test_no_receive_buffer_between_frames() -> None:
     _, destination = session_bytes()
     assert destination.receive_buffer() is None
+
+
+# -- placing page data where it belongs ---------------------------------------------------------------------
+
+PLACED_PAGES = 32  # 128 KiB batches: over framing.PLACE_MIN
+
+
+class IntoArray:
+    """A Placer that puts the data of one-run batches into ``memory`` at their pages, as the destination
+    does with guest memory."""
+
+    def __init__(self, npages: int) -> None:
+        self.memory = np.zeros((npages, 4096), dtype=np.uint8)
+        self.placed = 0
+
+    def head_size(self, ftype: int, peek: memoryview, length: int) -> int:
+        return batch_data_at(peek) if ftype == FrameType.PAGE_BATCH else 0
+
+    def place(self, ftype: int, head: memoryview, length: int) -> memoryview | None:
+        run = batch_single_run(head)
+        if run is None:
+            return None
+        _, first, npages = run
+        self.placed += 1
+        return self.memory[first:first + npages].data.cast("B")
+
+
+def placed_session(zero_page: bool = False) -> tuple[bytes, DestinationConnection, IntoArray, np.ndarray]:
+    source, destination = connect(KEY)
+    collect(destination, join(source.send(Header(4096, (MemorySlot(0, 0, 1024),), 1))))
+    placer = IntoArray(1024)
+    destination.place_data_with(placer)
+    collect(source, destination.send(Ready()))
+    pages = np.random.default_rng(7).integers(1, 256, (3, PLACED_PAGES, 4096), dtype=np.uint8)
+    zero = np.zeros(PLACED_PAGES, dtype=bool)
+    if zero_page:
+        zero[5] = True
+    body = b""
+    for r in range(3):
+        pfns = np.arange(100 + 40 * r, 100 + 40 * r + PLACED_PAGES, dtype=np.uint64)
+        batch = make_page_batch(r, pfns, zero, pages[r][~zero], page_size=4096)
+        body += join(source.send(batch)) + join(source.send(RoundEnd(r, PLACED_PAGES)))
+    return body, destination, placer, pages
+
+
+def receive_in_chunks(data: bytes, destination: DestinationConnection, chunks: list[int]) -> list[object]:
+    position, events = 0, []
+    sizes = itertools.cycle(chunks)
+    while position < len(data):
+        size = next(sizes)
+        target = destination.receive_buffer()
+        if target is not None:
+            count = min(size, len(target), len(data) - position)
+            target[:count] = data[position:position + count]
+            destination.received(count)
+        else:
+            count = min(size, len(data) - position)
+            destination.receive_data(data[position:position + count])
+        position += count
+        while (event := destination.next_event()) is not NEED_DATA:
+            events.append(event)
+    return events
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 70_000), min_size=1, max_size=20))
+def test_placed_data_lands_at_its_pages(chunks: list[int]) -> None:
+    data, destination, placer, pages = placed_session()
+    batches = [e for e in receive_in_chunks(data, destination, chunks) if isinstance(e, PageBatch)]
+    assert placer.placed == 3 and [b.round for b in batches] == [0, 1, 2]
+    for r, batch in enumerate(batches):
+        pfns, zero, got = decode_pages(batch)
+        first = 100 + 40 * r
+        assert pfns.tolist() == list(range(first, first + PLACED_PAGES)) and not zero.any()
+        assert np.array_equal(placer.memory[first:first + PLACED_PAGES], pages[r])
+        assert got.ctypes.data == placer.memory[first].ctypes.data  # the batch is a view of where it landed
+
+
+def test_batches_with_zero_pages_are_received_whole() -> None:
+    data, destination, placer, pages = placed_session(zero_page=True)
+    batches = [e for e in receive_in_chunks(data, destination, [65536]) if isinstance(e, PageBatch)]
+    assert placer.placed == 0 and len(batches) == 3
+    assert not placer.memory.any()
+    _, zero, got = decode_pages(batches[1])
+    assert zero[5] and np.array_equal(got, pages[1][~zero])
+
+
+def test_placed_data_that_was_tampered_with_fails_its_mac() -> None:
+    data, destination, _, _ = placed_session()
+    tampered = bytearray(data)
+    tampered[len(data) // 6] ^= 1  # inside the first batch's page data
+    with pytest.raises(AuthenticationError, match="failed authentication"):
+        receive_in_chunks(bytes(tampered), destination, [4096])
+
+
+def test_a_stream_cut_inside_placed_data_is_reported_truncated() -> None:
+    data, destination, _, _ = placed_session()
+    receive_in_chunks(data[: len(data) // 6], destination, [1000])
+    destination.receive_data(b"")
+    with pytest.raises(TruncatedStreamError, match=r"frame \d+ \(PAGE_BATCH\) \(\d+ of 131\d{3} bytes\)"):
+        destination.next_event()
