@@ -32,10 +32,8 @@ def session_bytes() -> tuple[bytes, DestinationConnection]:
     return body, destination
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(1, 5000), min_size=1, max_size=50))
-def test_in_place_receive_yields_the_same_batches(chunks: list[int]) -> None:
-    data, destination = session_bytes()
+def receive_in_chunks(data: bytes, destination: DestinationConnection, chunks: list[int]) -> list[object]:
+    """Feed ``data`` in chunks of the given sizes (cycled), into receive buffers where offered."""
     position, events = 0, []
     sizes = itertools.cycle(chunks)
     while position < len(data):
@@ -51,7 +49,14 @@ def test_in_place_receive_yields_the_same_batches(chunks: list[int]) -> None:
         position += count
         while (event := destination.next_event()) is not NEED_DATA:
             events.append(event)
-    batches = [e for e in events if isinstance(e, PageBatch)]
+    return events
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=50))
+def test_in_place_receive_yields_the_same_batches(chunks: list[int]) -> None:
+    data, destination = session_bytes()
+    batches = [e for e in receive_in_chunks(data, destination, chunks) if isinstance(e, PageBatch)]
     assert [b.round for b in batches] == [0, 1, 2]
     for batch in batches:
         pfns, zero, pages = decode_pages(batch)
@@ -105,25 +110,6 @@ def placed_session(zero_page: bool = False) -> tuple[bytes, DestinationConnectio
         batch = make_page_batch(r, pfns, zero, pages[r][~zero], page_size=4096)
         body += join(source.send(batch)) + join(source.send(RoundEnd(r, PLACED_PAGES)))
     return body, destination, placer, pages
-
-
-def receive_in_chunks(data: bytes, destination: DestinationConnection, chunks: list[int]) -> list[object]:
-    position, events = 0, []
-    sizes = itertools.cycle(chunks)
-    while position < len(data):
-        size = next(sizes)
-        target = destination.receive_buffer()
-        if target is not None:
-            count = min(size, len(target), len(data) - position)
-            target[:count] = data[position:position + count]
-            destination.received(count)
-        else:
-            count = min(size, len(data) - position)
-            destination.receive_data(data[position:position + count])
-        position += count
-        while (event := destination.next_event()) is not NEED_DATA:
-            events.append(event)
-    return events
 
 
 @settings(max_examples=30, deadline=None)
