@@ -120,7 +120,7 @@ class FrameReader:
         self._fill: memoryview | None = None  # where the current unit's remaining bytes go
         self._filled = 0
         self._done = 0  # bytes of the current unit received into earlier fills
-        self._steps: list[str] = []  # what comes after the current fill, for a frame being placed
+        self._step: Literal["peek", "head", "data"] | None = None  # what the current fill is, placing a frame
         self._data_at = 0
         self._placed: memoryview | None = None
 
@@ -238,42 +238,40 @@ class FrameReader:
             self._fill = self._frame.data[PREFIX_SIZE:]
             if self.placer is not None and length >= PLACE_MIN:
                 self._fill = self._frame.data[PREFIX_SIZE : PREFIX_SIZE + PEEK_SIZE]
-                self._steps = ["peeked"]
+                self._step = "peek"
         self._filled = self._done = 0
         if not len(self._fill):
             self._finish()
 
     def _advance(self) -> None:
-        """The current fill is full: finish the unit, or go on to the next step of placing a frame."""
-        if not self._steps:
+        """The current fill is full: finish the unit, or take the next step of placing a frame."""
+        if self._step is None:
             self._finish()
             return
         assert self._frame is not None and self.placer is not None and self._fill is not None
-        step = self._steps.pop()
+        step, self._step = self._step, None
         ftype, _, _, length, _ = FRAME_HEADER.unpack(self._prefix)
         payload = self._frame.data[PREFIX_SIZE : PREFIX_SIZE + length]
         self._done += len(self._fill)
         self._filled = 0
-        if step == "peeked":
+        if step == "peek":
             head = self.placer.head_size(ftype, payload[:PEEK_SIZE].toreadonly(), length)
-            if PEEK_SIZE <= head < length:
-                self._data_at = head
-                self._fill = payload[PEEK_SIZE:head]
-                self._steps = ["headed"]
-                if len(self._fill):
-                    return
-                step = self._steps.pop()
-            else:
+            if not PEEK_SIZE <= head < length:
                 self._fill = self._frame.data[PREFIX_SIZE + PEEK_SIZE :]  # the rest, as usual
                 return
-        if step == "headed":
+            self._data_at = head
+            self._fill, self._step = payload[PEEK_SIZE:head], "head"
+            if len(self._fill):
+                return
+            step, self._step = "head", None
+        if step == "head":
             target = self.placer.place(ftype, payload[: self._data_at].toreadonly(), length)
             if target is None or len(target) != length - self._data_at:
-                self._fill = self._frame.data[PREFIX_SIZE + self._data_at :]
+                self._fill = self._frame.data[PREFIX_SIZE + self._data_at :]  # the rest, as usual
                 return
             self._placed = self._fill = target
-            self._steps = ["mac"]
-        elif step == "mac":
+            self._step = "data"
+        else:  # the data is in: the MAC goes to its usual place
             self._fill = self._frame.data[PREFIX_SIZE + length :]
 
     def _finish(self) -> None:

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dirtylog.migration.connection import DestinationConnection
-from dirtylog.migration.errors import AuthenticationError, TruncatedStreamError
-from dirtylog.migration.events import NEED_DATA, Header, MemorySlot, PageBatch, Ready, RoundEnd
+from dirtylog.migration.errors import AuthenticationError, ProtocolError, TruncatedStreamError
+from dirtylog.migration.events import CLOSED, NEED_DATA, Header, MemorySlot, PageBatch, Ready, RoundEnd
 from dirtylog.migration.loopback import collect, connect, join
 from dirtylog.migration.pages import decode_pages, make_page_batch
 from dirtylog.migration.wire import FrameType, batch_data_at, batch_single_run
@@ -32,9 +32,11 @@ def session_bytes() -> tuple[bytes, DestinationConnection]:
     return body, destination
 
 
-def receive_in_chunks(data: bytes, destination: DestinationConnection, chunks: list[int]) -> list[object]:
-    """Feed ``data`` in chunks of the given sizes (cycled), into receive buffers where offered."""
-    position, events = 0, []
+def receive_in_chunks(data: bytes, destination: DestinationConnection, chunks: list[int],
+                      events: list[object] | None = None) -> list[object]:
+    """Feed ``data`` in chunks of the given sizes (cycled), into receive buffers where offered; the events,
+    appended to ``events`` as they come (kept if an error cuts the feeding short)."""
+    position, events = 0, [] if events is None else events
     sizes = itertools.cycle(chunks)
     while position < len(data):
         size = next(sizes)
@@ -149,3 +151,28 @@ def test_a_stream_cut_inside_placed_data_is_reported_truncated() -> None:
     destination.receive_data(b"")
     with pytest.raises(TruncatedStreamError, match=r"frame \d+ \(PAGE_BATCH\) \(\d+ of 131\d{3} bytes\)"):
         destination.next_event()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 400_000), st.integers(1, 255)), min_size=1, max_size=4),
+       st.integers(0, 400_000), st.sampled_from([4096, 65536, 1 << 20]))
+def test_mutated_placed_streams_fail_cleanly(flips: list[tuple[int, int]], cut: int, chunk: int) -> None:
+    """Flipped bytes (in heads, data or MACs) and a cut anywhere: every batch delivered is an authentic one,
+    and anything else is a ProtocolError, whatever the placer was told on the way."""
+    data, destination, _, pages = placed_session()
+    mutated = bytearray(data[: max(1, cut)])
+    for position, bits in flips:
+        if position < len(mutated):
+            mutated[position] ^= bits
+    events: list[object] = []
+    try:
+        receive_in_chunks(bytes(mutated), destination, [chunk], events)
+        destination.receive_data(b"")
+        while (event := destination.next_event()) not in (NEED_DATA, CLOSED):
+            events.append(event)
+    except ProtocolError:
+        pass
+    for batch in (e for e in events if isinstance(e, PageBatch)):
+        pfns, _, got = decode_pages(batch)
+        r = batch.round
+        assert pfns[0] == 100 + 40 * r and np.array_equal(got, pages[r])
