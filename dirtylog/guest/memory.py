@@ -95,6 +95,12 @@ class GuestMemory:
                     f"the host cannot back {format_size(size)} of guest memory ({format_size(available)} "
                     "available); give the guest less memory or free some", error.errno) from None
             raise
+        # Back guest RAM with transparent huge pages where the host allows: allocating it (prefault, or the
+        # guest's first touches) then takes one fault per 2 MiB instead of 512, which made a migration
+        # destination's setup of 2 GiB take 0.26 s instead of 2.95 s here. KVM still maps 4 KiB pages
+        # while a slot is logging, so dirty logging is unchanged.
+        with contextlib.suppress(OSError):  # EINVAL: a kernel without THP
+            self._map.madvise(mmap.MADV_HUGEPAGE)
         self.size = size
         self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8)
         self.words: npt.NDArray[np.uint64] = self.bytes.view(np.uint64)
