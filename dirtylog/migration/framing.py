@@ -297,9 +297,12 @@ class FrameReader:
         if self._fill is None:
             size = f"{len(self._prefix)} bytes of its header"
         else:
-            unit = self._record if self._record is not None else self._frame
-            body = len(unit) - (0 if self._record is not None else PREFIX_SIZE) if unit is not None else 0
-            size = f"{len(self._prefix) + self._done + self._filled} of {len(self._prefix) + body} bytes"
+            # a record's buffer is its body; a frame's holds its header too
+            if self._record is not None:
+                total = len(self._prefix) + len(self._record)
+            else:
+                total = len(self._frame) if self._frame is not None else 0
+            size = f"{len(self._prefix) + self._done + self._filled} of {total} bytes"
             if not self._is_record:
                 what += f" ({frame_name(self._prefix[0])})"
         return TruncatedStreamError(

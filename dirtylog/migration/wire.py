@@ -318,9 +318,9 @@ def batch_single_run(head: memoryview) -> tuple[int, int, int] | None:
     if len(head) < BATCH_HEAD.size + 16:
         return None
     rnd, codec_id, flags, rsvd, nruns, npages, _ = BATCH_HEAD.unpack_from(head)
-    if nruns != 1 or flags or rsvd or codec_id != CODEC_IDS["none"] or len(head) != batch_layout(1, npages)[2]:
+    _, bitmap_at, data_at = batch_layout(1, npages)
+    if nruns != 1 or flags or rsvd or codec_id != CODEC_IDS["none"] or len(head) != data_at:
         return None
-    _, bitmap_at, _ = batch_layout(1, npages)
     (first,) = struct.unpack_from("<Q", head, BATCH_HEAD.size)
     (length,) = struct.unpack_from("<I", head, BATCH_HEAD.size + 8)
     if length != npages or any(head[bitmap_at:]):
