@@ -20,7 +20,7 @@ import numpy as np
 from dirtylog.errors import DirtylogError
 from dirtylog.machine import Machine
 from dirtylog.migration.connection import DestinationConnection
-from dirtylog.migration.digest import PageDigest
+from dirtylog.migration.digest import PageDigest, load_kernels
 from dirtylog.migration.errors import ProtocolError
 from dirtylog.migration.events import (
     CLOSED,
@@ -198,6 +198,7 @@ class DestinationMigration:
         if ours != theirs:
             raise MigrationError(f"the source's memory slots {theirs} differ from what this destination builds {ours}")
         machine.create_vcpus()  # now, not in the downtime
+        load_kernels()  # and the fingerprint pass now, not in the first round
         self._page_round = np.full(machine.ram.npages, -1, dtype=np.int64)
         self._digest = PageDigest(machine.ram.npages)  # a blank machine: every fingerprint is the zero page's
         self.stats = MigrationStats(page_size=header.page_size, total_pages=header.total_pages,

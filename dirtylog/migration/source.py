@@ -26,7 +26,8 @@ from dirtylog.bitmap import DirtyBitmap, load_kernels
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine, TrackingMode
 from dirtylog.migration.connection import SourceConnection
-from dirtylog.migration.digest import PageDigest, fingerprints
+from dirtylog.migration.digest import PageDigest, gather
+from dirtylog.migration.digest import load_kernels as load_digest_kernels
 from dirtylog.migration.errors import ProtocolError
 from dirtylog.migration.events import (
     AbortCode,
@@ -138,7 +139,8 @@ class SourceMigration:
         # Batch buffers in flight: each stream's queue, the one being written, the one being filled.
         self._buffers: queue.Queue[npt.NDArray[np.uint8]] = queue.Queue()
         for _ in range(options.streams * (QUEUE_DEPTH + 1) + 1):
-            self._buffers.put(np.zeros((options.batch_pages, PAGE_SIZE), dtype=np.uint8))
+            # np.ones, not np.zeros: its pages are allocated now, not on first use inside round 0.
+            self._buffers.put(np.ones((options.batch_pages, PAGE_SIZE), dtype=np.uint8))
 
     # --- the whole migration ------------------------------------------------------------------------
 
@@ -184,7 +186,8 @@ class SourceMigration:
             stream.read_until(Accepted, "destination", self.options.io_timeout)
             self.rtt = time.perf_counter() - began if index == 0 else min(self.rtt, time.perf_counter() - began)
             stream.send(header)
-        load_kernels()  # while the destination builds its VM, so that no round pays for it
+        load_kernels()  # while the destination builds its VM, so that no round pays for them
+        load_digest_kernels()
         for stream in self.streams:
             stream.read_until(Ready, "destination", self.options.io_timeout)
         for stream in self.streams:
@@ -265,19 +268,15 @@ class SourceMigration:
                     buffer: npt.NDArray[np.uint8]) -> tuple[int, int]:
         """Copy one batch of pages into ``buffer``, fingerprint it and queue it; returns (pages on the wire,
         zero pages). ``buffer`` goes back to the pool once the socket has taken it."""
-        ram = self.machine.ram
-        if starts.size == 1:  # a single run: one slice copy, no page-number arithmetic
-            first, count = int(starts[0]), int(lengths[0])
-            pfns = np.arange(first, first + count, dtype=np.uint64)
-            pages = buffer[:count]
-            pages[:] = ram.pages[first:first + count]
+        # A private copy: the guest keeps writing, and the MAC covers what send() saw. Its fingerprints,
+        # taken in the same pass, feed the digest and find zero pages (a fingerprint of 0 is confirmed by
+        # looking at the page).
+        prints = gather(self.machine.ram.pages, starts, lengths, buffer)
+        pages = buffer[:prints.size]
+        if starts.size == 1:  # a single run: no page-number arithmetic
+            pfns = np.arange(int(starts[0]), int(starts[0]) + prints.size, dtype=np.uint64)
         else:
             pfns = pfns_from_runs(starts, lengths)
-            pages = buffer[:pfns.size]
-            np.take(ram.pages, pfns, axis=0, out=pages)
-        # A private copy: the guest keeps writing, and the MAC covers what send() saw. Its fingerprints
-        # feed the digest and find zero pages (a fingerprint of 0 is confirmed by looking at the page).
-        prints = fingerprints(pages)
         zero = prints == 0
         if zero.any():
             zero[zero] = ~pages[zero].view(np.uint64).any(axis=1)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dirtylog.migration.digest import PageDigest, fingerprints, memory_digest
+from dirtylog.migration.digest import _MULTIPLIERS, PageDigest, fingerprints, gather, memory_digest
 from dirtylog.migration.keys import KeyFileError, generate_key_file, load_key
 from dirtylog.migration.precopy import MigrationError
 from dirtylog.migration.transport import Pacer, parse_address
@@ -43,6 +43,40 @@ def test_every_single_word_change_changes_the_fingerprint() -> None:
             changed = page.copy()
             changed.view(np.uint64)[0, word] ^= np.uint64(1 << bit)
             assert fingerprints(changed)[0] != base
+
+
+def test_fingerprints_are_the_linear_hash_of_the_words() -> None:
+    """The compiled loop computes what the docstring defines: sum(word[i] * K[i]) mod 2**64."""
+    pages = np.random.default_rng(3).integers(0, 256, (20, 4096), dtype=np.uint8)
+    words = pages.view(np.uint64).astype(object)  # Python integers: no wrap-around to hide a mistake
+    expected = [sum(int(w) * int(k) for w, k in zip(row, _MULTIPLIERS, strict=True)) % 2**64 for row in words]
+    assert fingerprints(pages).tolist() == expected
+    assert fingerprints(pages[::2]).tolist() == expected[::2]  # a strided view is fingerprinted as its rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 9)), min_size=1, max_size=8))
+def test_gather_copies_runs_and_fingerprints_the_copies(gaps_and_lengths: list[tuple[int, int]]) -> None:
+    memory = np.random.default_rng(4).integers(0, 256, (PAGES, 4096), dtype=np.uint8)
+    starts, lengths, page = [], [], 0
+    for gap, length in gaps_and_lengths:
+        starts.append(page + gap)
+        lengths.append(length)
+        page += gap + length
+    pfns = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+    out = np.zeros((pfns.size + 3, 4096), dtype=np.uint8)
+    prints = gather(memory, np.array(starts, dtype=np.uint64), np.array(lengths, dtype=np.uint32), out)
+    assert np.array_equal(out[:pfns.size], memory[pfns])
+    assert not out[pfns.size:].any()  # rows past the runs are left alone
+    assert prints.tolist() == fingerprints(memory[pfns]).tolist()
+
+
+def test_gather_refuses_runs_that_do_not_fit() -> None:
+    memory = np.zeros((8, 4096), dtype=np.uint8)
+    with pytest.raises(ValueError, match="do not fit a buffer of 2 pages"):
+        gather(memory, np.array([0], dtype=np.uint64), np.array([3], dtype=np.uint32), np.zeros((2, 4096), np.uint8))
+    with pytest.raises(ValueError, match="past the memory's 8 pages"):
+        gather(memory, np.array([6], dtype=np.uint64), np.array([3], dtype=np.uint32), np.zeros((4, 4096), np.uint8))
 
 
 def test_an_unreported_change_is_not_in_the_digest() -> None:
