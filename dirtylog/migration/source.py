@@ -136,9 +136,12 @@ class SourceMigration:
         self._limiter_stop = threading.Event()
         self._limiter: threading.Thread | None = None
         self._next_stream = self._last_stream = 0
+        # One stream is written from this thread, several by a sender thread each (see streams.py).
+        self._sender_threads = options.streams > 1
         # Batch buffers in flight: each stream's queue, the one being written, the one being filled.
+        count = options.streams * (QUEUE_DEPTH + 1) + 1 if self._sender_threads else 1
         self._buffers: queue.Queue[npt.NDArray[np.uint8]] = queue.Queue()
-        for _ in range(options.streams * (QUEUE_DEPTH + 1) + 1):
+        for _ in range(count):
             # np.ones, not np.zeros: its pages are allocated now, not on first use inside round 0.
             self._buffers.put(np.ones((options.batch_pages, PAGE_SIZE), dtype=np.uint8))
 
@@ -191,7 +194,7 @@ class SourceMigration:
         for stream in self.streams:
             stream.read_until(Ready, "destination", self.options.io_timeout)
         for stream in self.streams:
-            stream.start()
+            stream.start(sender=self._sender_threads)
 
     def _pace(self, nbytes: int) -> None:
         with self.pacer_lock:

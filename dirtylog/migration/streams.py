@@ -1,9 +1,11 @@
-"""One migration stream on a socket: the sans-io connection, a sender thread, a reader thread.
+"""One migration stream on a socket: the sans-io connection, a reader thread, and a sender thread or not.
 
-The engine builds frames on its own thread (``conn.send`` computes the MAC there) and hands the buffers
-to the stream's sender thread through a bounded queue, so hashing, gathering and the socket write
-overlap (blake3 and ``sendmsg`` both release the GIL). The reader thread turns whatever the peer says
-into events on a queue. A lock serializes use of the connection object between the two.
+The engine builds frames on its own thread (``conn.send`` computes the MAC there). With a sender thread
+it hands the buffers to it through a bounded queue, so that several streams' sockets are written at once;
+without one it writes them itself, which a single stream on a machine with few cores prefers (the frame is
+still in cache when the kernel copies it, and no third thread competes for the cores: +18 % round 0 on 2
+cores, ``docs/performance.md``). The reader thread turns whatever the peer says into events on a queue. A
+lock serializes use of the connection object between the threads.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class Stream:
         if self._sender is None:
             try:
                 self._write(buffers)
+            except OSError as error:
+                self._write_failed(error)
+                raise MigrationError(self.failure.reason if self.failure else str(error)) from None
             finally:
                 if on_sent is not None:
                     on_sent()
@@ -126,14 +131,17 @@ class Stream:
                 if self.failure is None:
                     self._write(buffers)
             except OSError as error:
-                # The peer usually says why before it closes: let the reader deliver its Abort first.
-                if self._reader is not None:
-                    self._reader.join(0.5)
-                self._fail(f"stream {self.index}: sending failed: {error.strerror or error}")
+                self._write_failed(error)
             finally:
                 if on_sent is not None:
                     on_sent()
                 self._outbox.task_done()
+
+    def _write_failed(self, error: OSError) -> None:
+        # The peer usually says why before it closes: let the reader deliver its Abort first.
+        if self._reader is not None:
+            self._reader.join(0.5)
+        self._fail(f"stream {self.index}: sending failed: {error.strerror or error}")
 
     # --- receiving ---------------------------------------------------------------------------------
 
