@@ -3,7 +3,7 @@
 The engine builds frames on its own thread (``conn.send`` computes the MAC there). With a sender thread
 it hands the buffers to it through a bounded queue, so that several streams' sockets are written at once;
 without one it writes them itself, which a single stream on a machine with few cores prefers (the frame is
-still in cache when the kernel copies it, and no third thread competes for the cores: +18 % round 0 on 2
+still in cache when the kernel copies it, and no third thread competes for the cores: +7-18 % round 0 on 2
 cores, ``docs/performance.md``). The reader thread turns whatever the peer says into events on a queue. A
 lock serializes use of the connection object between the threads.
 """
