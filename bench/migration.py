@@ -82,11 +82,11 @@ def raw_copy_cpu(size: int, passes: bool = False) -> tuple[float, float, float]:
         began = time.process_time()
         while got < size:
             if passes:  # a whole frame, then its MAC and fingerprints
-                end = min(got + frame, size)
+                first, end = got, min(got + frame, size)
                 while got < end:
                     got += sock.recv_into(view[got:end])
-                frame_mac(key, got, view[end - frame:end])
-                fingerprints(buffer[end - frame:end].reshape(-1, PAGE_SIZE))
+                frame_mac(key, first, view[first:end])
+                fingerprints(buffer[first:end].reshape(-1, PAGE_SIZE))
             else:
                 got += sock.recv_into(view[got:], min(CHUNK, size - got))
         os.write(report_w, str(time.process_time() - began).encode())
