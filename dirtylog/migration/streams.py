@@ -84,8 +84,7 @@ class Stream:
             try:
                 self._write(buffers)
             except OSError as error:
-                self._write_failed(error)
-                raise MigrationError(self.failure.reason if self.failure else str(error)) from None
+                raise MigrationError(self._write_failed(error).reason) from None
             finally:
                 if on_sent is not None:
                     on_sent()
@@ -137,11 +136,14 @@ class Stream:
                     on_sent()
                 self._outbox.task_done()
 
-    def _write_failed(self, error: OSError) -> None:
-        # The peer usually says why before it closes: let the reader deliver its Abort first.
+    def _write_failed(self, error: OSError) -> StreamFailure:
+        """Record why writing failed: the peer's Abort if the reader has it (the peer usually says why
+        before it closes, so give the reader a moment), else the socket error."""
         if self._reader is not None:
             self._reader.join(0.5)
         self._fail(f"stream {self.index}: sending failed: {error.strerror or error}")
+        assert self.failure is not None
+        return self.failure
 
     # --- receiving ---------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -144,6 +145,36 @@ def test_a_memory_size_mismatch_is_named(key_file: str, receivers: list[Receiver
                       match="64 MiB of memory, this destination accepts 128 MiB")
 
 
+def test_a_destination_that_stops_reading(key_file: str, receivers: list[Receiver]) -> None:
+    """The path stalls mid-round (a hung host, a dead link that sends no reset): the source's write times out
+    after io_timeout, it says so, and keeps the VM."""
+    source = running_source()
+    receiver = start_receiver(key_file)
+    receivers.append(receiver)
+    release = threading.Event()
+
+    def stall(way: str, at: int, chunk: bytes) -> bytes | None:
+        if way == "up" and at > 2_000_000:
+            release.wait(30)  # the relay reads nothing more: the source's socket fills up
+            return None
+        return chunk
+    proxy = Proxy(receiver.address, stall).start()
+    try:
+        began = time.monotonic()
+        with pytest.raises(MigrationError, match=r"sending failed.*keeps running"):
+            migrate(source, proxy.address, key_file=key_file, downtime_limit="200ms", io_timeout=2)
+        assert time.monotonic() - began < 15
+        release.set()
+        receiver.join()
+        assert isinstance(receiver.error, MigrationError) and receiver.result is None
+        assert_source_intact(source)
+        assert_retry_succeeds(source, key_file, receivers)
+    finally:
+        release.set()
+        proxy.close()
+        source.stop()
+
+
 def test_the_destination_dying_mid_migration(key_file: str, receivers: list[Receiver]) -> None:
     """A real destination process, killed with SIGKILL while pages flow."""
     source = Machine("256M", vcpus=2, workload="random", rate=20_000)
@@ -158,8 +189,6 @@ def test_the_destination_dying_mid_migration(key_file: str, receivers: list[Rece
         def kill_later() -> None:
             time.sleep(0.3)
             os.kill(destination.pid, signal.SIGKILL)
-
-        import threading
 
         threading.Thread(target=kill_later, daemon=True).start()
         with pytest.raises(MigrationError, match="keeps running"):
