@@ -38,7 +38,7 @@ import numpy as np
 
 from dirtylog.machine import Machine
 from dirtylog.migration.auth import frame_mac
-from dirtylog.migration.digest import fingerprints, gather
+from dirtylog.migration.digest import fingerprints, gather, load_kernels
 from dirtylog.migration.keys import generate_key_file
 from dirtylog.migration.precopy import MigrationError
 from dirtylog.migration.source import migrate
@@ -68,6 +68,8 @@ def raw_copy_cpu(size: int, passes: bool = False) -> tuple[float, float, float]:
     fingerprints it where it landed. That is an engine with no protocol, no Python per frame beyond a few
     calls, and one thread per side: the rate any engine making these passes could hope for here.
     """
+    if passes:
+        load_kernels()  # compiled or loaded now, in both processes, not in the timed copy
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     report_r, report_w = os.pipe()
