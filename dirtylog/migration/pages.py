@@ -1,4 +1,4 @@
-"""Page batches as NumPy arrays: runs of page numbers, zero-page masks, compression, the memory digest.
+"""Page batches as NumPy arrays: runs of page numbers, zero-page masks, compression.
 
 The engine gathers pages from guest memory and finds zero pages (whole-array NumPy work); this module
 turns that into a PageBatch and back, with no per-page Python loop. Decompression is here, not in the
@@ -7,12 +7,10 @@ connection, so the engine can run it where it likes (lz4 and zstd release the GI
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, Final
 
 import lz4.block
 import numpy as np
-import xxhash
 import zstandard
 from numpy.typing import ArrayLike, NDArray
 
@@ -127,15 +125,3 @@ def decode_pages(batch: PageBatch) -> tuple[NDArray[np.uint64], NDArray[np.bool_
         raw = decompress(batch.codec, batch.data, size)
     pages = np.frombuffer(raw, dtype=np.uint8).reshape(nonzero, batch.page_size)
     return pfns_from_runs(batch.starts, batch.lengths), batch.zero, pages
-
-
-def memory_digest(regions: Iterable[BytesLike | NDArray[Any]]) -> bytes:
-    """16-byte xxh3-128 of guest memory, slot by slot in layout order (Complete.digest).
-
-    Not a MAC: it travels inside an authenticated frame. It catches a page the migration missed or
-    applied wrongly, at 50+ GB/s here.
-    """
-    hasher = xxhash.xxh3_128()
-    for region in regions:
-        hasher.update(as_bytes_view(region))
-    return hasher.digest()

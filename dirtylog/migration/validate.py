@@ -207,9 +207,9 @@ def check_abort(event: Abort) -> None:
 
 
 def check_digest(digest: object) -> None:
-    """A memory digest as ``pages.memory_digest`` makes it."""
+    """A memory digest as ``digest.PageDigest.digest`` makes it."""
     if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
-        raise LocalProtocolError(f"a memory digest is {DIGEST_SIZE} bytes (pages.memory_digest)")
+        raise LocalProtocolError(f"a memory digest is {DIGEST_SIZE} bytes (digest.PageDigest.digest)")
 
 
 def _array(value: object, dtype: type[np.generic]) -> bool:

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from dirtylog.migration.auth import frame_mac
 from dirtylog.migration.connection import Connection, DestinationConnection, SourceConnection
+from dirtylog.migration.digest import memory_digest
 from dirtylog.migration.errors import (
     AuthenticationError,
     LocalProtocolError,
@@ -50,7 +51,7 @@ from dirtylog.migration.events import (
     Verified,
 )
 from dirtylog.migration.loopback import collect, connect, join
-from dirtylog.migration.pages import decode_pages, make_page_batch, memory_digest
+from dirtylog.migration.pages import decode_pages, make_page_batch
 from dirtylog.migration.wire import FRAME_HEADER, HELLO_BODY, MAGIC, RECORD_PREFIX, RecordType, encode_record
 
 KEY = bytes(range(32))
@@ -79,7 +80,7 @@ def memories() -> list[NDArray[np.uint8]]:
 
 def digest() -> bytes:
     final = memories()[-1]
-    return memory_digest([final[s.base_gfn : s.base_gfn + s.npages] for s in SLOTS])
+    return memory_digest(np.concatenate([final[s.base_gfn : s.base_gfn + s.npages] for s in SLOTS]).ravel())
 
 
 # -- scripted engines ------------------------------------------------------------------------------
