@@ -21,6 +21,7 @@ offline guessing oracle for a low-entropy key.
 
 from __future__ import annotations
 
+import functools
 import hmac
 from typing import Final
 
@@ -70,9 +71,14 @@ def proofs_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
+@functools.lru_cache(maxsize=64)
+def _aes(key: bytes) -> algorithms.AES:
+    return algorithms.AES(key)  # checked once per key, not once per frame
+
+
 def frame_mac(key: bytes, seq: int, *parts: BytesLike) -> bytes:
     """MAC of frame ``seq``: AES-256-GMAC over its parts (header, payload head, data), read in place."""
-    gmac = Cipher(algorithms.AES(key), modes.GCM(seq.to_bytes(12, "little"))).encryptor()
+    gmac = Cipher(_aes(key), modes.GCM(seq.to_bytes(12, "little"))).encryptor()
     for part in parts:
         gmac.authenticate_additional_data(part)
     gmac.finalize()

@@ -278,6 +278,8 @@ class DestinationMigration:
     def _apply(self, batch: PageBatch) -> None:
         """Write a batch into guest memory, keeping for each page the copy of the latest round."""
         assert self.machine is not None and self._digest is not None
+        if self._apply_run(batch):
+            return
         pfns, zero, data = decode_pages(batch)
         pages = self.machine.ram.pages
         with self._apply_lock:
@@ -301,6 +303,29 @@ class DestinationMigration:
         self.stats.transferred += len(batch.data)
         self.stats.normal_pages += int(pfns.size - np.count_nonzero(zero))
         self.stats.duplicate_pages += int(np.count_nonzero(zero))
+
+    def _apply_run(self, batch: PageBatch) -> bool:
+        """``_apply`` for the usual batch, one run of raw pages with no zero page, with slices instead of
+        per-page arrays (each NumPy call costs ~10-20 us with the cache full of page data); False when
+        ``batch`` is not one of those, or a later round of one of its pages has already arrived."""
+        assert self.machine is not None and self._digest is not None
+        pages = self.machine.ram.pages
+        count = len(batch.data) // batch.page_size
+        if batch.starts.size != 1 or batch.codec != "none" or count != int(batch.lengths[0]):
+            return False
+        first = int(batch.starts[0])
+        with self._apply_lock:
+            rounds = self._page_round[first:first + count]
+            if rounds.max() > batch.round:
+                return False
+            data = np.frombuffer(batch.data, dtype=np.uint8).reshape(count, batch.page_size)
+            if data.ctypes.data != pages[first].ctypes.data:  # not received in place (_IntoGuestMemory)
+                pages[first:first + count] = data
+            rounds[:] = batch.round
+            self._digest.update_run(first, data)
+        self.stats.transferred += len(batch.data)
+        self.stats.normal_pages += count
+        return True
 
     def _fail(self, reason: str) -> None:
         with self._done:

@@ -57,10 +57,13 @@ def gather(memory: npt.NDArray[np.uint8], starts: npt.NDArray[np.uint64], length
            out: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
     """Copy the runs ``(starts, lengths)`` of pages of ``memory`` (shape ``(npages, 4096)``) into the first rows
     of ``out`` in order, in one pass that also fingerprints them; returns the fingerprints."""
-    count = int(lengths.sum(dtype=np.uint64))
+    if starts.size == 1:  # the usual batch: ints, not array passes
+        count, past = int(lengths[0]), int(starts[0]) + int(lengths[0]) > memory.shape[0]
+    else:
+        count, past = int(lengths.sum(dtype=np.uint64)), bool(np.any(starts + lengths > memory.shape[0]))
     if count > out.shape[0]:
         raise ValueError(f"runs of {count} pages do not fit a buffer of {out.shape[0]} pages")
-    if np.any(starts + lengths > memory.shape[0]):
+    if past:
         raise ValueError(f"a run goes past the memory's {memory.shape[0]} pages")
     prints = np.empty(count, dtype=np.uint64)
     _kernels().gather_rows(_words(memory), starts.astype(np.uint64, copy=False),
@@ -81,6 +84,14 @@ class PageDigest:
     def set(self, pfns: npt.NDArray[np.uint64], values: npt.NDArray[np.uint64]) -> None:
         """Pages ``pfns`` now have fingerprints ``values`` (computed by the caller, e.g. to find zero pages)."""
         self.values[pfns] = values
+
+    def set_run(self, first: int, values: npt.NDArray[np.uint64]) -> None:
+        """Pages ``first``, ``first + 1``, ... now have fingerprints ``values``."""
+        self.values[first:first + values.size] = values
+
+    def update_run(self, first: int, pages: npt.NDArray[np.uint8]) -> None:
+        """Pages ``first``, ``first + 1``, ... now hold ``pages`` (one row each)."""
+        self.values[first:first + pages.shape[0]] = fingerprints(pages)
 
     def zero(self, pfns: npt.NDArray[np.uint64]) -> None:
         """Pages ``pfns`` are now all zero."""

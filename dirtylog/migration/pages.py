@@ -79,7 +79,7 @@ def decompress(codec: Codec, data: BytesLike, size: int) -> bytes:
 
 def make_page_batch(
     round: int,
-    pfns: ArrayLike,
+    pfns: ArrayLike | None,
     zero: ArrayLike,
     data: BytesLike | NDArray[Any],
     *,
@@ -93,9 +93,13 @@ def make_page_batch(
     for ``codec="none"``. With lz4 or zstd the batch carries the compressed block unless compression
     saves less than 1/16: then decompressing would cost the receiver more than it saves on the link,
     and the batch goes raw. ``runs``, when the caller already has them, are ``pfns`` as (starts,
-    lengths) and spare recomputing them.
+    lengths) and spare recomputing them (``pfns`` may then be None).
     """
-    starts, lengths = runs if runs is not None else runs_from_pfns(pfns)
+    if runs is None:
+        if pfns is None:
+            raise LocalProtocolError("a page batch needs its page numbers: pfns, or runs")
+        runs = runs_from_pfns(pfns)
+    starts, lengths = runs
     zero_mask = np.asarray(zero, dtype=np.bool_).ravel()
     view = as_bytes_view(data)
     if codec != "none" and len(view):

@@ -6,6 +6,7 @@ came from the peer (h11 does the same), so the rules are written once.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import operator
 from typing import Any
@@ -74,6 +75,12 @@ class LayoutIndex:
                 high.append(slot.base_gfn + slot.npages)
         self.low = np.array(low, dtype=np.int64)
         self.high = np.array(high, dtype=np.int64)
+        self._low, self._high = low, high
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether one covered range holds all of ``[start, end)`` (one run: plain ints, no arrays)."""
+        where = bisect.bisect_right(self._low, start) - 1
+        return where >= 0 and end <= self._high[where]
 
     def first_outside(self, starts: NDArray[np.int64], ends: NDArray[np.int64]) -> int:
         """Index of the first run ``[start, end)`` not inside one covered range, or -1."""
@@ -132,13 +139,43 @@ def check_batch(batch: PageBatch, header: Header, layout: LayoutIndex) -> int:
         raise LocalProtocolError(
             f"a batch needs at least one run and as many lengths ({len(lengths)}) as starts ({nruns})"
         )
+    npages = _check_runs(starts, lengths, layout)
+    if len(zero) != npages:
+        raise LocalProtocolError(f"zero-page mask has {len(zero)} entries for {npages} pages")
+    nonzero = npages - int(np.count_nonzero(zero))
+    size = nonzero * header.page_size
+    data_len = len(as_bytes_view(batch.data))
+    if size > MAX_BATCH_DATA:
+        raise LocalProtocolError(f"{nonzero} non-zero pages are over the {MAX_BATCH_DATA}-byte batch limit")
+    if batch.codec == "none" and data_len != size:
+        raise LocalProtocolError(
+            f"batch data is {data_len} bytes; {nonzero} non-zero pages of {header.page_size} bytes need {size}"
+        )
+    if batch.codec != "none" and (nonzero == 0 or data_len == 0):
+        raise LocalProtocolError("a compressed batch needs non-zero pages and a non-empty block")
+    return npages
+
+
+def _check_runs(starts: NDArray[np.uint64], lengths: NDArray[np.uint32], layout: LayoutIndex) -> int:
+    """Runs non-empty, ascending, disjoint, inside the layout, at most MAX_BATCH_PAGES pages in all; returns
+    the page count."""
+    if len(starts) == 1:  # the usual batch (a stretch of dirty or round-0 pages): ints, not array passes
+        start, count = int(starts[0]), int(lengths[0])
+        if count == 0:
+            raise LocalProtocolError("run 0 of the batch is empty")
+        if count > MAX_BATCH_PAGES:
+            raise LocalProtocolError(f"a batch of {count} pages is over the {MAX_BATCH_PAGES}-page limit")
+        if start >= MAX_GFN:
+            raise LocalProtocolError(f"page number {start:#x} is beyond any guest memory")
+        if not layout.covers(start, start + count):
+            raise LocalProtocolError(
+                f"run 0 of the batch, gfns [{start:#x}, {start + count:#x}), is outside the memory layout")
+        return count
     if not np.all(lengths > 0):
         raise LocalProtocolError(f"run {int(np.argmin(lengths))} of the batch is empty")
     npages = int(lengths.sum(dtype=np.uint64))
     if npages > MAX_BATCH_PAGES:
         raise LocalProtocolError(f"a batch of {npages} pages is over the {MAX_BATCH_PAGES}-page limit")
-    if len(zero) != npages:
-        raise LocalProtocolError(f"zero-page mask has {len(zero)} entries for {npages} pages")
     if int(starts.max()) >= MAX_GFN:
         raise LocalProtocolError(f"page number {int(starts.max()):#x} is beyond any guest memory")
     first = starts.astype(np.int64)
@@ -155,17 +192,6 @@ def check_batch(batch: PageBatch, header: Header, layout: LayoutIndex) -> int:
         raise LocalProtocolError(
             f"run {bad} of the batch, gfns [{int(first[bad]):#x}, {int(end[bad]):#x}), is outside the memory layout"
         )
-    nonzero = npages - int(np.count_nonzero(zero))
-    size = nonzero * header.page_size
-    data_len = len(as_bytes_view(batch.data))
-    if size > MAX_BATCH_DATA:
-        raise LocalProtocolError(f"{nonzero} non-zero pages are over the {MAX_BATCH_DATA}-byte batch limit")
-    if batch.codec == "none" and data_len != size:
-        raise LocalProtocolError(
-            f"batch data is {data_len} bytes; {nonzero} non-zero pages of {header.page_size} bytes need {size}"
-        )
-    if batch.codec != "none" and (nonzero == 0 or data_len == 0):
-        raise LocalProtocolError("a compressed batch needs non-zero pages and a non-empty block")
     return npages
 
 

@@ -87,6 +87,7 @@ ROLE_SOURCE: Final = 1
 HEADER_HEAD: Final = struct.Struct("<IIHBBII4x")  # page size, vcpus, streams, codec, rsvd, nslots, json
 SLOT: Final = struct.Struct("<IIQQ")  # slot, flags, base_gfn, npages
 BATCH_HEAD: Final = struct.Struct("<IBBHIII12x")  # round, codec, flags, rsvd, nruns, npages, data len
+_ONE_RUN: Final = struct.Struct("<QI")  # a batch's runs arrays when it has just one: start, length
 VCPU_HEAD: Final = struct.Struct("<I4x")
 ROUND_END_HEAD: Final = struct.Struct("<I4xQ")
 COMPLETE_HEAD: Final = struct.Struct("<16sH6x")
@@ -268,10 +269,14 @@ def _encode_batch_head(batch: PageBatch, data_len: int) -> bytes:
     lengths_at, bitmap_at, data_at = batch_layout(nruns, npages)
     out = bytearray(data_at)
     BATCH_HEAD.pack_into(out, 0, batch.round, CODEC_IDS[batch.codec], 0, 0, nruns, npages, data_len)
-    out[BATCH_HEAD.size : lengths_at] = batch.starts.astype("<u8", copy=False).tobytes()
-    out[lengths_at : lengths_at + 4 * nruns] = batch.lengths.astype("<u4", copy=False).tobytes()
-    bits = np.packbits(batch.zero, bitorder="little").tobytes()
-    out[bitmap_at : bitmap_at + len(bits)] = bits
+    if nruns == 1:  # the usual batch: struct, not array conversions
+        _ONE_RUN.pack_into(out, BATCH_HEAD.size, int(batch.starts[0]), int(batch.lengths[0]))
+    else:
+        out[BATCH_HEAD.size : lengths_at] = batch.starts.astype("<u8", copy=False).tobytes()
+        out[lengths_at : lengths_at + 4 * nruns] = batch.lengths.astype("<u4", copy=False).tobytes()
+    if data_len != npages * batch.page_size or batch.codec != "none":  # else no page is a zero page
+        bits = np.packbits(batch.zero, bitorder="little").tobytes()
+        out[bitmap_at : bitmap_at + len(bits)] = bits
     return bytes(out)
 
 
@@ -321,8 +326,7 @@ def batch_single_run(head: memoryview) -> tuple[int, int, int] | None:
     _, bitmap_at, data_at = batch_layout(1, npages)
     if nruns != 1 or flags or rsvd or codec_id != CODEC_IDS["none"] or len(head) != data_at:
         return None
-    (first,) = struct.unpack_from("<Q", head, BATCH_HEAD.size)
-    (length,) = struct.unpack_from("<I", head, BATCH_HEAD.size + 8)
+    first, length = _ONE_RUN.unpack_from(head, BATCH_HEAD.size)
     if length != npages or any(head[bitmap_at:]):
         return None
     return rnd, first, npages

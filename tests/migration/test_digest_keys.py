@@ -124,3 +124,13 @@ def test_pacer_holds_the_rate() -> None:
     for _ in range(30):
         pacer.wait(100_000)  # 3 MB at 10 MB/s
     assert time.monotonic() - start >= 0.25
+
+
+def test_a_run_of_fingerprints_lands_where_its_page_numbers_say() -> None:
+    pages = np.random.default_rng(3).integers(0, 256, (6, 4096), dtype=np.uint8)
+    by_numbers, by_run = PageDigest(16), PageDigest(16)
+    by_numbers.update(np.arange(5, 11, dtype=np.uint64), pages)
+    by_run.update_run(5, pages)
+    assert by_run.digest() == by_numbers.digest() != PageDigest(16).digest()
+    by_run.set_run(5, np.zeros(6, dtype=np.uint64))
+    assert by_run.digest() == PageDigest(16).digest()

@@ -91,6 +91,11 @@ CASES: dict[str, Case] = {
     "overlapping runs": Case(runs([0, 2], [4, 4]), r"run 1 of the batch \(gfn 0x2\) overlaps or precedes run 0"),
     "descending runs": Case(runs([10, 0], [1, 1]), r"overlaps or precedes run 0"),
     "an empty run": Case(runs([0, 5], [3, 0]), r"run 1 of the batch is empty"),
+    # One-run batches take a shorter path through the checks than batches of several runs: both are held
+    # to the same rules.
+    "an empty single run": Case(runs([5], [0]), r"run 0 of the batch is empty", on_the_wire=False),
+    "a second run in a hole": Case(runs([0, 40], [1, 1]), r"run 1 of the batch, gfns \[0x28, 0x29\), is outside"),
+    "a second run past any memory": Case(runs([0, 1 << 60], [1, 1]), r"beyond any guest memory"),
     "data shorter than the pages": Case(runs([0], [2], data_pages=1), r"batch data is 4096 bytes; .* need 8192"),
     "data longer than the pages": Case(runs([0], [1], data_pages=2), r"batch data is 8192 bytes; .* need 4096"),
     "a codec the Header did not name": Case(batch([1, 2], codec="zstd"), r"batch codec 'zstd' is neither 'none'"),
@@ -182,6 +187,12 @@ CASES: dict[str, Case] = {
     "an Abort without an AbortCode": Case(
         Abort("x", 3),  # type: ignore[arg-type]
         r"Abort needs a reason string and an AbortCode",
+        on_the_wire=False,
+    ),
+    "a batch of too many pages in two runs": Case(
+        PageBatch(0, np.array([0, 1 << 20], np.uint64), np.array([1, 1 << 20], np.uint32),
+                  np.ones((1 << 20) + 1, bool), b""),
+        r"a batch of 1048577 pages is over the 1048576-page limit",
         on_the_wire=False,
     ),
     "a batch of too many pages": Case(
