@@ -26,7 +26,9 @@ import hmac
 from typing import Final
 
 from blake3 import blake3
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher
+from cryptography.hazmat.primitives.ciphers.algorithms import AES
+from cryptography.hazmat.primitives.ciphers.modes import GCM
 
 from dirtylog.migration.errors import LocalProtocolError
 from dirtylog.migration.events import BytesLike
@@ -72,13 +74,13 @@ def proofs_equal(a: bytes, b: bytes) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _aes(key: bytes) -> algorithms.AES:
-    return algorithms.AES(key)  # checked once per key, not once per frame
+def _aes(key: bytes) -> AES:
+    return AES(key)  # checked once per key, not once per frame
 
 
 def frame_mac(key: bytes, seq: int, *parts: BytesLike) -> bytes:
     """MAC of frame ``seq``: AES-256-GMAC over its parts (header, payload head, data), read in place."""
-    gmac = Cipher(_aes(key), modes.GCM(seq.to_bytes(12, "little"))).encryptor()
+    gmac = Cipher(_aes(key), GCM(seq.to_bytes(12, "little"))).encryptor()
     for part in parts:
         gmac.authenticate_additional_data(part)
     gmac.finalize()

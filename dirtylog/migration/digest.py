@@ -16,6 +16,7 @@ change and random corruption with near certainty; it is not a MAC: tampering is 
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 
 import numpy as np
@@ -26,6 +27,7 @@ _WORDS = 512  # 64-bit words in a 4 KiB page
 _MULTIPLIERS = np.random.default_rng(0x6469727479).integers(0, 2**63, _WORDS, dtype=np.uint64) | np.uint64(1)
 
 
+@functools.cache
 def _kernels() -> ModuleType:
     """The compiled passes, imported on first use (Numba's import costs 0.3 s)."""
     from dirtylog.migration import _fingerprints as module

@@ -142,6 +142,8 @@ class PageBatch:
 
     @property
     def npages(self) -> int:
+        if len(self.lengths) == 1:  # the usual batch; a NumPy reduction costs 10-20 us per frame in situ
+            return int(self.lengths[0])
         return int(self.lengths.sum(dtype=np.uint64))
 
     @property

@@ -141,7 +141,7 @@ class SourceMigration:
         self._sender_threads = options.streams > 1
         # Batch buffers in flight: each stream's queue, the one being written, the one being filled.
         count = options.streams * (QUEUE_DEPTH + 1) + 1 if self._sender_threads else 1
-        self._buffers: queue.Queue[npt.NDArray[np.uint8]] = queue.Queue()
+        self._buffers: queue.SimpleQueue[npt.NDArray[np.uint8]] = queue.SimpleQueue()  # C: cheap per frame
         for _ in range(count):
             # np.ones, not np.zeros: its pages are allocated now, not on first use inside round 0.
             self._buffers.put(np.ones((options.batch_pages, PAGE_SIZE), dtype=np.uint8))
