@@ -221,11 +221,11 @@ def run_migration(key: str, memory: int, *, workload: str = "idle", rate: int | 
                   filled: bool = True, compressible: bool = False, warmup: float = 0.5,
                   **options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     destination = Destination(key)
-    marks: list[tuple[float, float]] = []
+    marks: list[tuple[float, float, float]] = []
 
     def mark_cpu(kind: str, record: dict[str, Any]) -> None:  # at the start of round 0 and at its end
         if kind == "setup" or (kind == "round" and len(marks) == 1):
-            marks.append((time.process_time(), process_cpu(destination.process.pid)))
+            marks.append((time.process_time(), process_cpu(destination.process.pid), time.perf_counter()))
 
     ring = 4096 if options.get("mode") == "ring" else 0
     with Machine(memory, vcpus=2, workload=workload, rate=rate, prefault=True, dirty_ring=ring) as machine:  # type: ignore[arg-type]
@@ -239,8 +239,10 @@ def run_migration(key: str, memory: int, *, workload: str = "idle", rate: int | 
             stats = {**(error.stats.as_dict() if error.stats else {}), "status": "failed", "error": str(error)}
     if len(marks) == 2 and stats.get("rounds"):
         gigabytes = stats["rounds"][0]["bytes"] / 1e9
-        stats["round0_cpu_s_per_gb"] = {"source": (marks[1][0] - marks[0][0]) / gigabytes,
-                                        "destination": (marks[1][1] - marks[0][1]) / gigabytes}
+        cpu = {"source": marks[1][0] - marks[0][0], "destination": marks[1][1] - marks[0][1]}
+        stats["round0_cpu_s_per_gb"] = {side: seconds / gigabytes for side, seconds in cpu.items()}
+        # Busy near 100 % means that side is CPU-bound: only less work per byte there makes round 0 faster.
+        stats["round0_busy"] = {side: seconds / (marks[1][2] - marks[0][2]) for side, seconds in cpu.items()}
     return stats, destination.finish()
 
 
@@ -284,6 +286,8 @@ def throughput(key: str, sizes: list[int], repeat: int) -> list[dict[str, Any]]:
                 "total_s": median(lambda s: s["stats"]["total_time_ms"]) / 1e3,
                 "round0_cpu_s_per_gb": {side: median(lambda s, side=side: s["stats"]["round0_cpu_s_per_gb"][side])
                                         for side in ("source", "destination")},
+                "round0_busy": {side: median(lambda s, side=side: s["stats"]["round0_busy"][side])
+                                for side in ("source", "destination")},
             })
     return rows
 
@@ -361,8 +365,9 @@ def main() -> None:
               f"raw {row['raw_gbps']:.2f} GB/s, ratio {row['ratio']:.2f}x {row['ratios']} (the passes alone: "
               f"{row['passes_only_gbps']:.2f} GB/s, {row['passes_only_ratio']:.2f}x); "
               f"downtime {row['downtime_ms']:.1f} ms, "
-              f"total {row['total_s']:.2f} s; CPU s/GB in round 0: source {row['round0_cpu_s_per_gb']['source']:.3f}, "
-              f"destination {row['round0_cpu_s_per_gb']['destination']:.3f}")
+              f"total {row['total_s']:.2f} s; CPU s/GB in round 0 (busy): "
+              f"source {row['round0_cpu_s_per_gb']['source']:.3f} ({row['round0_busy']['source']:.0%}), "
+              f"destination {row['round0_cpu_s_per_gb']['destination']:.3f} ({row['round0_busy']['destination']:.0%})")
     print("dirtying guests (1 GiB, random, 500 MB/s cap, 50 ms limit)")
     for row in results.get("dirtying", []):
         print(f"  {row['rate_pages_per_vcpu']:>6} pages/s/vCPU: {row['status']}, dirtying {row['dirty_mbps']:.0f} MB/s,"
