@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def raw_copy_cpu(size: int, passes: bool = False) -> tuple[float, float, float]:
         server.close()
         buffer = resident_buffer(size)
         sock = socket.create_connection(("127.0.0.1", port))
-        view, got = memoryview(buffer), 0
+        view, got = buffer.data, 0
         began = time.process_time()
         while got < size:
             if passes:  # a whole frame, then its MAC and fingerprints
@@ -97,7 +98,7 @@ def raw_copy_cpu(size: int, passes: bool = False) -> tuple[float, float, float]:
     conn, _ = server.accept()
     data = resident_buffer(size)
     data[:] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
-    view = memoryview(data)
+    view = data.data
     pages = data.reshape(-1, PAGE_SIZE)
     out = np.ones((FRAME_PAGES, PAGE_SIZE), dtype=np.uint8)
     starts, lengths = np.zeros(1, dtype=np.uint64), np.full(1, FRAME_PAGES, dtype=np.uint32)
@@ -158,9 +159,9 @@ def pass_costs(memory: np.ndarray, batch_pages: int = 1024) -> dict[str, float]:
     buffer = np.empty((batch_pages, PAGE_SIZE), dtype=np.uint8)
     key = os.urandom(32)
     starts, lengths = np.zeros(1, dtype=np.uint64), np.full(1, batch_pages, dtype=np.uint32)
-    passes = {
+    passes: dict[str, Callable[[int], object]] = {
         "gather": lambda first: gather(pages, starts + np.uint64(first), lengths, buffer),
-        "mac": lambda first: frame_mac(key, first, pages[first:first + batch_pages]),
+        "mac": lambda first: frame_mac(key, first, pages[first:first + batch_pages].data),
         "fingerprints": lambda first: fingerprints(pages[first:first + batch_pages]),
     }
     costs = {}
@@ -348,14 +349,14 @@ def main() -> None:
     repeat = 1 if args.quick else args.repeat
     with tempfile.TemporaryDirectory() as folder:
         key = str(generate_key_file(Path(folder) / "k"))
-        sections = {
+        sections: dict[str, Callable[[], Any]] = {
             "throughput": lambda: throughput(key, sizes, repeat),
             "dirtying": lambda: dirtying(key, parse_size("1G"), [5_000, 20_000, 50_000], bandwidth=500e6),
             "convergence": lambda: convergence(key, parse_size("128M"), "100M"),
             "compression": lambda: compression(key, parse_size("1G")),
             "budget": lambda: budget(parse_size("1G")),
         }
-        results = {name: sections[name]() for name in args.sections.split(",")}
+        results: dict[str, Any] = {name: sections[name]() for name in args.sections.split(",")}
     if args.json:
         print(json.dumps(results, indent=2))
         return

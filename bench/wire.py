@@ -18,6 +18,7 @@ GB/s are of guest page bytes, whatever went on the wire.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from blake3 import blake3
+from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,7 +61,15 @@ def working_set(nbytes: int, seed: int = 0) -> np.ndarray:
     return mem
 
 
-def rate(work: Callable[[int], None], nbytes: int, seconds: float, count: int) -> float:
+def _compress_batch(codec: Codec, batches: list[NDArray[np.uint8]], i: int) -> bytes:
+    return compress(codec, batches[i].data)
+
+
+def _decompress_block(codec: Codec, blocks: list[bytes], size: int, i: int) -> bytes:
+    return decompress(codec, blocks[i], size)
+
+
+def rate(work: Callable[[int], object], nbytes: int, seconds: float, count: int) -> float:
     """Median GB/s of three runs of ``work(i)`` over ``seconds`` each (``nbytes`` per call)."""
     work(0)
     runs = []
@@ -96,14 +106,14 @@ def fresh_receiver(preamble: list[bytes]) -> DestinationConnection:
     return dst
 
 
-def releases_gil(work: Callable[[], None]) -> float:
+def releases_gil(work: Callable[[], object]) -> float:
     """How much of its time a spinning Python thread keeps while ``work`` runs (1.0: GIL released)."""
 
     def spin(counter: list[int], stop: threading.Event) -> None:
         while not stop.is_set():
             counter[0] += 1
 
-    def spins_per_second(during: Callable[[], None]) -> float:
+    def spins_per_second(during: Callable[[], object]) -> float:
         counter, stop = [0], threading.Event()
         thread = threading.Thread(target=spin, args=(counter, stop))
         thread.start()
@@ -143,22 +153,21 @@ def main() -> None:
         "batch_bytes": nbytes,
         "working_set_bytes": mem.nbytes,
         "memcpy_gbps": rate(lambda i: np.copyto(out, batches[i]), nbytes, seconds, count),
-        "gmac_frame_mac_gbps": rate(lambda i: frame_mac(key, i, batches[i]), nbytes, seconds, count),
-        "blake3_mac_gbps": rate(lambda i: blake3(batches[i], key=key).digest(16), nbytes, seconds, count),
+        "gmac_frame_mac_gbps": rate(lambda i: frame_mac(key, i, batches[i].data), nbytes, seconds, count),
+        "blake3_mac_gbps": rate(lambda i: blake3(batches[i].data, key=key).digest(16), nbytes, seconds, count),
         "page_fingerprints_gbps": rate(lambda i: fingerprints(batches[i].reshape(-1, PAGE)), nbytes, seconds, count),
-        "gmac_releases_gil": round(releases_gil(lambda: frame_mac(key, 0, batches[0])), 2),
+        "gmac_releases_gil": round(releases_gil(lambda: frame_mac(key, 0, batches[0].data)), 2),
     }
     memcpy = float(result["memcpy_gbps"])  # type: ignore[arg-type]
     codecs: dict[str, dict[str, float]] = {}
     for codec in ("none", "lz4", "zstd"):
         row: dict[str, float] = {}
         if codec != "none":
-            blocks = [compress(codec, b) for b in batches]
+            blocks = [compress(codec, b.data) for b in batches]
             row["ratio"] = sum(len(b) for b in blocks) / mem.nbytes
-            row["compress_gbps"] = rate(lambda i, c=codec: compress(c, batches[i]), nbytes, seconds, count)
-            row["decompress_gbps"] = rate(
-                lambda i, c=codec, b=blocks: decompress(c, b[i], nbytes), nbytes, seconds, count
-            )
+            row["compress_gbps"] = rate(functools.partial(_compress_batch, codec, batches), nbytes, seconds, count)
+            row["decompress_gbps"] = rate(functools.partial(_decompress_block, codec, blocks, nbytes), nbytes, seconds,
+                                          count)
         src, _, _ = streaming_pair(codec, len(mem))
 
         def encode(i: int, c: Codec = codec, s: SourceConnection = src) -> None:
