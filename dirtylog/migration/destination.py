@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from dirtylog.errors import DirtylogError
 from dirtylog.machine import Machine
@@ -39,7 +40,7 @@ from dirtylog.migration.events import (
     Verified,
 )
 from dirtylog.migration.keys import load_key
-from dirtylog.migration.pages import decode_pages
+from dirtylog.migration.pages import batch_pages, pfns_from_runs
 from dirtylog.migration.precopy import MigrationError
 from dirtylog.migration.stats import MigrationStats
 from dirtylog.migration.streams import Stream, close_aborted
@@ -277,55 +278,50 @@ class DestinationMigration:
 
     def _apply(self, batch: PageBatch) -> None:
         """Write a batch into guest memory, keeping for each page the copy of the latest round."""
+        data = batch_pages(batch)  # before taking the lock: streams decompress in parallel
+        one_run = batch.starts.size == 1 and len(data) == batch.npages  # and no zero page
+        if one_run and self._apply_run(batch.round, int(batch.starts[0]), data):
+            normal, zeros = len(data), 0
+        else:
+            normal, zeros = self._apply_pages(batch, data)
+        self.stats.transferred += len(batch.data)
+        self.stats.normal_pages += normal
+        self.stats.duplicate_pages += zeros
+
+    def _apply_run(self, round_: int, first: int, data: NDArray[np.uint8]) -> bool:
+        """Pages ``first``, ``first + 1``, ... now hold ``data``: the usual batch, one run with no zero page,
+        applied with slices instead of per-page arrays (each NumPy call costs ~10-20 us with the cache full
+        of page data). False, with nothing applied, when a later round of one of them already arrived."""
         assert self.machine is not None and self._digest is not None
-        if self._apply_run(batch):
-            return
-        pfns, zero, data = decode_pages(batch)
+        pages = self.machine.ram.pages
+        with self._apply_lock:
+            rounds = self._page_round[first:first + len(data)]
+            if rounds.max() > round_:
+                return False
+            if data.ctypes.data != pages[first].ctypes.data:  # not received in place (_IntoGuestMemory)
+                pages[first:first + len(data)] = data
+            rounds[:] = round_
+            self._digest.update_run(first, data)
+        return True
+
+    def _apply_pages(self, batch: PageBatch, data: NDArray[np.uint8]) -> tuple[int, int]:
+        """Any batch, page by page: zero pages, several runs, pages a later round already brought. Returns
+        the pages applied with data and as zero pages."""
+        assert self.machine is not None and self._digest is not None
+        pfns, zero = pfns_from_runs(batch.starts, batch.lengths), batch.zero
         pages = self.machine.ram.pages
         with self._apply_lock:
             newer = self._page_round[pfns] <= batch.round
-            whole_run = batch.starts.size == 1 and bool(newer.all()) and not zero.any()
             if not newer.all():  # a later round of this page already arrived on another stream
-                keep_data = newer[~zero]
-                data, zero, pfns = data[keep_data], zero[newer], pfns[newer]
-            first = int(pfns[0]) if pfns.size else 0
-            if whole_run and data.ctypes.data == pages[first].ctypes.data:
-                pass  # received in place (_IntoGuestMemory)
-            elif whole_run:  # one run of pages, all with data: a plain copy
-                pages[first:first + pfns.size] = data
-            else:
-                pages[pfns[~zero]] = data
-                if zero.any():
-                    pages[pfns[zero]] = 0
+                data, zero, pfns = data[newer[~zero]], zero[newer], pfns[newer]
+            pages[pfns[~zero]] = data
+            if zero.any():
+                pages[pfns[zero]] = 0
             self._page_round[pfns] = batch.round
             self._digest.update(pfns[~zero], data)
             self._digest.zero(pfns[zero])
-        self.stats.transferred += len(batch.data)
-        self.stats.normal_pages += int(pfns.size - np.count_nonzero(zero))
-        self.stats.duplicate_pages += int(np.count_nonzero(zero))
-
-    def _apply_run(self, batch: PageBatch) -> bool:
-        """``_apply`` for the usual batch, one run of raw pages with no zero page, with slices instead of
-        per-page arrays (each NumPy call costs ~10-20 us with the cache full of page data); False when
-        ``batch`` is not one of those, or a later round of one of its pages has already arrived."""
-        assert self.machine is not None and self._digest is not None
-        pages = self.machine.ram.pages
-        count = len(batch.data) // batch.page_size
-        if batch.starts.size != 1 or batch.codec != "none" or count != int(batch.lengths[0]):
-            return False
-        first = int(batch.starts[0])
-        with self._apply_lock:
-            rounds = self._page_round[first:first + count]
-            if rounds.max() > batch.round:
-                return False
-            data = np.frombuffer(batch.data, dtype=np.uint8).reshape(count, batch.page_size)
-            if data.ctypes.data != pages[first].ctypes.data:  # not received in place (_IntoGuestMemory)
-                pages[first:first + count] = data
-            rounds[:] = batch.round
-            self._digest.update_run(first, data)
-        self.stats.transferred += len(batch.data)
-        self.stats.normal_pages += count
-        return True
+        zeros = int(np.count_nonzero(zero))
+        return int(pfns.size) - zeros, zeros
 
     def _fail(self, reason: str) -> None:
         with self._done:

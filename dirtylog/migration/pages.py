@@ -115,6 +115,11 @@ def decode_pages(batch: PageBatch) -> tuple[NDArray[np.uint64], NDArray[np.bool_
     Raw data is viewed, not copied; compressed data is decompressed once. A batch whose data does not
     hold exactly its non-zero pages raises RemoteProtocolError: apply nothing of it, abort.
     """
+    return pfns_from_runs(batch.starts, batch.lengths), batch.zero, batch_pages(batch)
+
+
+def batch_pages(batch: PageBatch) -> NDArray[np.uint8]:
+    """The non-zero pages of a received batch, one per row (``decode_pages`` without the page numbers)."""
     nonzero = batch.npages - batch.nzero
     size = nonzero * batch.page_size
     if size > MAX_BATCH_DATA:
@@ -127,5 +132,4 @@ def decode_pages(batch: PageBatch) -> tuple[NDArray[np.uint64], NDArray[np.bool_
             )
     else:
         raw = decompress(batch.codec, batch.data, size)
-    pages = np.frombuffer(raw, dtype=np.uint8).reshape(nonzero, batch.page_size)
-    return pfns_from_runs(batch.starts, batch.lengths), batch.zero, pages
+    return np.frombuffer(raw, dtype=np.uint8).reshape(nonzero, batch.page_size)
