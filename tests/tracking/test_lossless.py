@@ -8,11 +8,13 @@ A short run per mode is in the normal suite; ``pytest -m stress`` runs each for 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from dirtylog.bitmap import DirtyBitmap
+from dirtylog.guest.x86 import CODE_ADDR
 from dirtylog.machine import Machine
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.verify import StampVerifier
@@ -106,6 +108,59 @@ def test_the_verifier_catches_a_tracker_that_loses_pages() -> None:
     assert tracker.dropped > 0
     kinds = {v.kind for v in verifier.report.violations}
     assert kinds and kinds <= {"lost", "stale"}, kinds
+
+
+class CodePageTracker(Tracker):
+    """A tracker that also reports the program's code page every time, as PVM now and then does once."""
+
+    mode = "code-page"
+
+    def __init__(self, inner: Tracker) -> None:
+        super().__init__(inner.npages)
+        self.inner = inner
+
+    def _enable(self) -> None:
+        self.inner.enable()
+
+    def _collect(self) -> DirtyBitmap:
+        bitmap = self.inner.collect()
+        return bitmap | DirtyBitmap.from_pages([CODE_ADDR // PAGE_SIZE], bitmap.npages)
+
+    def _disable(self) -> None:
+        self.inner.disable()
+
+
+def run_verified(tracker_of: Callable[[Machine], Tracker], between: Callable[[Machine, int], None]) -> StampVerifier:
+    with Machine("64M", vcpus=2, workload="stamp", writes_per_iteration=512, prefault=True) as machine:
+        tracker = tracker_of(machine)
+        verifier = StampVerifier(machine)
+        machine.start()
+        verifier.enable(tracker)
+        for k in range(20):
+            time.sleep(0.003)
+            between(machine, k)
+            verifier.collect(tracker)
+        machine.pause()
+        verifier.collect(tracker)
+        tracker.disable()
+    return verifier
+
+
+def test_a_report_of_an_unwritten_page_outside_the_area_is_an_over_report() -> None:
+    verifier = run_verified(lambda machine: CodePageTracker(machine.dirty_log("log")), lambda machine, k: None)
+    assert verifier.report.ok, "\n".join(v.describe() for v in verifier.report.violations[:20])
+    assert verifier.report.over_reported >= verifier.report.collections
+
+
+def test_a_write_outside_the_workload_area_is_a_violation() -> None:
+    unused = 0x170000  # the control block of vCPU 96: a 2-vCPU guest never touches it
+
+    def poke(machine: Machine, k: int) -> None:
+        if k == 10:
+            machine.memory[unused + 8] ^= 0xFF
+
+    verifier = run_verified(lambda machine: machine.dirty_log("log"), poke)
+    assert [(v.kind, v.page) for v in verifier.report.violations] == [("outside", unused // PAGE_SIZE)]
 
 
 @pytest.mark.parametrize("mode", ["log", "clear", "ring"])
