@@ -12,6 +12,7 @@ from dirtylog.migration.precopy import (
     PrecopyPolicy,
     RoundStats,
 )
+from dirtylog.migration.stats import MigrationStats
 
 
 def round_of(index: int, pages: int, dirty: int, seconds: float = 1.0, zero: int = 0) -> RoundStats:
@@ -92,3 +93,10 @@ def test_dirty_limiter_charges_only_the_excess() -> None:
 def test_bad_policies_name_the_problem(options: dict[str, object], message: str) -> None:
     with pytest.raises(MigrationError, match=message):
         PrecopyPolicy(**options)  # type: ignore[arg-type]
+
+
+def test_throughput_leaves_the_setup_out_as_qemu_does() -> None:
+    stats = MigrationStats(transferred=3_000_000_000, total_time=4.0, setup_time=1.0)
+    assert stats.throughput == pytest.approx(1e9)
+    assert stats.as_dict()["ram"]["mbps"] == pytest.approx(8000.0)
+    assert MigrationStats(transferred=10, total_time=1.0, setup_time=1.0).throughput == 0.0
