@@ -385,7 +385,7 @@ class SourceMigration:
         primary.send(Commit())
         primary.drain(self.options.io_timeout)
         self.committed = True
-        self.machine.handed_off_to = self.to
+        self.machine.hand_off(self.to)
         resumed = primary.next_event(self.options.io_timeout, "Resumed")
         if not isinstance(resumed, Resumed):
             raise MigrationError(f"the destination answered {type(resumed).__name__} instead of Resumed")

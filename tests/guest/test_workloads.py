@@ -112,4 +112,6 @@ def test_progress_counter_lives_in_guest_memory() -> None:
         wait_for(lambda: machine.progress > 1000, what="progress")
         machine.pause()
         assert machine.progress == machine.control(0, ControlBlock.PROGRESS)
-        assert machine.saved_regs(0).r10 == machine.progress  # the register the program counts in
+        # R10 is the register the program counts in; it publishes R10 the instruction after incrementing it,
+        # so a pause may land between the two (seen in 1 of 10 runs here).
+        assert machine.saved_regs(0).r10 - machine.progress in (0, 1)
