@@ -15,6 +15,11 @@ from types import TracebackType
 from typing import Self
 
 from dirtylog.bitmap import DirtyBitmap
+from dirtylog.errors import DirtylogError
+
+
+class TrackingError(DirtylogError):
+    """A tracker asked to do what it cannot: not enabled, an unknown slot, a bad setting."""
 
 
 @dataclass
@@ -55,7 +60,7 @@ class Tracker(ABC):
     def collect(self) -> DirtyBitmap:
         """Pages written since the last collection; they are write-protected again on return."""
         if not self.enabled:
-            raise RuntimeError(f"{self.mode} tracker is not enabled; call enable() first")
+            raise TrackingError(f"{self.mode} tracker is not enabled; call enable() first")
         start = time.perf_counter()
         bitmap = self._collect()
         self.stats.record_collect(time.perf_counter() - start, bitmap.count())
