@@ -12,10 +12,14 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.errors import DirtylogError
+
+#: The KVM dirty-log modes a machine offers (``Machine.dirty_log``).
+TrackingMode = Literal["log", "clear", "ring"]
+TRACKING_MODES: tuple[TrackingMode, ...] = ("log", "clear", "ring")
 
 
 class TrackingError(DirtylogError):

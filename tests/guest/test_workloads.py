@@ -9,7 +9,7 @@ from dirtylog.guest.machine import Machine
 from dirtylog.guest.programs import ControlBlock
 from dirtylog.guest.x86 import control_block_addr
 from dirtylog.units import PAGE_SIZE
-from tests.guest.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.kvm
 
@@ -93,6 +93,7 @@ def test_idle_writes_nothing() -> None:
         assert np.all(machine.memory[area.start * PAGE_SIZE:] == 0)
 
 
+@pytest.mark.timing
 def test_rate_limit_holds_the_guest_to_its_rate() -> None:
     import time
 

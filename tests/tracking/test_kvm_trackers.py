@@ -14,7 +14,7 @@ from dirtylog.kvm.errors import DirtyLogRangeError, KvmCapabilityError, LoggingN
 from dirtylog.machine import Machine
 from dirtylog.tracking.base import TrackingError
 from dirtylog.units import PAGE_SIZE
-from tests.guest.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.kvm
 
