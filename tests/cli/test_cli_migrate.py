@@ -119,3 +119,23 @@ def test_bad_migration_arguments_are_usage_errors(capsys: pytest.CaptureFixture[
     assert exit_info.value.code == 2
     assert "argument --downtime-limit" in capsys.readouterr().err
     assert main(["migrate", "--to", "nohost", "--key-file", "/nonexistent", "--memory", "64M"]) == 1
+
+
+@pytest.mark.kvm
+def test_a_vm_saved_to_a_file_and_loaded_by_another_process(tmp_path: Path) -> None:
+    key, stream = tmp_path / "k", tmp_path / "vm.stream"
+    assert main(["keygen", str(key), "--json"]) == 0
+    saved = subprocess.run(
+        [*DIRTYLOG, "migrate", "--to", f"file:{stream}", "--key-file", str(key), "--memory", "64M",
+         "--workload", "sequential", "--warmup", "200ms"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert f"saved to file:{stream}; this VM stays paused here" in saved.stdout
+    loaded = subprocess.run(
+        [*DIRTYLOG, "receive", "--listen", f"file:{stream}", "--key-file", str(key), "--duration", "300ms", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    done = next(e for e in json_lines(loaded.stdout) if e["event"] == "completed")
+    assert done["continued"] is True  # the sequential guest writes on from where it was saved

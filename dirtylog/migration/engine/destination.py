@@ -131,6 +131,7 @@ class DestinationMigration:
         self._completes: dict[int, Complete] = {}
         self._done = threading.Condition()
         self._failure: str | None = None
+        self._verified = False
         self._committed = False
         self._connected_at = time.perf_counter()
         self._readers: list[threading.Thread] = []
@@ -228,10 +229,17 @@ class DestinationMigration:
                 if count == 0:
                     with stream.lock:
                         conn.receive_data(b"")
-                with stream.lock:  # the main thread may be sending Verified or Resumed on this connection
-                    while (event := conn.next_event()) is not NEED_DATA:
-                        if not self._handle(stream, event):
-                            return
+                while True:
+                    with stream.lock:  # the main thread may be sending Verified or Resumed on this connection
+                        event = conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if not self._handle(stream, event):
+                        return
+                    if isinstance(event, Complete) and stream.index == 0:
+                        # A live source says nothing more until our Verified; a recorded one (a file) must not
+                        # run ahead of it either, or its Commit would arrive before we had verified.
+                        self._wait(lambda: self._verified)
                 if count == 0:
                     raise MigrationError(f"stream {stream.index}: the source closed the connection")
         except TimeoutError:
@@ -315,6 +323,9 @@ class DestinationMigration:
             raise _VerifyFailedError(f"memory digest mismatch: ours {digest.hex()}, the source's {expected.hex()}; "
                                 "the copy is discarded and the source keeps the VM")
         primary.send(Verified(digest))
+        with self._done:
+            self._verified = True
+            self._done.notify_all()
         self._wait(lambda: self._committed)
         states = [self._vcpu_states[i] for i in range(self.machine.spec.vcpus)]
         if self.before_resume is not None:

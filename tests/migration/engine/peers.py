@@ -32,9 +32,9 @@ class Receiver:
         assert not self.thread.is_alive(), "receive() did not finish"
 
 
-def start_receiver(key_file: str, **kwargs: Any) -> Receiver:
-    """A destination listening on a free loopback port, receiving in a background thread."""
-    receiver = Receiver(Listener("127.0.0.1:0"))
+def start_receiver(key_file: str, *, listen: str = "127.0.0.1:0", **kwargs: Any) -> Receiver:
+    """A destination listening (by default on a free loopback port), receiving in a background thread."""
+    receiver = Receiver(Listener(listen))
 
     def keep_memory(machine: Any) -> None:
         receiver.memory_at_resume = machine.memory.copy()
