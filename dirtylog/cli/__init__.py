@@ -1,4 +1,5 @@
-"""The ``dirtylog`` command: one module per sub-command, each with ``register(subparsers)``."""
+"""The ``dirtylog`` command: one module per family of sub-commands (``migrate.py`` holds keygen, receive and
+migrate), each with ``register(subparsers)``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 
 from dirtylog.errors import DirtylogError
 
-# Sub-command modules, in the order ``dirtylog --help`` lists them. Each defines
+# Sub-command modules, in the order ``dirtylog --help`` lists their commands. Each defines
 # ``register(subparsers: argparse._SubParsersAction) -> None`` and sets ``func`` on its parser.
 _COMMANDS = ("info", "run", "track", "model", "migrate", "demo")
 
