@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from dirtylog.errors import DirtylogError
 
@@ -15,12 +17,22 @@ from dirtylog.errors import DirtylogError
 _COMMANDS = ("info", "run", "track", "model", "migrate", "demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse takes ``--duration -5s`` or ``--memory -1G`` for an option named ``-5s`` and says only "expected one
+    argument"; no option of ours starts with a digit, so a value that does is a value, and its own parser says
+    what is wrong with it ("is negative")."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every sub-command registered."""
     parser = argparse.ArgumentParser(
         prog="dirtylog", description="Dirty page logging for virtual machines, on real KVM and as a model."
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in _COMMANDS:
         try:
             module = importlib.import_module(f"dirtylog.cli.{name}")
