@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any
 
+from rich.markup import escape
+
 from dirtylog.cli.options import (
     add_machine_arguments,
     duration_arg,
@@ -88,7 +90,8 @@ def run_keygen(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"event": "keygen", "file": str(path), "mode": "0600"})
     else:
-        console.print(f"wrote a new key to {path} (mode 0600); copy it to the other host over a channel you trust")
+        console.print(f"wrote a new key to {escape(str(path))} (mode 0600); copy it to the other host over a channel "
+                      "you trust")
     return 0
 
 
@@ -128,8 +131,8 @@ def run_migrate(args: argparse.Namespace) -> int:
                                   "pages")
             return 1
         if machine.state is State.PAUSED and not args.json:  # a stream to a file takes no VM over
-            console.print(f"saved to {args.to}; this VM stays paused here (load it with `dirtylog receive "
-                          f"--listen {args.to} --key-file {args.key_file}`)")
+            console.print(escape(f"saved to {args.to}; this VM stays paused here (load it with `dirtylog receive "
+                                 f"--listen {args.to} --key-file {args.key_file}`)"))
     return 0
 
 
@@ -140,7 +143,7 @@ def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> Migrati
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
-            emit_json({"event": kind, **record})
+            emit_json({**record, "event": kind})
         elif kind == "round":
             _round_row(rows, record)
         elif kind == "switchover":
@@ -154,7 +157,7 @@ def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> Migrati
         if args.json:
             emit_json({"event": "failed", "error": str(error)})
         else:
-            console.print(f"[red bold]migration failed[/red bold]: {error}")
+            console.print(f"[red bold]migration failed[/red bold]: {escape(str(error))}")
         return None
     if args.plot:
         plot_migration(args.plot, stats)
@@ -204,12 +207,12 @@ def run_receive(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"event": "listening", "address": where})
     else:
-        console.print(f"destination: listening on {where}")
+        console.print(f"destination: listening on {escape(where)}")
     sys.stdout.flush()
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
-            emit_json({"event": f"received-{kind}", **record})
+            emit_json({**record, "event": f"received-{kind}"})
         elif kind == "round":
             console.print(f"received round {record['round']}: {record['pages']:,} pages on stream 0")
 
@@ -220,7 +223,7 @@ def run_receive(args: argparse.Namespace) -> int:
         if args.json:
             emit_json({"event": "failed", "error": str(error)})
         else:
-            console.print(f"[red bold]incoming migration failed[/red bold]: {error}")
+            console.print(f"[red bold]incoming migration failed[/red bold]: {escape(str(error))}")
         return 1
     finally:
         listener.close()
