@@ -19,7 +19,7 @@ from dirtylog.cli.options import (
     size_arg,
     whole_number,
 )
-from dirtylog.cli.output import RowPrinter, console, emit_json, key_value_table
+from dirtylog.cli.output import RowPrinter, console, emit_json, error_console, key_value_table
 from dirtylog.cli.plots import plot_series
 from dirtylog.guest.machine import State
 from dirtylog.machine import TRACKING_MODES, Machine
@@ -42,7 +42,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="where: host:port (default 127.0.0.1:7000; loopback unless you name another host), "
                            "unix:PATH, or file:PATH to load a stream `migrate --to file:PATH` wrote")
     recv.add_argument("--key-file", required=True, help="pre-shared key file (dirtylog keygen)")
-    recv.add_argument("--memory", type=size_arg, default=None, help="accept only guests of this memory size")
+    recv.add_argument("--memory", type=size_arg, default=None,
+                      help="accept only guests of this memory size, and prepare their VM before any source connects")
+    recv.add_argument("--max-memory", type=size_arg, default=None,
+                      help="without --memory: the largest guest a source may send (default: half of this host's RAM)")
+    recv.add_argument("--handshake-timeout", type=positive_duration_arg, default=5.0,
+                      help="a connection must authenticate within this, or is refused (default 5s)")
     recv.add_argument("--duration", type=duration_arg, default=2.0,
                       help="after the migration, run the guest this long to show it continues (default 2s)")
     recv.add_argument("--timeout", type=positive_duration_arg, default=30.0,
@@ -202,12 +207,16 @@ def plot_migration(path: str, stats: MigrationStats) -> None:
 
 def run_receive(args: argparse.Namespace) -> int:
     load_key(args.key_file)  # a bad key file fails before anything listens
-    listener = Listener(args.listen)
+    listener = Listener(args.listen, memory=args.memory, max_memory=args.max_memory)
     where = listener.address
     if args.json:
-        emit_json({"event": "listening", "address": where})
+        emit_json({"event": "listening", "address": where, "prepared": listener.prepared is not None,
+                   "warning": listener.warning})
     else:
-        console.print(f"destination: listening on {escape(where)}")
+        prepared = f" with a {format_size(args.memory)} VM ready" if listener.prepared is not None else ""
+        console.print(f"destination: listening on {escape(where)}{prepared}")
+        if listener.warning:
+            error_console.print(f"[yellow]warning[/yellow]: {escape(listener.warning)}")
     sys.stdout.flush()
 
     def progress(kind: str, record: dict[str, Any]) -> None:
@@ -215,10 +224,13 @@ def run_receive(args: argparse.Namespace) -> int:
             emit_json({**record, "event": f"received-{kind}"})
         elif kind == "round":
             console.print(f"received round {record['round']}: {record['pages']:,} pages on stream 0")
+        elif kind == "refused":
+            error_console.print(f"refused a connection from {escape(record['peer'])}: {escape(record['reason'])}")
 
     try:
-        received = receive(listener, key_file=args.key_file, memory=args.memory, io_timeout=args.timeout,
-                           accept_timeout=args.accept_timeout, progress=progress)
+        received = receive(listener, key_file=args.key_file, io_timeout=args.timeout,
+                           accept_timeout=args.accept_timeout, handshake_timeout=args.handshake_timeout,
+                           progress=progress)
     except MigrationError as error:
         if args.json:
             emit_json({"event": "failed", "error": str(error)})

@@ -129,6 +129,7 @@ class Machine:
         if not 1 <= vcpus <= MAX_VCPUS:
             raise MachineError(f"vcpus must be between 1 and {MAX_VCPUS}, got {vcpus}")
         install_kick_handler()
+        self.blank = blank
         self.state = State.CREATED
         self.crash: GuestCrash | None = None
         self.on_dirty_ring_full: Callable[[int], None] | None = None
@@ -137,8 +138,7 @@ class Machine:
         self.handed_off_to = ""  # where the VM runs now, once HANDED_OFF
         self.kvm = Kvm(kvm_device)
         try:
-            if vcpus > self.kvm.max_vcpus:
-                raise MachineError(f"this KVM allows {self.kvm.max_vcpus} vCPUs per VM; asked for {vcpus}")
+            self._check_vcpus(vcpus)
             self.vm: Vm = self.kvm.create_vm()
             self.ram = GuestMemory(size, slots)
             if prefault:
@@ -165,6 +165,11 @@ class Machine:
         self._crash_lock = threading.Lock()
         self._transition = threading.Lock()
         self.done_at: dict[int, float] = {}
+
+    def _check_vcpus(self, vcpus: int) -> None:
+        if not 1 <= vcpus <= min(MAX_VCPUS, self.kvm.max_vcpus):
+            raise MachineError(f"vcpus must be between 1 and {min(MAX_VCPUS, self.kvm.max_vcpus)} (this layout's and "
+                               f"this KVM's limit), got {vcpus}")
 
     # --- what the guest sees -----------------------------------------------------------------------
 
@@ -197,6 +202,17 @@ class Machine:
         for offset, value in fields.items():
             block[offset // 8] = value
         return block
+
+    def assume_workload(self, workload: WorkloadName, vcpus: int, rate: int | None = None, *, hot_fraction: float = 0.1,
+                        hot_weight: float = 0.9, writes_per_iteration: int = 0) -> None:
+        """Take on the workload a blank machine's memory will hold, and its vCPU count: for a VM prepared before
+        it was known what would arrive (a migration destination). Only before the vCPUs exist."""
+        if not self.blank or self.state is not State.CREATED or self._runner is not None:
+            raise MachineError("only a new blank machine without vCPUs can take on a workload")
+        self._check_vcpus(vcpus)
+        self.spec = WorkloadSpec(workload, self.spec.first_page, self.spec.npages, vcpus, rate, hot_fraction,
+                                 hot_weight, writes_per_iteration)
+        self.program = build_program(workload)
 
     def set_control(self, vcpu: int, offset: ControlBlock, value: int) -> None:
         """Set a control-block field of ``vcpu`` (before start, or for fields the guest rereads)."""

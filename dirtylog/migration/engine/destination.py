@@ -8,6 +8,7 @@ committed does it load the vCPU states and run the guest. Any failure before tha
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections.abc import Callable
@@ -16,10 +17,11 @@ from typing import Any
 
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.machine import State
-from dirtylog.guest.memory import plan_slots
+from dirtylog.guest.memory import host_memory_bytes, plan_slots
 from dirtylog.guest.x86 import MAX_VCPUS
 from dirtylog.kvm.system import Kvm
 from dirtylog.machine import Machine
+from dirtylog.migration.engine.admission import Admission
 from dirtylog.migration.engine.streams import Stream, close_aborted
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.keys import load_key
@@ -27,7 +29,6 @@ from dirtylog.migration.payload.digest import load_kernels
 from dirtylog.migration.payload.memory import DestinationMemory
 from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
 from dirtylog.migration.protocol.acceptance import HeaderAcceptance
-from dirtylog.migration.protocol.connection import DestinationConnection
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import (
     CLOSED,
@@ -37,7 +38,6 @@ from dirtylog.migration.protocol.events import (
     Commit,
     Complete,
     Header,
-    Hello,
     PageBatch,
     Ready,
     Resumed,
@@ -45,7 +45,7 @@ from dirtylog.migration.protocol.events import (
     VcpuState,
     Verified,
 )
-from dirtylog.migration.transports import ChannelListener, listen, parse_endpoint
+from dirtylog.migration.transports import ChannelListener, Endpoint, listen, parse_endpoint
 from dirtylog.units import PAGE_SIZE
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
@@ -63,9 +63,16 @@ class Received:
 
 class Listener:
     """Where incoming migrations arrive: ``host:port`` (loopback unless a host is named), ``unix:PATH``, or
-    ``file:PATH`` (a stream written earlier by ``migrate(..., "file:PATH")``)."""
+    ``file:PATH`` (a stream written earlier by ``migrate(..., "file:PATH")``).
 
-    def __init__(self, address: str) -> None:
+    A listener is ready before any source connects: the compiled passes are loaded, and with ``memory`` the
+    VM and its guest memory (prefaulted) exist already, so a source's setup is only its connection and
+    handshake. ``memory`` is then the one size accepted; without it a Header may claim up to ``max_memory``
+    (default half of this host's RAM), and memory is allocated as pages arrive, not before.
+    """
+
+    def __init__(self, address: str, *, memory: int | None = None, max_memory: int | None = None,
+                 prefault: bool = True) -> None:
         endpoint = parse_endpoint(address)
         # The compiled fingerprint pass first (0.2 s, or 2-4 s when it compiles on a first run): not in the
         # first round, and not while a source waits, since the source times its handshake as the round trip
@@ -73,35 +80,80 @@ class Listener:
         load_kernels()
         with Kvm() as kvm:  # what this host can run, for the Header's acceptance
             self.max_vcpus = min(kvm.max_vcpus, MAX_VCPUS)
-        self.transport: ChannelListener = listen(endpoint)
+        self.memory = memory
+        self.max_memory = max_memory if max_memory is not None else host_memory_bytes()[0] // 2
+        self.prepared: Machine | None = None
+        if memory is not None:
+            self.prepared = Machine(memory, 1, "idle", blank=True, prefault=prefault)
+        try:
+            self.transport: ChannelListener = listen(endpoint)
+        except BaseException:
+            self.close()
+            raise
         self.address = self.transport.address
+        #: Said to the operator when the address is reachable from other hosts (see exposure_warning).
+        self.warning = exposure_warning(endpoint)
 
     @property
     def port(self) -> int:
         """The TCP port listened on (0 for other transports)."""
         return int(getattr(self.transport, "port", 0))
 
+    def acceptance(self) -> HeaderAcceptance:
+        """What this listener's destination takes from a source."""
+        return HeaderAcceptance(page_size=PAGE_SIZE, memory_bytes=self.memory, max_memory_bytes=self.max_memory,
+                                max_vcpus=self.max_vcpus, plan_slots=plan_slots)
+
+    def take_machine(self) -> Machine | None:
+        """The prepared VM, once (the migration that takes it owns it)."""
+        machine, self.prepared = self.prepared, None
+        return machine
+
     def close(self) -> None:
-        self.transport.close()
+        if getattr(self, "transport", None) is not None:
+            self.transport.close()
+        if self.prepared is not None:
+            self.prepared.close()
+            self.prepared = None
 
 
-def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = None, io_timeout: float = 30.0,
-            accept_timeout: float | None = None, progress: ProgressCallback | None = None,
-            prefault: bool = True, before_resume: Callable[[Machine], None] | None = None) -> Received:
+def exposure_warning(endpoint: Endpoint) -> str | None:
+    """A warning for an address other hosts can reach: who may connect, and what they would get."""
+    if endpoint.scheme != "tcp":
+        return None
+    try:
+        loopback = ipaddress.ip_address(endpoint.host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to may be reachable
+        loopback = endpoint.host == "localhost"
+    if loopback:
+        return None
+    return (f"listening on {endpoint}, reachable from other hosts: anyone there can connect, and any host "
+            "holding the key can send this host a VM to run (its memory travels encrypted unless --no-encrypt)")
+
+
+def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = None, max_memory: int | None = None,
+            io_timeout: float = 30.0, accept_timeout: float | None = None, handshake_timeout: float = 5.0,
+            progress: ProgressCallback | None = None,
+            before_resume: Callable[[Machine], None] | None = None) -> Received:
     """Accept one migration at ``listen_on`` and return the running machine.
 
-    ``memory``, when given, is the only guest memory size accepted. ``prefault`` allocates guest memory
-    before pages arrive: one populate call costs ~0.13 s/GiB here, against ~7 us per page when the first
-    write of each page faults it in. Raises :class:`MigrationError` if the migration fails; nothing is
-    resumed here then, and the source keeps the VM. ``before_resume`` sees the verified machine after the
-    source committed and before its vCPUs run (to inspect or copy the memory exactly as migrated).
+    ``memory``, when given, is the only guest memory size accepted, and the VM is prepared before a source
+    connects; ``max_memory`` bounds what a Header may claim otherwise. Connections that do not authenticate
+    within ``handshake_timeout`` (or at all) are refused, reported through ``progress("refused", ...)``, and
+    the listener goes on until a source authenticates or ``accept_timeout`` passes. Raises
+    :class:`MigrationError` if the migration fails; nothing is resumed here then, and the source keeps the VM.
+    ``before_resume`` sees the verified machine after the source committed and before its vCPUs run (to
+    inspect or copy the memory exactly as migrated).
     """
-    listener = listen_on if isinstance(listen_on, Listener) else Listener(listen_on)
+    key = load_key(key_file)
+    if isinstance(listen_on, Listener) and (memory is not None or max_memory is not None):
+        raise MigrationError("give memory and max_memory to the Listener, which prepares for them")
+    listener = listen_on if isinstance(listen_on, Listener) else Listener(listen_on, memory=memory,
+                                                                           max_memory=max_memory)
     try:
-        acceptance = HeaderAcceptance(page_size=PAGE_SIZE, memory_bytes=memory, max_vcpus=listener.max_vcpus,
-                                      plan_slots=plan_slots)
-        return DestinationMigration(listener, load_key(key_file), acceptance, io_timeout, accept_timeout,
-                                    progress, prefault, before_resume).run()
+        return DestinationMigration(listener, key, io_timeout=io_timeout, accept_timeout=accept_timeout,
+                                    handshake_timeout=handshake_timeout, progress=progress,
+                                    before_resume=before_resume).run()
     finally:
         if not isinstance(listen_on, Listener):
             listener.close()
@@ -110,16 +162,15 @@ def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = No
 class DestinationMigration:
     """One incoming migration."""
 
-    def __init__(self, listener: Listener, key: bytes, acceptance: HeaderAcceptance, io_timeout: float,
-                 accept_timeout: float | None, progress: ProgressCallback | None, prefault: bool,
+    def __init__(self, listener: Listener, key: bytes, *, io_timeout: float, accept_timeout: float | None,
+                 handshake_timeout: float, progress: ProgressCallback | None,
                  before_resume: Callable[[Machine], None] | None = None) -> None:
         self.listener = listener
         self.key = key
-        self.acceptance = acceptance
         self.io_timeout = io_timeout
         self.accept_timeout = accept_timeout
+        self.handshake_timeout = handshake_timeout
         self.progress = progress or (lambda kind, record: None)
-        self.prefault = prefault
         self.before_resume = before_resume
         self.streams: list[Stream] = []
         self.machine: Machine | None = None
@@ -139,17 +190,29 @@ class DestinationMigration:
     def run(self) -> Received:
         start = time.perf_counter()
         try:
-            first = self._accept_stream(None)
-            self._build_machine(first)
-            for _ in range(1, first.conn.stream_count):
-                self._accept_stream(first.conn.migration_id)
+            admission = Admission(self.listener.transport, self.key, self.listener.acceptance(),
+                                  io_timeout=self.io_timeout, handshake_timeout=self.handshake_timeout,
+                                  on_refused=self._refused)
+            admitted = admission.run(self.accept_timeout)
+            self._connected_at = admission.connected_at
+            self.streams = [entry.stream for entry in admitted]
+            self.header = admitted[0].header
+            phases = {"admission": time.perf_counter()}
+            self._build_machine()
+            phases["build"] = time.perf_counter()
             if len(self.streams) == 1:  # with several, a later round of a page may land first
                 assert self.memory is not None
-                first.conn.place_runs_with(self.memory)
+                self.streams[0].conn.place_runs_with(self.memory)
             for stream in self.streams:
                 stream.send(Ready())
-            self.stats.setup_time = time.perf_counter() - self._connected_at
+            phases["ready"] = time.perf_counter()
+            self.stats.setup_time = phases["ready"] - self._connected_at
+            marks = [self._connected_at, *phases.values()]
+            self.stats.setup_phases = {name: end - begin for name, begin, end in zip(phases, marks, marks[1:],
+                                                                                      strict=False)}
             self.stats.status = MigrationStatus.ACTIVE
+            self.progress("setup", {"setup_time_ms": round(self.stats.setup_time * 1e3, 3),
+                                    "setup_phases_ms": self.stats.as_dict()["setup_phases_ms"]})
             for stream in self.streams:
                 stream.start(reader=False)
                 reader = threading.Thread(target=self._read, args=(stream,), name=f"recv{stream.index}", daemon=True)
@@ -162,42 +225,25 @@ class DestinationMigration:
             raise self._as_error(error) from (None if isinstance(error, DirtylogError) else error)
         return received
 
-    # --- streams ------------------------------------------------------------------------------------
+    def _refused(self, peer: str, reason: str) -> None:
+        self.progress("refused", {"peer": peer, "reason": reason})
 
-    def _accept_stream(self, migration_id: bytes | None) -> Stream:
-        try:
-            channel = self.listener.transport.accept(self.accept_timeout if migration_id is None else self.io_timeout)
-            if migration_id is None:
-                self._connected_at = time.perf_counter()
-        except TimeoutError:
-            raise MigrationError("no source connected in time" if migration_id is None else
-                                 "a parallel stream of the migration never connected") from None
-        channel.settimeout(self.io_timeout)
-        conn = DestinationConnection(self.key, acceptance=self.acceptance, nonce=channel.replay_nonce)
-        stream = Stream(len(self.streams), channel, conn)
-        self.streams.append(stream)
-        hello = stream.read_until(Hello, "source", self.io_timeout)
-        if migration_id is not None and hello.migration_id != migration_id:
-            raise MigrationError("a connection from another migration arrived while streams of this one were "
-                                 "expected; one migration at a time")
-        stream.index = hello.stream_index
-        stream.write_now(conn.accept())
-        header = stream.read_until(Header, "source", self.io_timeout)  # accepted by the connection's acceptance
-        if self.header is not None and header != self.header:
-            raise MigrationError(f"stream {hello.stream_index} sent a different Header than stream 0")
-        self.header = header
-        return stream
-
-    def _build_machine(self, first: Stream) -> None:
+    def _build_machine(self) -> None:
+        """The VM the stream fills: the listener's prepared one, or one made now for the Header's memory (its
+        pages allocated as they arrive: a size the operator did not prepare is not committed up front)."""
         header = self.header
         assert header is not None
         workload = header.workload
+        description = dict(workload=workload.get("name", "idle"), rate=workload.get("rate"),
+                           hot_fraction=workload.get("hot_fraction", 0.1), hot_weight=workload.get("hot_weight", 0.9),
+                           writes_per_iteration=workload.get("writes_per_iteration", 0))
         try:
-            machine = Machine(header.memory_bytes, header.vcpus, workload.get("name", "idle"), workload.get("rate"),
-                              slots=len(header.slots), hot_fraction=workload.get("hot_fraction", 0.1),
-                              hot_weight=workload.get("hot_weight", 0.9),
-                              writes_per_iteration=workload.get("writes_per_iteration", 0), blank=True,
-                              prefault=self.prefault)
+            machine = self.listener.take_machine()
+            if machine is None:
+                machine = Machine(header.memory_bytes, header.vcpus, slots=len(header.slots), blank=True,
+                                  **description)
+            else:
+                machine.assume_workload(vcpus=header.vcpus, **description)
         except DirtylogError as error:
             raise MigrationError(f"cannot build the destination VM: {error}") from None
         self.machine = machine

@@ -42,6 +42,7 @@ class MigrationStats:
     mode: str = "log"
     digest: str = ""
     error: str = ""
+    setup_phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the setup
     switchover: dict[str, float] = field(default_factory=dict)  # ms per phase of the downtime
     rounds: list[RoundStats] = field(default_factory=list)
 
@@ -67,6 +68,7 @@ class MigrationStats:
             "status": self.status.value,
             "total_time_ms": ms(self.total_time),
             "setup_time_ms": ms(self.setup_time),
+            "setup_phases_ms": {name: ms(seconds) for name, seconds in self.setup_phases.items()},
             "expected_downtime_ms": ms(self.expected_downtime),
             "downtime_ms": ms(self.downtime),
             "ram": {

@@ -26,6 +26,7 @@ class HeaderAcceptance:
 
     page_size: int | None = None
     memory_bytes: int | None = None  # the one memory size accepted (the operator's --memory)
+    max_memory_bytes: int | None = None  # the largest a Header may claim otherwise (--max-memory)
     max_vcpus: int | None = None
     plan_slots: SlotPlanner | None = None
 
@@ -40,6 +41,13 @@ class HeaderAcceptance:
             raise HeaderMismatchError(
                 f"the source's guest has {describe(header.slots, header.page_size)} of memory, this destination "
                 f"accepts {self.memory_bytes / 2**20:.1f} MiB (--memory): give both sides the same memory size"
+            )
+        limit = self.max_memory_bytes
+        if self.memory_bytes is None and limit is not None and header.memory_bytes > limit:
+            raise HeaderMismatchError(
+                f"the source's guest has {describe(header.slots, header.page_size)} of memory, more than the "
+                f"{limit / 2**30:.1f} GiB this destination accepts: start it with --memory of that "
+                "size, or raise --max-memory"
             )
         if self.max_vcpus is not None and header.vcpus > self.max_vcpus:
             raise HeaderMismatchError(

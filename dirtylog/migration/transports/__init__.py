@@ -6,11 +6,17 @@ scheme of the address chooses the transport.
 
 from __future__ import annotations
 
-from dirtylog.migration.transports.base import Channel, ChannelListener, Endpoint, parse_endpoint
+from dirtylog.migration.transports.base import (
+    Channel,
+    ChannelListener,
+    Endpoint,
+    ListenerExhaustedError,
+    parse_endpoint,
+)
 from dirtylog.migration.transports.files import FileListener, FileWriter
 from dirtylog.migration.transports.sockets import SocketListener, connect_socket
 
-__all__ = ["Channel", "ChannelListener", "Endpoint", "connect", "listen", "parse_endpoint"]
+__all__ = ["Channel", "ChannelListener", "Endpoint", "ListenerExhaustedError", "connect", "listen", "parse_endpoint"]
 
 
 def connect(endpoint: Endpoint, timeout: float) -> Channel:

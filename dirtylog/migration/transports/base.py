@@ -21,6 +21,10 @@ Scheme = Literal["tcp", "unix", "file"]
 SCHEMES: tuple[Scheme, ...] = ("tcp", "unix", "file")
 
 
+class ListenerExhaustedError(MigrationError):
+    """No connection can come any more (a file holds one stream, and it was taken)."""
+
+
 class Channel(Protocol):
     """A connected, ordered byte stream to the peer."""
 
@@ -60,7 +64,8 @@ class ChannelListener(Protocol):
     address: str
 
     def accept(self, timeout: float | None) -> Channel:
-        """The next source's channel; TimeoutError when none came in time."""
+        """The next source's channel; TimeoutError when none came in time, ListenerExhaustedError when none
+        ever will."""
         ...
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from dirtylog.migration.errors import MigrationError
+from dirtylog.migration.transports.base import ListenerExhaustedError
 
 MAGIC: Final = b"DIRTYLOG-FILE"
 VERSION: Final = 1
@@ -136,7 +137,7 @@ class FileListener:
 
     def accept(self, timeout: float | None) -> FileReader:
         if self._taken:
-            raise MigrationError(f"file:{self.path} holds one stream; a migration to a file uses one stream")
+            raise ListenerExhaustedError(f"file:{self.path} holds one stream, already read")
         self._taken = True
         return FileReader(self.path)
 

@@ -33,10 +33,10 @@ class Receiver:
 
 
 def start_receiver(key_file: str, *, listen: str = "127.0.0.1:0", before_resume: Callable[[Any], None] | None = None,
-                   **kwargs: Any) -> Receiver:
+                   memory: int | None = None, max_memory: int | None = None, **kwargs: Any) -> Receiver:
     """A destination listening (by default on a free loopback port), receiving in a background thread; it keeps
     a copy of the memory as migrated, then calls ``before_resume``."""
-    receiver = Receiver(Listener(listen))
+    receiver = Receiver(Listener(listen, memory=memory, max_memory=max_memory))
 
     def keep_memory(machine: Any) -> None:
         receiver.memory_at_resume = machine.memory.copy()

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,19 +52,42 @@ def assert_retry_succeeds(source: Machine, key_file: str, receivers: list[Receiv
 
 
 def run_through_proxy(key_file: str, receivers: list[Receiver], mutate: Mutator, match: str,
-                      dest_key: str | None = None, **receive_options: object) -> None:
+                      dest_key: str | None = None, in_handshake: bool = False, retry_here: bool = True,
+                      **receive_options: object) -> None:
+    """Migrate through a relay that does ``mutate``: the source fails with ``match`` and keeps its VM. A failure
+    after the destination admitted the stream ends that destination with nothing resumed; one ``in_handshake``
+    is a refused connection, which the destination reports while it keeps listening for a real source."""
     source = running_source()
-    receiver = start_receiver(dest_key or key_file, **receive_options)
+    refusals: list[dict[str, Any]] = []
+
+    def note_refusal(kind: str, record: dict[str, Any]) -> None:
+        if kind == "refused":
+            refusals.append(record)
+
+    receiver = start_receiver(dest_key or key_file, progress=note_refusal, accept_timeout=20.0, **receive_options)
     receivers.append(receiver)
     proxy = Proxy(receiver.address, mutate).start()
     try:
         with pytest.raises(MigrationError, match=match):
             migrate(source, proxy.address, key_file=key_file, downtime_limit="200ms", io_timeout=5)
+        assert_source_intact(source)
+        if in_handshake:
+            wait_for(lambda: bool(refusals), what="the destination to report the refused connection")
+            assert refusals[0]["peer"].startswith("127.0.0.1:") and refusals[0]["reason"]
+            assert receiver.thread is not None and receiver.thread.is_alive(), "the listener gave up"
+            if retry_here:  # the same destination takes a real source now
+                migrate(source, receiver.address, key_file=key_file, downtime_limit="200ms")
+                receiver.join()
+                assert receiver.error is None and receiver.result is not None
+                assert np.array_equal(receiver.memory_at_resume, source.memory)
+                return
+            receiver.listener.close()
+            receiver.join()
+            return
         receiver.join()
         assert isinstance(receiver.error, MigrationError), receiver.error
         assert receiver.result is None, "the destination resumed a VM from a failed migration"
         assert "nothing was resumed here" in str(receiver.error)
-        assert_source_intact(source)
         assert_retry_succeeds(source, key_file, receivers)
     finally:
         proxy.close()
@@ -88,7 +112,8 @@ def cut_after(direction: str, offset: int) -> Mutator:
 ])
 def test_connection_loss_at_any_phase(direction: str, offset: int, phase: str, key_file: str,
                                       receivers: list[Receiver]) -> None:
-    run_through_proxy(key_file, receivers, cut_after(direction, offset), match=".")
+    run_through_proxy(key_file, receivers, cut_after(direction, offset), match=".",
+                      in_handshake=phase in ("handshake", "challenge"))
 
 
 def test_connection_loss_before_verified(key_file: str, receivers: list[Receiver]) -> None:
@@ -131,17 +156,18 @@ def test_a_version_mismatch_is_named(key_file: str, receivers: list[Receiver]) -
         if way == "up" and at == 0:
             return chunk[:8] + bytes([7]) + chunk[9:]
         return chunk
-    run_through_proxy(key_file, receivers, other_version, match="version")
+    run_through_proxy(key_file, receivers, other_version, match="version", in_handshake=True)
 
 
 def test_a_peer_without_the_key_is_refused(key_file: str, tmp_path: Path, receivers: list[Receiver]) -> None:
     other = str(generate_key_file(tmp_path / "other.key"))
     run_through_proxy(key_file, receivers, lambda way, at, chunk: chunk, dest_key=other,
-                      match="key does not match")
+                      match="key does not match", in_handshake=True, retry_here=False)
 
 
 def test_a_memory_size_mismatch_is_named(key_file: str, receivers: list[Receiver]) -> None:
-    run_through_proxy(key_file, receivers, lambda way, at, chunk: chunk, memory=128 << 20,
+    run_through_proxy(key_file, receivers, lambda way, at, chunk: chunk, memory=128 << 20, in_handshake=True,
+                      retry_here=False,
                       match=r"refused the migration: destination: the source's guest has 64\.0 MiB \(16384 pages in 1 "
                             r"slot\) of memory, this destination accepts 128\.0 MiB \(--memory\): give both sides")
 
