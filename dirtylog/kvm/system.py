@@ -430,6 +430,16 @@ class Vm:
 
     # --- vCPUs -------------------------------------------------------------------------------------
 
+    def arm_preferred_target(self) -> abi.kvm_vcpu_init:
+        """``KVM_ARM_PREFERRED_TARGET``: the CPU type vCPUs of this VM should be initialized as (arm64)."""
+        init = abi.kvm_vcpu_init()
+        try:
+            ioctl(self.fd, abi.KVM_ARM_PREFERRED_TARGET, init)
+        except OSError as error:
+            raise VcpuError(f"KVM_ARM_PREFERRED_TARGET failed: {describe_errno(error.errno or 0)}; is this an "
+                            "arm64 KVM?", error.errno) from None
+        return init
+
     def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
         """A new vCPU (ids count up from 0 unless given)."""
         vcpu_id = len(self.vcpus) if vcpu_id is None else vcpu_id

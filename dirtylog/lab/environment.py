@@ -27,6 +27,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from py_compile import PycInvalidationMode
 
 from dirtylog.lab import debian, wheels
 from dirtylog.lab.cpio import CpioWriter
@@ -226,7 +227,7 @@ def _precompile(tree: Path, directories: list[str]) -> None:
         return
     for directory in directories:
         compileall.compile_dir(tree / directory, quiet=2, stripdir=str(tree), prependdir="/", workers=1,
-                               invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                               invalidation_mode=PycInvalidationMode.UNCHECKED_HASH)
 
 
 def source_tree() -> Path:
@@ -251,7 +252,7 @@ def payload(command: list[str] | None, *, environment: dict[str, str] | None = N
                 shutil.copyfile(source / name, tree / name)
         if sys.version_info[:2] == (3, 11):
             compileall.compile_dir(tree, quiet=2, stripdir=str(tree), prependdir="/opt/dirtylog/src", workers=1,
-                                   invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                                   invalidation_mode=PycInvalidationMode.UNCHECKED_HASH)
         writer.tree(tree, "opt/dirtylog/src")
     env = dict(environment or {})
     writer.file("opt/dirtylog/run/env", "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()).encode())

@@ -110,7 +110,7 @@ def _stream(argv: list[str], output: TextIO, timeout: float) -> int:
             if status is None:
                 output.write(line)
                 output.flush()
-                tail = (tail + [line.rstrip()])[-5:]
+                tail = [*tail[-4:], line.rstrip()]
             if time.monotonic() > deadline:
                 raise BootError(f"the arm64 run took longer than {timeout:.0f} s and was stopped")
         process.wait(30)

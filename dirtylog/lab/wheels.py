@@ -39,7 +39,8 @@ def download(into: Path, requirements: tuple[str, ...] = GUEST_REQUIREMENTS) -> 
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     except subprocess.TimeoutExpired:
-        raise RegistryError("pip download of the aarch64 wheels took more than 15 minutes; is PyPI reachable?") from None
+        raise RegistryError("pip download of the aarch64 wheels took more than 15 minutes; is the package index "
+                            "reachable?") from None
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if "is ignored" not in line][-3:]
         raise RegistryError("pip download of the aarch64 wheels failed (is the package index reachable from "
