@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--nvhe", action="store_true", help="boot KVM in nVHE mode (kvm-arm.mode=nvhe) instead of VHE")
     parser.add_argument("--refresh", action="store_true",
                         help="resolve the packages again (a newer kernel or wheels) instead of using the cache")
-    parser.add_argument("--timeout", type=duration_arg, default=900.0, help="stop the run after this long (default 15m)")
+    parser.add_argument("--timeout", type=duration_arg, default=900.0,
+                        help="stop the run after this long (default 15m)")
     parser.add_argument("--shell", action="store_true", help="an interactive shell instead of a command")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run inside (after --)")
     parser.set_defaults(func=run)

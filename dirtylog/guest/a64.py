@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dirtylog.guest.asm import AsmError
+from dirtylog.guest.arch import AsmError
 
 INSTRUCTION_BYTES = 4
 

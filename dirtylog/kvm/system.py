@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -86,10 +87,12 @@ class Kvm:
 
     @property
     def host_type(self) -> str:
-        """How this KVM runs guests: ``PVM`` (paravirtual, no VMX/SVM), ``VMX`` (Intel) or ``SVM`` (AMD)."""
+        """How this KVM runs guests: ``PVM`` (paravirtual, no VMX/SVM), ``VMX`` (Intel), ``SVM`` (AMD) or ``arm64``."""
         for module, name in _VENDOR_MODULES.items():
             if Path("/sys/module", module).exists():
                 return name
+        if platform.machine() == "aarch64":
+            return "arm64"
         return "unknown"
 
     @property

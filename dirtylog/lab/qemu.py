@@ -70,8 +70,9 @@ def run(environment: Environment, command: list[str] | None, options: BootOption
     qemu = find_qemu()
     output = output or sys.stdout
     env = dict(guest_env or {})
-    if not output.isatty():
+    if not output.isatty():  # a log or a pipe: no colours or styles from the guest's rich
         env.setdefault("NO_COLOR", "1")
+        env.setdefault("TERM", "dumb")
     env.setdefault("COLUMNS", str(shutil.get_terminal_size((120, 40)).columns))
     with tempfile.TemporaryDirectory(prefix="dirtylog-arm64-") as scratch:
         initrd = Path(scratch) / "initrd.cpio"
