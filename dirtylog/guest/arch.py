@@ -53,6 +53,13 @@ class ControlBlock(enum.IntEnum):
     COUNT = 88  # count loop: iterations to run
     RATE = 96  # pages per second (0: unlimited), for guests that derive their pacing from their own clock
     COUNTER_HZ = 104  # the guest's counter frequency, written by guests that read it themselves (arm64)
+    BATCH_SEQ = 112  # batch program: the host asks for batch n by writing n here; done when ITERATION == n
+    BATCH_COUNT = 120  # batch program: pages in the batch
+    BATCH_PAGES = 512  # batch program: their guest-physical addresses, one u64 each, to the end of the page
+
+
+#: Most pages one batch of the batch program may write.
+MAX_BATCH_PAGES = (4096 - ControlBlock.BATCH_PAGES) // 8
 
 
 class GuestCall(enum.IntEnum):

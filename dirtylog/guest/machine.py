@@ -96,7 +96,9 @@ class Machine:
     ``dirty_ring`` gives each vCPU a dirty ring (True: the default size, or a number of entries; KVM
     allows rings only before vCPUs exist, and ``dirty_log("ring")`` before :meth:`start` does the same);
     ``prefault`` allocates host memory up front (a first guest touch then costs ~3 us instead of ~24 us
-    here; see docs/performance.md). The
+    here; see docs/performance.md); ``huge_aligned`` puts guest RAM on a 2 MiB host boundary so KVM may map
+    it with 2 MiB stage-2 blocks where the host backs it with huge pages; ``arch`` overrides the host's
+    guest architecture (:mod:`dirtylog.guest.arch`). The
     machine is created stopped; :meth:`start` runs it. Use it as a context manager so that everything
     is freed even when an exception escapes.
     """
@@ -119,6 +121,7 @@ class Machine:
         dirty_ring: int | bool = False,
         kvm_device: str | None = None,
         arch: Architecture | None = None,
+        huge_aligned: bool = False,
     ) -> None:
         size = parse_size(memory)
         self.arch = arch or host_architecture()
@@ -138,7 +141,7 @@ class Machine:
             if vcpus > self.kvm.max_vcpus:
                 raise MachineError(f"this KVM allows {self.kvm.max_vcpus} vCPUs per VM; asked for {vcpus}")
             self.vm: Vm = self.kvm.create_vm()
-            self.ram = GuestMemory(size, slots)
+            self.ram = GuestMemory(size, slots, huge_aligned=huge_aligned)
             if prefault:
                 self.ram.prefault()
             self.ram.register(self.vm)

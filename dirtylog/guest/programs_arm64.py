@@ -165,6 +165,38 @@ def _stamp(a: A64Assembler) -> None:
     a.b("iteration")
 
 
+def _batch(a: A64Assembler) -> None:
+    """Write exactly the pages the host lists, once per request: a guest whose accesses are a schedule.
+
+    The host writes the addresses and their count, then bumps BATCH_SEQ; the guest writes BATCH_SEQ into
+    each listed page in order and publishes it in ITERATION with a store-release. Between batches it asks
+    the host to sleep 1 ms at a time. Its only other accesses are instruction fetches from the code page
+    and loads and that one store on its control block, which the model of a schedule replays too.
+    """
+    a.label("wait")
+    a.ldr(T0, CB, ControlBlock.BATCH_SEQ)
+    a.ldr(T1, CB, ControlBlock.ITERATION)
+    a.cmp(T0, T1)
+    a.b_cond("ne", "work")
+    a.ldr(T2, CB, ControlBlock.SLEEP_THRESHOLD)
+    _call(a, GuestCall.SLEEP, T2)
+    a.b("wait")
+    a.label("work")
+    a.ldr(LOOP, CB, ControlBlock.BATCH_COUNT)
+    a.add_imm(T2, CB, ControlBlock.BATCH_PAGES)
+    a.label("next")
+    a.cbz(LOOP, "done")
+    a.ldr(T3, T2)
+    a.str_(T0, T3)
+    a.add_imm(T2, T2, 8)
+    a.sub_imm(LOOP, LOOP, 1)
+    a.b("next")
+    a.label("done")
+    a.add_imm(T1, CB, ControlBlock.ITERATION)
+    a.stlr(T0, T1)
+    a.b("wait")
+
+
 def _idle(a: A64Assembler) -> None:
     a.label("idle")
     _call(a, GuestCall.IDLE)
@@ -188,6 +220,7 @@ _BODIES: dict[str, Callable[[A64Assembler], None]] = {
     "stamp": _stamp,
     "idle": _idle,
     "count": _count,
+    "batch": _batch,
 }
 
 
