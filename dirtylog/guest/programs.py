@@ -15,11 +15,10 @@ leaves host CPUs to the collector and the migration stream.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dirtylog.guest.arch import ControlBlock, GuestCall, GuestProgram
 from dirtylog.guest.asm import (
     EAX,
     R8,
@@ -46,43 +45,16 @@ from dirtylog.workload import WorkloadName
 if TYPE_CHECKING:
     from iced_x86._iced_x86_py import Register as Reg
 
-
-class ControlBlock(enum.IntEnum):
-    """Byte offsets of the u64 fields in a vCPU's control block."""
-
-    PROGRESS = 0  # pages written so far (guest writes)
-    ITERATION = 8  # completed iterations: passes for sequential, stamp rounds for stamp (guest writes)
-    AREA_BASE = 16  # guest address of the first page of this vCPU's share
-    AREA_NPAGES = 24  # pages in the share
-    TICKS_PER_PAGE = 32  # TSC ticks between writes; 0 = as fast as possible
-    PRNG_SEED = 40  # xorshift64 seed, never 0
-    HOT_NPAGES = 48  # hotset: pages in the hot set (the first pages of the share)
-    HOT_THRESHOLD = 56  # hotset: a write goes to the hot set when the PRNG's low 32 bits are below this
-    WRITES_PER_ITERATION = 64  # stamp: pages per iteration
-    SLEEP_THRESHOLD = 72  # ticks ahead of schedule above which the guest asks the host to sleep
-    MAX_LAG = 80  # ticks behind schedule beyond which the guest forgets the debt (no catch-up burst)
-    COUNT = 88  # count loop: iterations to run
+__all__ = ["ControlBlock", "GuestProgram", "Port", "build_program"]
 
 
-class Port(enum.IntEnum):
-    """I/O ports of the guest→host calls (``out dx, al``)."""
-
-    ITERATION = 0xD1  # a stamp iteration finished; ITERATION in the control block is its number
-    SLEEP = 0xD2  # sleep RCX TSC ticks
-    IDLE = 0xD3  # nothing to do: park until the host wants the vCPU
-    DONE = 0xD4  # a finite program finished
+Port = GuestCall  # the x86 programs call the host with ``out dx, al``, the call number as the port
 
 
-@dataclass(frozen=True)
-class GuestProgram:
-    """Machine code to load at :data:`CODE_ADDR`, and what it is."""
-
-    name: str
-    code: bytes
-
-    def __post_init__(self) -> None:
-        if len(self.code) > MAX_CODE_BYTES:
-            raise AsmError(f"program {self.name} is {len(self.code)} bytes; at most {MAX_CODE_BYTES} fit")
+def _checked(program: GuestProgram) -> GuestProgram:
+    if len(program.code) > MAX_CODE_BYTES:
+        raise AsmError(f"program {program.name} is {len(program.code)} bytes; at most {MAX_CODE_BYTES} fit")
+    return program
 
 
 def _prologue(a: Assembler) -> None:
@@ -252,4 +224,4 @@ def build_program(name: WorkloadName | str) -> GuestProgram:
     else:
         _prologue(a)
     body(a)
-    return GuestProgram(name, a.assemble(CODE_ADDR))
+    return _checked(GuestProgram(name, a.assemble(CODE_ADDR)))
