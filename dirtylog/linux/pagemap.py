@@ -24,13 +24,13 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from dirtylog.linux import abi
+from dirtylog.linux import abi, procfs
 from dirtylog.linux.errors import (
     KernelFeatureError,
     NoSuchProcessError,
     NotRegisteredError,
     PagemapError,
-    ProcessError,
+    PtraceNotPermittedError,
     describe_errno,
 )
 from dirtylog.units import PAGE_SIZE
@@ -62,8 +62,8 @@ class Pagemap:
         except FileNotFoundError:
             raise NoSuchProcessError(f"no process {pid}: /proc/{pid} does not exist") from None
         except PermissionError:
-            raise ProcessError(f"may not open /proc/{pid}/pagemap: it needs ptrace access to process {pid} "
-                               "(same user, or root)", errno.EACCES) from None
+            raise PtraceNotPermittedError(f"may not ptrace process {pid} (reading /proc/{pid}/pagemap needs ptrace "
+                                          f"access): {procfs.not_permitted_reason(int(pid))}", errno.EACCES) from None
         self._arg = abi.pm_scan_arg(size=96)
         self._allocate(regions)
 

@@ -46,36 +46,6 @@ class Stop:
         return f"{name} stop" + (f" (event {self.event})" if self.event else "")
 
 
-def not_permitted_reason(pid: int) -> str:
-    """Why this process may not ptrace ``pid``, from what ``/proc`` tells, with what to do about it."""
-    reasons = []
-    try:
-        fields = procfs.status(pid)
-    except NoSuchProcessError:
-        fields = {}
-    tracer = int(fields.get("TracerPid", "0") or 0)
-    if tracer:
-        reasons.append(f"process {pid} is already traced by process {tracer} (a debugger or strace?); "
-                       "a process has one tracer at a time: detach it first")
-    uids = fields.get("Uid", "").split()
-    if uids and os.geteuid() != 0 and str(os.geteuid()) not in uids:
-        reasons.append(f"process {pid} belongs to user {uids[0]}, not to you (uid {os.geteuid()}): "
-                       "run as that user or as root")
-    scope = procfs.ptrace_scope()
-    if scope == 1 and os.geteuid() != 0:
-        reasons.append("kernel.yama.ptrace_scope is 1: only a parent may trace its children; start the program "
-                       "under dirtylog (dirtylog track -- COMMAND), run as root, or "
-                       "`sysctl kernel.yama.ptrace_scope=0`")
-    elif scope == 2:
-        reasons.append("kernel.yama.ptrace_scope is 2: only root (CAP_SYS_PTRACE) may trace; run as root")
-    elif scope == 3:
-        reasons.append("kernel.yama.ptrace_scope is 3: ptrace is disabled on this host until reboot")
-    if not reasons:
-        reasons.append("the process may be non-dumpable (setuid, or prctl(PR_SET_DUMPABLE, 0)) or protected by a "
-                       "security module; run as root")
-    return "; ".join(reasons)
-
-
 def _call(request: int, tid: int, addr: int = 0, data: int = 0, *, what: str) -> int:
     try:
         return ptrace(request, tid, addr, data)
@@ -86,7 +56,7 @@ def _call(request: int, tid: int, addr: int = 0, data: int = 0, *, what: str) ->
             raise PtraceError(f"{what} on thread {tid}: it is not stopped under our trace (ESRCH)",
                               error.errno) from None
         if error.errno == errno.EPERM:
-            raise PtraceNotPermittedError(f"may not ptrace process {tid}: {not_permitted_reason(tid)}",
+            raise PtraceNotPermittedError(f"may not ptrace process {tid}: {procfs.not_permitted_reason(tid)}",
                                           error.errno) from None
         raise PtraceError(f"{what} on thread {tid} failed: {describe_errno(error.errno or 0)}", error.errno) from None
 

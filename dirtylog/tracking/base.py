@@ -1,9 +1,14 @@
 """The one interface every dirty-tracking backend offers: enable, collect, disable.
 
-A collection returns the guest pages written since the previous collection (or since ``enable``), as a
-:class:`DirtyBitmap` over guest-physical page frame numbers. After ``collect()`` returns, the reported pages
-are write-protected again, so a consumer that reads their contents *after* collect cannot miss a later
-write: it will be in the next collection. That is the contract migration and snapshots rely on.
+A collection returns the pages written since the previous collection (or since ``enable``). After
+``collect()`` returns, the reported pages are write-protected again, so a consumer that reads their
+contents *after* collect cannot miss a later write: it will be in the next collection. That is the
+contract migration and snapshots rely on.
+
+What a collection returns depends on the memory: a guest's RAM is one dense range of guest-physical
+pages, so its trackers (:class:`Tracker`) return a :class:`DirtyBitmap` over page frame numbers; a
+process's address space is sparse and made of mappings, so :class:`~dirtylog.tracking.process.ProcessTracker`
+returns per-mapping results. Both are a :class:`TrackerBase` over a result that can at least ``count()``.
 """
 
 from __future__ import annotations
@@ -12,9 +17,18 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Generic, Protocol, Self, TypeVar
 
 from dirtylog.bitmap import DirtyBitmap
+
+
+class DirtySet(Protocol):
+    """What any collection returns: a set of dirty pages that can say how many it holds."""
+
+    def count(self) -> int: ...
+
+
+ResultT = TypeVar("ResultT", bound=DirtySet)
 
 
 @dataclass
@@ -35,13 +49,12 @@ class TrackerStats:
         self.total_collect_seconds += seconds
 
 
-class Tracker(ABC):
-    """A dirty-page tracker over a guest-physical page range ``[0, npages)``."""
+class TrackerBase(ABC, Generic[ResultT]):
+    """A dirty-page tracker whose collections return ``ResultT``."""
 
     mode: str = "?"
 
-    def __init__(self, npages: int) -> None:
-        self.npages = npages
+    def __init__(self) -> None:
         self.stats = TrackerStats()
         self.enabled = False
 
@@ -52,14 +65,14 @@ class Tracker(ABC):
         self.enabled = True
         self.stats.enable_seconds = time.perf_counter() - start
 
-    def collect(self) -> DirtyBitmap:
+    def collect(self) -> ResultT:
         """Pages written since the last collection; they are write-protected again on return."""
         if not self.enabled:
             raise RuntimeError(f"{self.mode} tracker is not enabled; call enable() first")
         start = time.perf_counter()
-        bitmap = self._collect()
-        self.stats.record_collect(time.perf_counter() - start, bitmap.count())
-        return bitmap
+        result = self._collect()
+        self.stats.record_collect(time.perf_counter() - start, result.count())
+        return result
 
     def disable(self) -> None:
         """Stop tracking and release what tracking holds."""
@@ -83,7 +96,15 @@ class Tracker(ABC):
     def _enable(self) -> None: ...
 
     @abstractmethod
-    def _collect(self) -> DirtyBitmap: ...
+    def _collect(self) -> ResultT: ...
 
     @abstractmethod
     def _disable(self) -> None: ...
+
+
+class Tracker(TrackerBase[DirtyBitmap]):
+    """A dirty-page tracker over a guest-physical page range ``[0, npages)``."""
+
+    def __init__(self, npages: int) -> None:
+        super().__init__()
+        self.npages = npages
