@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
-from dirtylog.guest.machine import Machine
+from dirtylog.machine import Machine
 from dirtylog.units import UnitError, parse_duration, parse_rate, parse_size
 from dirtylog.workload import WORKLOAD_HELP, WORKLOADS
 
@@ -67,7 +67,9 @@ def add_machine_arguments(parser: argparse.ArgumentParser, *, memory: str = "1G"
                        help="hotset: fraction of writes that go to hot pages (default 0.9)")
 
 
-def machine_from_args(args: argparse.Namespace) -> Machine:
-    """A new (not started) machine from :func:`add_machine_arguments`'s options."""
+def machine_from_args(args: argparse.Namespace, *, dirty_ring: bool = False) -> Machine:
+    """A new (not started) machine from :func:`add_machine_arguments`'s options; the one place the CLI
+    builds machines. ``dirty_ring`` gives its vCPUs dirty rings (they must exist before the vCPUs)."""
     return Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots,
-                   hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault)
+                   hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault,
+                   dirty_ring=dirty_ring)

@@ -6,7 +6,7 @@ import argparse
 import time
 from dataclasses import dataclass, field
 
-from dirtylog.cli.options import add_machine_arguments, duration_arg, positive_int
+from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args, positive_int
 from dirtylog.cli.output import RowPrinter, console, emit_json
 from dirtylog.cli.plots import plot_series
 from dirtylog.errors import DirtylogError
@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
         from dirtylog.cli.track_model import run_model
 
         return run_model(args)
-    with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots,
-                 hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault) as machine:
+    with machine_from_args(args) as machine:
         tracker = machine.dirty_log(args.mode, initially_set=args.initially_set, ring_entries=args.ring_entries)
         verifier = StampVerifier(machine, initially_set=args.initially_set) if args.verify else None
         if not args.json:

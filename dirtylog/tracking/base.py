@@ -17,9 +17,18 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Generic, Protocol, Self, TypeVar
+from typing import Generic, Literal, Protocol, Self, TypeVar
 
 from dirtylog.bitmap import DirtyBitmap
+from dirtylog.errors import DirtylogError
+
+#: The KVM dirty-log modes a machine offers (``Machine.dirty_log``).
+TrackingMode = Literal["log", "clear", "ring"]
+TRACKING_MODES: tuple[TrackingMode, ...] = ("log", "clear", "ring")
+
+
+class TrackingError(DirtylogError):
+    """A tracker asked to do what it cannot: not enabled, an unknown slot, a bad setting."""
 
 
 class DirtySet(Protocol):
@@ -68,7 +77,7 @@ class TrackerBase(ABC, Generic[ResultT]):
     def collect(self) -> ResultT:
         """Pages written since the last collection; they are write-protected again on return."""
         if not self.enabled:
-            raise RuntimeError(f"{self.mode} tracker is not enabled; call enable() first")
+            raise TrackingError(f"{self.mode} tracker is not enabled; call enable() first")
         start = time.perf_counter()
         result = self._collect()
         self.stats.record_collect(time.perf_counter() - start, result.count())

@@ -57,7 +57,7 @@ from dirtylog.linux.pagemap import Pagemap, pagemap_scan_missing_message, pagema
 from dirtylog.linux.procfs import Mapping
 from dirtylog.linux.syscalls import pidfd_getfd, pidfd_open
 from dirtylog.linux.userfaultfd import Userfaultfd, available_features
-from dirtylog.tracking.base import TrackerBase
+from dirtylog.tracking.base import TrackerBase, TrackingError
 from dirtylog.tracking.process_dirty import ProcessDirty
 
 WP_FEATURES = abi.UFFD_FEATURE_WP_ASYNC | abi.UFFD_FEATURE_WP_UNPOPULATED
@@ -145,7 +145,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
     def __init__(self, pid: int | None = None, *, refresh_interval: float = 0.0, shared: bool = False,
                  stop_timeout: float = 10.0) -> None:
         if refresh_interval < 0:
-            raise ValueError(f"refresh_interval must be 0 or more seconds, got {refresh_interval}")
+            raise TrackingError(f"refresh_interval must be 0 or more seconds, got {refresh_interval}")
         super().__init__()
         self.pid = os.getpid() if pid is None else pid
         self.self_tracking = self.pid == os.getpid()

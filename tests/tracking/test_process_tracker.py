@@ -22,6 +22,7 @@ import pytest
 from dirtylog.linux import abi, procfs
 from dirtylog.linux.errors import NoSuchProcessError, ProcessExitedError, PtraceNotPermittedError
 from dirtylog.linux.pagemap import Pagemap
+from dirtylog.tracking.base import TrackingError
 from dirtylog.tracking.process import ProcessTracker, TargetUsesUserfaultfdError
 from dirtylog.units import PAGE_SIZE
 from tests.tracking.address_stamps import AddressStampVerifier
@@ -352,6 +353,8 @@ def test_ptrace_not_permitted_is_explained(commands: CommandTarget) -> None:
     assert "run as that user or as root" in message
 
 
-def test_collect_before_enable_is_an_error() -> None:
-    with pytest.raises(RuntimeError, match="not enabled"):
+def test_collect_before_enable_and_bad_settings_are_errors() -> None:
+    with pytest.raises(TrackingError, match="not enabled"):
         ProcessTracker().collect()
+    with pytest.raises(TrackingError, match="refresh_interval must be 0 or more"):
+        ProcessTracker(refresh_interval=-1)
