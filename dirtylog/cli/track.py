@@ -10,7 +10,7 @@ from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_fr
 from dirtylog.cli.output import RowPrinter, console, emit_json
 from dirtylog.cli.plots import plot_series
 from dirtylog.errors import DirtylogError
-from dirtylog.machine import TRACKING_MODES, Machine
+from dirtylog.machine import DIRTY_LOG_MODES, Machine
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.verify import StampVerifier
 from dirtylog.units import PAGE_SIZE, format_size
@@ -18,9 +18,10 @@ from dirtylog.units import PAGE_SIZE, format_size
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("track", help="collect a running guest's dirty log every interval")
-    parser.add_argument("--mode", choices=TRACKING_MODES, default="log",
+    parser.add_argument("--mode", choices=DIRTY_LOG_MODES, default="log",
                         help="log: KVM_GET_DIRTY_LOG; clear: + KVM_CLEAR_DIRTY_LOG (manual protect); "
-                             "ring: per-vCPU dirty rings (default log)")
+                             "ring: per-vCPU dirty rings; uffd: userfaultfd write-protect of guest RAM in the "
+                             "host, which also sees host writes (default log)")
     parser.add_argument("--backend", choices=("kvm", "stage2"), default="kvm",
                         help="kvm: a real VM; stage2: the ARM stage-2 model of the seed patch (no /dev/kvm needed)")
     add_machine_arguments(parser, workload="hotset")

@@ -25,6 +25,10 @@ from dirtylog.errors import DirtylogError
 #: The KVM dirty-log modes a machine offers (``Machine.dirty_log``).
 TrackingMode = Literal["log", "clear", "ring"]
 TRACKING_MODES: tuple[TrackingMode, ...] = ("log", "clear", "ring")
+#: All of ``Machine.dirty_log``'s modes: KVM's, and ``uffd``, which watches guest RAM from the host side
+#: (userfaultfd write-protect) and so also sees the host's own writes.
+DirtyLogMode = Literal["log", "clear", "ring", "uffd"]
+DIRTY_LOG_MODES: tuple[DirtyLogMode, ...] = (*TRACKING_MODES, "uffd")
 
 
 class TrackingError(DirtylogError):
