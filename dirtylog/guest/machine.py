@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import os
 import struct
 import threading
 import time
@@ -30,6 +31,7 @@ from dirtylog.errors import DirtylogError
 from dirtylog.guest.asm import disassemble
 from dirtylog.guest.memory import GuestMemory
 from dirtylog.guest.programs import ControlBlock, GuestProgram, Port, build_program
+from dirtylog.guest.trace_tables import TraceTables
 from dirtylog.guest.vcpus import VcpuThreads, install_kick_handler
 from dirtylog.guest.x86 import (
     CODE_ADDR,
@@ -48,6 +50,7 @@ from dirtylog.kvm.errors import VcpuError
 from dirtylog.kvm.exits import DirtyRingFull, IoOut, VcpuExit
 from dirtylog.kvm.system import Kvm, Vm
 from dirtylog.kvm.vcpu import Vcpu
+from dirtylog.trace import DirtyTrace
 from dirtylog.units import PAGE_SIZE, parse_size
 from dirtylog.workload import WorkloadName, WorkloadSpec
 
@@ -101,7 +104,8 @@ class Machine:
     ``dirty_ring`` gives each vCPU a dirty ring (True: the default size, or a number of entries; KVM
     allows rings only before vCPUs exist, and ``dirty_log("ring")`` before :meth:`start` does the same);
     ``prefault`` allocates host memory up front (a first guest touch then costs ~3 us instead of ~24 us
-    here; see docs/performance.md). The
+    here; see docs/performance.md); ``trace`` (with ``workload="trace"``) is a recorded trace or its file,
+    replayed by every vCPU from tables at the top of guest RAM (see :mod:`dirtylog.trace`). The
     machine is created stopped; :meth:`start` runs it. Use it as a context manager so that everything
     is freed even when an exception escapes.
     """
@@ -123,6 +127,7 @@ class Machine:
         blank: bool = False,
         dirty_ring: int | bool = False,
         kvm_device: str | None = None,
+        trace: DirtyTrace | str | os.PathLike[str] | None = None,
     ) -> None:
         size = parse_size(memory)
         check_memory_size(size)
@@ -146,10 +151,17 @@ class Machine:
             self.ram.register(self.vm)
             if dirty_ring:
                 self.enable_dirty_ring(None if dirty_ring is True else int(dirty_ring))
+            # A blank machine (a migration destination) gets the trace's tables with the rest of memory.
+            if not blank and (workload == "trace") != (trace is not None):
+                raise MachineError("the trace workload replays a recorded trace: give both workload='trace' and "
+                                   "trace=FILE (record one with `dirtylog track --record FILE`)")
+            self.trace = TraceTables.plan(trace, vcpus, size) if trace is not None else None
             first = WORKLOAD_ADDR // PAGE_SIZE
             self.spec = WorkloadSpec(
-                workload, first, self.ram.npages - first, vcpus, rate, hot_fraction, hot_weight,
-                writes_per_iteration)
+                workload, first, self.ram.npages - first - (self.trace.npages if self.trace else 0), vcpus, rate,
+                hot_fraction, hot_weight, writes_per_iteration)
+            if self.trace:
+                self.trace.check_fits(self.spec)
             self.program = program or build_program(workload)
             if page_size == "1G" and not supports_1g_pages(self.kvm.supported_cpuid()):
                 raise MachineError(f"this KVM ({self.kvm.host_type}) does not offer 1 GiB pages to guests "
@@ -175,6 +187,9 @@ class Machine:
         self.ram.write(CODE_ADDR, self.program.code)
         for index in range(self.spec.vcpus):
             self.ram.write(control_block_addr(index), self._control_block(index).view(np.uint8))
+        if self.trace:
+            for address, table in zip(self.trace.addresses, self.trace.tables, strict=True):
+                self.ram.write(address, table)
 
     def _control_block(self, index: int, tsc_khz: int = 0) -> npt.NDArray[np.uint64]:
         spec = self.spec
@@ -193,6 +208,9 @@ class Machine:
         if tsc_khz:
             fields[ControlBlock.SLEEP_THRESHOLD] = int(tsc_khz * 1000 * SLEEP_THRESHOLD_SECONDS)
             fields[ControlBlock.MAX_LAG] = int(tsc_khz * 1000 * MAX_LAG_SECONDS)
+            fields[ControlBlock.TSC_KHZ] = tsc_khz
+        if self.trace:
+            fields.update(self.trace.control_fields(index))
         for offset, value in fields.items():
             block[offset // 8] = value
         return block
@@ -293,7 +311,8 @@ class Machine:
         """Control-block fields in TSC ticks, now that the vCPUs' TSC frequency is known."""
         for index in range(self.spec.vcpus):
             block = self._control_block(index, self.tsc_hz // 1000)
-            for offset in (ControlBlock.TICKS_PER_PAGE, ControlBlock.SLEEP_THRESHOLD, ControlBlock.MAX_LAG):
+            for offset in (ControlBlock.TICKS_PER_PAGE, ControlBlock.SLEEP_THRESHOLD, ControlBlock.MAX_LAG,
+                           ControlBlock.TSC_KHZ):
                 self.set_control(index, offset, int(block[offset // 8]))
 
     def start(self, vcpu_states: list[bytes] | None = None) -> None:
