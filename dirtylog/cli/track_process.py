@@ -40,9 +40,9 @@ def add_process_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pid", type=int, help="track the running process PID, without restarting it (ptrace)")
     group.add_argument("--self", dest="track_self", action="store_true",
                        help="track this dirtylog process while it runs the VM (guest RAM is one of its mappings)")
-    group.add_argument("--refresh-interval", type=float, default=0.0, metavar="SECONDS",
-                       help="re-read /proc/PID/maps only on a size change or after this long (default 0: at every "
-                            "collection)")
+    group.add_argument("--refresh-interval", type=float, default=1.0, metavar="SECONDS",
+                       help="re-read /proc/PID/maps when the process's size changes or after this long (default "
+                            "1; 0: at every collection)")
     group.add_argument("--shared", action="store_true", help="also track writable shared mappings (this "
                        "process's writes to them only)")
     group.add_argument("--record", metavar="FILE.npz",

@@ -71,6 +71,9 @@ class Pagemap:
         # Whole pages holding whole records: a multiple of 512 records (lcm of 4096 and 24 bytes).
         count = -(-max(1, count) // _RECORDS_PER_UNIT) * _RECORDS_PER_UNIT
         self._map = mmap.mmap(-1, count * abi.PAGE_REGION_DTYPE.itemsize, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # VM_DONTCOPY keeps the buffer a mapping of its own: the kernel merges neighbouring anonymous
+        # mappings only when their flags are equal, and a self-tracker leaves exactly this mapping out.
+        self._map.madvise(mmap.MADV_DONTFORK)
         self.buffer: Regions = np.frombuffer(self._map, dtype=abi.PAGE_REGION_DTYPE)
         self._address = self.buffer.ctypes.data
 

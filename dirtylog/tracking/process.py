@@ -13,17 +13,20 @@ How it works (see docs/process-tracking.md for the whole story):
   write faults once, the kernel un-protects the page by itself (asynchronous mode: the writer never
   waits for us), and a collection reports and re-protects the written pages in one page-table walk
   (``PM_SCAN_WP_MATCHING``), atomically per page: no write can fall between the report and the re-arm.
-* **Mappings come and go.** At a collection the tracker re-reads ``/proc/PID/maps`` when it is due (every
-  collection by default; with ``refresh_interval`` only when the process's size changed, when a scan met
-  unregistered memory, or after that many seconds), registers new writable private mappings and reports
-  those gone. A new mapping's pages written before it was registered are not protected, so its first
-  scan reports them (leaving out zero pages and file pages only read): nothing written is ever lost,
-  at worst reported a collection later.
-* **Scans.** Adjacent tracked mappings form one run and one ioctl; each scan passes
-  ``PM_SCAN_CHECK_WPASYNC``, so memory that lost its registration (unmapped and mapped again at the same
-  place) fails the scan instead of being skipped. The kernel has then already reported and re-protected
-  the run's pages before that point; they are recovered from the output buffer, whose ``categories`` are
-  zeroed after every collection so that fresh records can be told from stale ones.
+* **Mappings come and go.** A collection re-reads ``/proc/PID/maps`` when the process's size changed
+  (``/proc/PID/statm``, under a microsecond) or ``refresh_interval`` has passed, registers new writable
+  private mappings and reports those gone. A new mapping's pages written before it was registered are not
+  protected, so its first scan reports them (leaving out zero pages and file pages only read): nothing
+  written is ever lost, at worst reported a little later.
+* **Scans.** Between refreshes a collection is one ioctl over the whole tracked span: the kernel skips the
+  unregistered memory in between (the libraries' code) in its per-VMA test, without walking it. At a
+  refresh, adjacent tracked mappings form one run and one ioctl each with ``PM_SCAN_CHECK_WPASYNC``, so
+  memory that lost its registration (unmapped and mapped again at the same place) fails the scan instead
+  of being skipped. The kernel has then already reported and re-protected the run's pages before that
+  point; they are recovered from the output buffer, whose ``categories`` are cleared before a refresh's
+  scans so that fresh records can be told from stale ones.
+* **No copies.** Results are views of one of two output buffers used in turn; a result still referenced
+  when its buffer comes round again is copied out first (:meth:`ProcessDirty.detach`).
 
 What it cannot see: writes to shared mappings (tracked per process here, they may be written by
 another), writes by devices (DMA), and pages of mappings the kernel will not register (device or PFN
@@ -37,6 +40,7 @@ import functools
 import os
 import select
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,17 +136,19 @@ class _Job:
 class ProcessTracker(TrackerBase[ProcessDirty]):
     """Dirty pages of process ``pid`` (None: this process), by mapping; see the module docstring.
 
-    ``refresh_interval`` (seconds): 0 re-reads ``/proc/PID/maps`` at every collection; a positive value
-    re-reads it only when the process's size changed, when a scan met unregistered memory, or when that
-    long has passed — cheaper for processes with many mappings, and still loses no write (new mappings
-    are reported at the refresh that finds them). ``stop_timeout`` bounds the wait for the target's
+    ``refresh_interval`` (seconds, default 1): ``/proc/PID/maps`` is re-read, and each run of mappings
+    scanned on its own with the registration checked, when the process's size changed (mmap, munmap, brk,
+    a new thread's stack, exit) or when this long has passed; otherwise a collection is one ``PAGEMAP_SCAN``
+    over all tracked memory. A mapping that appeared without changing the size (one unmapped and mapped
+    again at the same place, or made writable by ``mprotect``) is then reported at most this late, never
+    lost. 0 re-reads the maps at every collection. ``stop_timeout`` bounds the wait for the target's
     thread to stop for the injection. ``shared`` also tracks writable *shared* mappings (``MAP_SHARED``,
     which is what Python's ``mmap.mmap(-1, n)`` makes); only this process's own writes to them are seen.
     """
 
     mode = "process"
 
-    def __init__(self, pid: int | None = None, *, refresh_interval: float = 0.0, shared: bool = False,
+    def __init__(self, pid: int | None = None, *, refresh_interval: float = 1.0, shared: bool = False,
                  stop_timeout: float = 10.0) -> None:
         if refresh_interval < 0:
             raise TrackingError(f"refresh_interval must be 0 or more seconds, got {refresh_interval}")
@@ -160,7 +166,13 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         self.scans = 0
         self.rescans = 0
         self._uffd: Userfaultfd | None = None
+        # Two pagemap fds, each with its own output buffer, used in turn: a result is a view of the buffer it
+        # was scanned into, which the collection after next reuses (detaching the result if still held).
+        self._pagemaps: list[Pagemap] = []
         self._pagemap: Pagemap | None = None
+        self._current = 0
+        self._written_upto = [0, 0]  # per buffer: records written since its categories were last cleared
+        self._handed_out: list[weakref.ref[ProcessDirty] | None] = [None, None]
         self._maps: procfs.MapsReader | None = None
         self._pidfd = -1
         self._statm = -1
@@ -171,6 +183,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         self._gone: list[Mapping] = []
         self._jobs: list[_Job] = []
         self._exit_reported = False
+        self._rescanned = False
 
     @property
     def target(self) -> str:
@@ -185,7 +198,8 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         try:
             where: int | str = "self" if self.self_tracking else self.pid
             self._maps = procfs.MapsReader(where)
-            self._pagemap = Pagemap(where)
+            self._pagemaps = [Pagemap(where), Pagemap(where)]
+            self._pagemap = self._pagemaps[0]
             self._statm = os.open(f"/proc/{where}/statm", os.O_RDONLY | os.O_CLOEXEC)
             if self.self_tracking:
                 self._uffd = Userfaultfd.create(user_mode_only=True)
@@ -210,23 +224,32 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
                 raise ProcessExitedError(f"{self.target} has exited; its last collection was already returned")
             self._exit_reported = True
             return ProcessDirty.empty(self.tracked, exited=True)
+        self._swap_buffers()
         assert self._pagemap is not None
+        refreshed = False
         try:
             if self._refresh_due():
+                refreshed = True
                 self._refresh()
                 self._plan()
-            filled = self._scan_all()
+                filled = self._scan_all()
+            else:
+                filled = self._scan_span()
         except ProcessExitedError:
             self.exited = True
             filled = 0
-        if not self.exited and self._target_gone():
+        if refreshed and not self.exited and self._target_gone():
             self.exited = True
         buffer = self._pagemap.buffer[:filled]
-        starts = buffer["start"].copy()
-        ends = buffer["end"].copy()
-        buffer["categories"] = 0  # the sentinel the next collection's recovery relies on
-        result = ProcessDirty.from_runs(self.tracked, starts, ends, new=self._new, gone=self._gone,
-                                        exited=self.exited)
+        self._written_upto[self._current] = max(self._written_upto[self._current], filled)
+        if self._rescanned:  # runs were scanned twice: they may repeat or come out of order
+            result = ProcessDirty.from_runs(self.tracked, buffer["start"].copy(), buffer["end"].copy(),
+                                            new=self._new, gone=self._gone, exited=self.exited)
+        else:  # views of the buffer: no copy, no allocation; detached only if still held when it is reused
+            result = ProcessDirty(tuple(self.tracked), buffer["start"], buffer["end"], tuple(self._new),
+                                  tuple(self._gone), self.exited)
+            self._handed_out[self._current] = weakref.ref(result)
+        self._rescanned = False
         self._exit_reported = self.exited
         self._new, self._gone = [], []
         if self._fresh:  # registered at this collection: from the next one on, they are steady runs
@@ -234,9 +257,42 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
             self._plan()
         return result
 
-    def _scan_all(self) -> int:
-        """Run this collection's scans; returns how many regions fill the buffer (first scans filtered)."""
+    def _swap_buffers(self) -> None:
+        """Scan into the other of the two pagemaps' buffers; take back the result still using it, if any."""
+        self._current ^= 1
+        self._pagemap = self._pagemaps[self._current]
+        previous = self._handed_out[self._current]
+        held = previous() if previous is not None else None
+        if held is not None:
+            held.detach()
+        self._handed_out[self._current] = None
+
+    def _clear_sentinels(self) -> None:
+        """Zero the ``categories`` of every record this buffer holds, before a refresh's checked scans: their
+        recovery after a failed scan counts the records with non-zero categories as fresh. (The fast path
+        needs no sentinel, so it never clears: this clears up to the furthest record written since.)"""
         assert self._pagemap is not None
+        self._pagemap.buffer["categories"][: self._written_upto[self._current]] = 0
+        self._written_upto[self._current] = 0
+
+    def _scan_span(self) -> int:
+        """The fast path, when no refresh is due: one ``PAGEMAP_SCAN`` over the whole tracked span.
+
+        Without ``PM_SCAN_CHECK_WPASYNC`` the kernel skips memory not registered with us in its per-VMA test,
+        without walking it: the libraries' code between the tracked mappings costs next to nothing. A
+        mapping replaced in place since the last refresh is skipped too; its pages stay unprotected and the
+        first scan at the next refresh reports them (a refresh is at most ``refresh_interval`` away).
+        """
+        assert self._pagemap is not None
+        if not self.tracked:
+            return 0
+        self.scans += 1
+        return self._pagemap.collect_written(self.tracked[0].start, self.tracked[-1].end, check_registered=False)
+
+    def _scan_all(self) -> int:
+        """A refresh's scans, run by run; returns how many regions fill the buffer (first scans filtered)."""
+        assert self._pagemap is not None
+        self._clear_sentinels()
         pagemap = self._pagemap
         filled, index, rescans = 0, 0, 0
         jobs = self._jobs
@@ -253,6 +309,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
                 self.scans += 1
                 index += 1
             except NotRegisteredError:
+                self._rescanned = True
                 # Part of the run is no longer registered (unmapped and mapped again). What the kernel
                 # reported before it met that part is in the buffer, already re-protected: keep it.
                 filled = self._recover(filled)
@@ -300,6 +357,8 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
             raise ProcessExitedError(f"{self.target} exited", errno.ESRCH) from None
 
     def _refresh_due(self) -> bool:
+        """Whether to re-read the maps now: always with ``refresh_interval`` 0; else when the process's size
+        changed (mmap, munmap, brk, a thread's stack — and exit: statm reads 0 then) or the interval passed."""
         if self.refresh_interval == 0:
             return True
         return (self._process_size() != self._size
@@ -366,11 +425,11 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         return True
 
     def _excluded(self, mapping: Mapping) -> bool:
-        """A tracker of itself leaves out its own scan buffer (the kernel writes it at every collection)."""
-        if not self.self_tracking or self._pagemap is None:
+        """A tracker of itself leaves out its own scan buffers (the kernel writes them at every collection)."""
+        if not self.self_tracking:
             return False
-        start, end = self._pagemap.buffer_range
-        return mapping.start < end and start < mapping.end
+        return any(mapping.start < end and start < mapping.end
+                   for start, end in (pagemap.buffer_range for pagemap in self._pagemaps))
 
     def _plan(self) -> None:
         """Group tracked mappings into runs of adjacent ones: one scan each."""
@@ -400,9 +459,14 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         if self._uffd is not None:
             self._uffd.close()
             self._uffd = None
-        if self._pagemap is not None:
-            self._pagemap.close()
-            self._pagemap = None
+        for index, handed_out in enumerate(self._handed_out):  # results outlive the buffers they view
+            held = handed_out() if handed_out is not None else None
+            if held is not None:
+                held.detach()
+            self._handed_out[index] = None
+        for pagemap in self._pagemaps:
+            pagemap.close()
+        self._pagemaps, self._pagemap = [], None
         if self._maps is not None:
             self._maps.close()
             self._maps = None
