@@ -8,14 +8,17 @@ A target process (a small Python program started here, with NumPy like most Pyth
 of private anonymous memory, touches all of it, and then writes a fraction of its pages when told (evenly
 spread: one written run per page below 50 %, the worst case for the output), timing its own writes.
 
-Part 1, per written fraction: ``ProcessTracker.collect()`` on the target, by default re-reading
-``/proc/PID/maps`` at every collection (``refresh 0``) and with ``refresh_interval=1`` (the maps are re-read
-only when the process's size changes), against the *bare* collection: one ``PAGEMAP_SCAN`` ioctl
-(``PM_SCAN_WP_MATCHING``, WRITTEN only) over the target's area and nothing else; and against the classic
-alternative, reading the area's ``/proc/PID/pagemap`` entries whole and picking the pages without the
-uffd-WP bit with NumPy (which reads but cannot re-arm; re-arming would take more calls and race with the
-writer). The three alternate, each after the target wrote the same pages again; medians of wall time and
-of this thread's CPU time, per GiB tracked, and ours/bare. Goal: ours/bare <= 1.15.
+Part 1, per written fraction: ``ProcessTracker.collect()`` on the target, as it runs by default (maps
+re-read only when the process's size changes: one ``PAGEMAP_SCAN`` over all tracked memory otherwise) and
+with ``refresh_interval=0`` (maps re-read and every run of mappings scanned with its registration
+checked, at every collection), against the *bare* collection: one ``PAGEMAP_SCAN`` ioctl
+(``PM_SCAN_WP_MATCHING``, WRITTEN only, into a buffer allocated once) over the same memory — the whole
+tracked span, the target's ~50 other writable mappings included — and over the target's area alone; and
+against the classic alternative, reading the area's ``/proc/PID/pagemap`` entries whole and picking the
+pages without the uffd-WP bit with NumPy (which reads but cannot re-arm; re-arming would take more calls
+and race with the writer). They alternate, each after the target wrote the same pages again; medians of
+wall time and of this thread's CPU time, per GiB of the memory each covers. Goal: ours / bare (same
+memory) <= 1.15.
 
 Part 2: the target's cost of a write to a page, per page: untracked (the page is present and writable),
 tracked (the first write after a collection takes an async write-protect fault, resolved by the kernel
@@ -116,10 +119,12 @@ def timed(sample: Sample, work: Callable[[], Any]) -> Any:
 class DensityResult:
     fraction: float
     pages: int
-    reported: int
-    ours: Sample = field(default_factory=Sample)
-    ours_cached: Sample = field(default_factory=Sample)
-    bare: Sample = field(default_factory=Sample)
+    reported: int = 0
+    refreshes: int = 0  # of the default-mode collections, how many re-read the maps
+    ours: Sample = field(default_factory=Sample)  # default: maps re-read on a size change
+    ours_maps: Sample = field(default_factory=Sample)  # refresh_interval=0
+    bare_span: Sample = field(default_factory=Sample)  # one ioctl over the same memory as ours
+    bare_area: Sample = field(default_factory=Sample)  # one ioctl over the target's area only
     pagemap_read: Sample = field(default_factory=Sample)
     write_tracked_ns: list[float] = field(default_factory=list)
 
@@ -139,57 +144,77 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         results = []
         for fraction in args.fractions:
             count = round(npages * fraction)
-            result = DensityResult(fraction, count, 0)
+            result = DensityResult(fraction, count)
+            first, last = tracker.tracked[0].start, tracker.tracked[-1].end
+
+            def bare_span(first: int = first, last: int = last) -> int:
+                return pagemap.collect_written(first, last, check_registered=False)
+
             for _ in range(args.repeat):
                 ns = target.write(count)
                 if count:
                     result.write_tracked_ns.append(ns / count)
-                tracker.refresh_interval = 0.0
-                dirty = timed(result.ours, tracker.collect)
-                result.reported = dirty.count()
-                target.write(count)
-                timed(result.bare, lambda: pagemap.collect_written(target.start, target.end))
-                target.write(count)
                 tracker.refresh_interval = 1.0
-                timed(result.ours_cached, tracker.collect)
+                refreshes = tracker.refreshes
+                dirty = timed(result.ours, tracker.collect)
+                result.refreshes += tracker.refreshes - refreshes
+                result.reported = dirty.count()
+                del dirty  # as a loop `d = tracker.collect()` does: a result held longer is copied out later
+                target.write(count)
+                timed(result.bare_span, bare_span)
+                target.write(count)
+                timed(result.bare_area, lambda: pagemap.collect_written(target.start, target.end))
+                target.write(count)
+                tracker.refresh_interval = 0.0
+                timed(result.ours_maps, tracker.collect)
                 target.write(count)
                 timed(result.pagemap_read, lambda: np.flatnonzero(
                     pagemap.read_entries(target.start, target.end) & np.uint64(abi.PM_UFFD_WP) == 0))
                 pagemap.collect_written(target.start, target.end)  # re-arm what the read could not
             results.append(result)
+        tracked_bytes = sum(m.size for m in tracker.tracked)
+        mappings = len(tracker.tracked)
         tracker.disable()
         pagemap.close()
-        mappings = len(tracker.tracked)
     finally:
         target.close()
     return {"size": size, "gib": gib, "npages": npages, "mappings": mappings, "repeat": args.repeat,
+            "tracked_bytes": tracked_bytes, "tracked_gib": tracked_bytes / 2**30,
             "untracked_write_ns": {str(f): statistics.median(v) for f, v in untracked.items()},
             "results": results}
 
 
 def report(data: dict[str, Any]) -> None:
-    gib = data["gib"]
-    print(f"target: {format_size(data['size'])} private anonymous area, {data['mappings']} tracked mappings in all; "
-          f"{data['repeat']} samples each, medians; ms per GiB tracked (wall / this thread's CPU)")
-    print(f"{'written':>8} {'reported':>9} | {'ours':>13} {'ours, maps':>13} {'bare ioctl':>13} | "
-          f"{'ours/bare':>10} {'cached/bare':>11} | {'read pagemap':>13} {'read/bare':>9}")
+    gib, tracked = data["gib"], data["tracked_gib"]
+    print(f"target: a {format_size(data['size'])} private anonymous area; {data['mappings']} tracked mappings, "
+          f"{format_size(data['tracked_bytes'])} in all. {data['repeat']} samples each, medians of wall / this "
+          "thread's CPU time, ms per GiB of the memory each covers")
+    print(f"{'written':>8} {'reported':>9} {'maps':>5} | {'ours':>13} {'bare, same':>13} {'ours/bare':>9} | "
+          f"{'ours, maps':>13} {'/bare':>5} | {'bare, area':>13} {'read pagemap':>13} {'read/bare':>9}")
+
+    def per_gib(sample: Sample, size: float) -> str:
+        return f"{sample.median_wall / size * 1e3:6.3f}/{sample.median_cpu / size * 1e3:6.3f}"
+
+    def ratio(ours: Sample, bare: Sample) -> str:
+        return f"{ours.median_wall / bare.median_wall:4.2f}/{ours.median_cpu / bare.median_cpu:4.2f}"
+
     for r in data["results"]:
-        def ms(s: Sample) -> str:
-            return f"{s.median_wall / gib * 1e3:6.3f}/{s.median_cpu / gib * 1e3:6.3f}"
-        print(f"{r.fraction * 100:7.1f}% {r.reported:9,} | {ms(r.ours):>13} {ms(r.ours_cached):>13} {ms(r.bare):>13} | "
-              f"{r.ours.median_wall / r.bare.median_wall:4.2f}/{r.ours.median_cpu / r.bare.median_cpu:4.2f} "
-              f"{r.ours_cached.median_wall / r.bare.median_wall:5.2f}/"
-              f"{r.ours_cached.median_cpu / r.bare.median_cpu:4.2f} | {ms(r.pagemap_read):>13} "
-              f"{r.pagemap_read.median_wall / r.bare.median_wall:9.2f}")
-    print("(ours: refresh_interval=0, maps re-read at every collection; ours, maps: refresh_interval=1, re-read"
-          " on a size change)")
+        print(f"{r.fraction * 100:7.1f}% {r.reported:9,} {r.refreshes:5} | {per_gib(r.ours, tracked):>13} "
+              f"{per_gib(r.bare_span, tracked):>13} {ratio(r.ours, r.bare_span):>9} | "
+              f"{per_gib(r.ours_maps, tracked):>13} {r.ours_maps.median_wall / r.bare_span.median_wall:5.2f} | "
+              f"{per_gib(r.bare_area, gib):>13} {per_gib(r.pagemap_read, gib):>13} "
+              f"{r.pagemap_read.median_wall / r.bare_area.median_wall:9.2f}")
+    print("ours: ProcessTracker.collect() as by default (maps re-read on a size change; 'maps' counts the "
+          "collections that did); bare, same: one PAGEMAP_SCAN over the same memory; ours, maps: "
+          "refresh_interval=0; bare, area: one PAGEMAP_SCAN over the area only; read pagemap: the area's "
+          "entries read whole and decoded, without re-arming")
     print("\nthe target's writes, ns per page (median): untracked | tracked (async WP fault) | fault cost")
     for r in data["results"]:
         if not r.write_tracked_ns:
             continue
         untracked = data["untracked_write_ns"][str(r.fraction)]
-        tracked = statistics.median(r.write_tracked_ns)
-        print(f"{r.fraction * 100:7.1f}% {untracked:9.0f} | {tracked:9.0f} | {tracked - untracked:9.0f}")
+        tracked_ns = statistics.median(r.write_tracked_ns)
+        print(f"{r.fraction * 100:7.1f}% {untracked:9.0f} | {tracked_ns:9.0f} | {tracked_ns - untracked:9.0f}")
 
 
 def main() -> None:

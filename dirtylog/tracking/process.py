@@ -159,6 +159,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         self.shared = shared
         self.stop_timeout = stop_timeout
         self.tracked: list[Mapping] = []
+        self._tracked_tuple: tuple[Mapping, ...] = ()  # what results carry, made once per refresh
         self.untracked: dict[Mapping, str] = {}  # mappings the kernel would not register, and why
         self.exited = False
         self.refreshes = 0
@@ -246,7 +247,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
             result = ProcessDirty.from_runs(self.tracked, buffer["start"].copy(), buffer["end"].copy(),
                                             new=self._new, gone=self._gone, exited=self.exited)
         else:  # views of the buffer: no copy, no allocation; detached only if still held when it is reused
-            result = ProcessDirty(tuple(self.tracked), buffer["start"], buffer["end"], tuple(self._new),
+            result = ProcessDirty(self._tracked_tuple, buffer["start"], buffer["end"], tuple(self._new),
                                   tuple(self._gone), self.exited)
             self._handed_out[self._current] = weakref.ref(result)
         self._rescanned = False
@@ -350,8 +351,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
     def _process_size(self) -> bytes:
         """The first field of ``/proc/PID/statm``: the process's size in pages, as text (0.6 us to read)."""
         try:
-            os.lseek(self._statm, 0, os.SEEK_SET)
-            size: bytes = os.read(self._statm, 64).split(b" ", 1)[0]
+            size: bytes = os.pread(self._statm, 64, 0).split(b" ", 1)[0]
             return size
         except ProcessLookupError:
             raise ProcessExitedError(f"{self.target} exited", errno.ESRCH) from None
@@ -433,6 +433,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
 
     def _plan(self) -> None:
         """Group tracked mappings into runs of adjacent ones: one scan each."""
+        self._tracked_tuple = tuple(self.tracked)
         jobs: list[_Job] = []
         for mapping in self.tracked:
             first = mapping in self._fresh
