@@ -8,8 +8,8 @@ which soft-dirty never had. ``PAGE_IS_WRITTEN`` means "not write-protected": a p
 protected, *or one never protected at all*, so protection must be armed before the first collection.
 
 Results land in a reusable NumPy array of ``page_region`` records; when it fills, the kernel stops at
-``walk_end`` (protecting nothing beyond it) and :meth:`Pagemap.scan` continues from there, so a scan never
-loses pages to a small buffer. The buffer is its own anonymous mapping, so a process tracking itself can
+``walk_end`` (protecting nothing beyond it) and :meth:`Pagemap.scan` grows it and continues from there, so
+a scan never loses pages to a small buffer. The buffer is its own anonymous mapping, so a process tracking itself can
 leave the tracker's output out of what it tracks.
 """
 
@@ -124,10 +124,12 @@ class Pagemap:
                                              category_inverted=category_inverted,
                                              category_anyof_mask=category_anyof_mask, return_mask=return_mask)
             filled += count
-            if walk_end >= end:
+            # Only a full buffer stops the walk early. walk_end alone does not tell: the kernel sets it each
+            # time its internal 512-record bounce buffer fills, and leaves that value when the walk then
+            # completes (6.18's do_pagemap_scan sets it to ``end`` only if it was never set).
+            if walk_end >= end or filled < len(self.buffer):
                 return filled
-            if filled == len(self.buffer):
-                self._grow(filled)
+            self._grow(filled)
             at = walk_end
 
     def collect_written(self, start: int, end: int, *, first: int = 0, check_registered: bool = True) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -67,7 +66,6 @@ def _runs_of(pages: Addresses) -> tuple[Addresses, Addresses]:
     return pages[firsts], pages[lasts] + np.uint64(PAGE_SIZE)
 
 
-@dataclass(frozen=True)
 class ProcessDirty:
     """Pages of a process written since the previous collection, by mapping.
 
@@ -77,21 +75,27 @@ class ProcessDirty:
     registered) at this collection — their pages written since they appeared count as written now;
     ``gone`` ones were tracked and are no longer mapped. ``exited`` is set on the collection that found the
     process gone: the last one.
+
+    A plain class with slots rather than a dataclass: one is made per collection, on the hot path.
     """
 
-    mappings: tuple[Mapping, ...]
-    starts: Addresses
-    ends: Addresses
-    new: tuple[Mapping, ...] = ()
-    gone: tuple[Mapping, ...] = ()
-    exited: bool = False
-    _cache: dict[str, npt.NDArray[np.generic]] = field(default_factory=dict, repr=False, compare=False)
+    __slots__ = ("__weakref__", "_cache", "ends", "exited", "gone", "mappings", "new", "starts")
+
+    def __init__(self, mappings: tuple[Mapping, ...], starts: Addresses, ends: Addresses,
+                 new: tuple[Mapping, ...] = (), gone: tuple[Mapping, ...] = (), exited: bool = False) -> None:
+        self.mappings = mappings
+        self.starts = starts
+        self.ends = ends
+        self.new = new
+        self.gone = gone
+        self.exited = exited
+        self._cache: dict[str, npt.NDArray[np.generic]] = {}
 
     def detach(self) -> None:
         """Own the run arrays: a tracker hands out views of its scan buffer and calls this before it reuses
         the buffer while the result is still referenced."""
-        object.__setattr__(self, "starts", self.starts.copy())
-        object.__setattr__(self, "ends", self.ends.copy())
+        self.starts = self.starts.copy()
+        self.ends = self.ends.copy()
 
     @classmethod
     def from_runs(cls, mappings: Sequence[Mapping], starts: Addresses, ends: Addresses, *,
@@ -127,6 +131,8 @@ class ProcessDirty:
     def count(self) -> int:
         """Written pages in all. The collection's hot path asks this: two sums and no temporary array (each
         sum may wrap around 2^64; their difference modulo 2^64, the total length, is exact)."""
+        if self.starts.size == 0:
+            return 0
         return (int(self.ends.sum()) - int(self.starts.sum())) % 2**64 // PAGE_SIZE
 
     def counts(self) -> dict[Mapping, int]:
