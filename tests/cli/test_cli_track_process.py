@@ -95,6 +95,18 @@ def test_a_recording_replays_in_a_vm(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert machine.progress >= trace.pages.size
 
 
+@pytest.mark.kvm
+def test_self_tracks_this_process_running_a_vm(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["track", "--self", "--memory", "64M", "--vcpus", "1", "--workload", "random", "--rate", "20000",
+                 "--interval", "50ms", "--duration", "300ms", "--json"]) == 0
+    records = json_lines(capsys.readouterr().out)
+    summary = records[-1]["summary"]
+    assert isinstance(summary, dict) and summary["exited"] is False and summary["collections"] == 6
+    assert "running a random VM" in str(summary["target"])
+    by_mapping = summary["by_mapping"]
+    assert isinstance(by_mapping, dict) and by_mapping["anon"] > 1000  # the guest's writes land in its RAM mapping
+
+
 def test_mistakes_are_explained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["track", "--pid", "4194002", "--duration", "100ms"]) == 1
     assert "no process 4194002" in capsys.readouterr().err

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from dirtylog.linux import abi
 from dirtylog.linux.errors import NotRegisteredError
-from dirtylog.linux.pagemap import Pagemap, region_page_count, region_pages
+from dirtylog.linux.pagemap import (
+    Pagemap,
+    pagemap_scan_missing_message,
+    pagemap_scan_supported,
+    region_page_count,
+    region_pages,
+)
 from dirtylog.linux.userfaultfd import Userfaultfd
 from dirtylog.units import PAGE_SIZE
 
@@ -134,3 +140,9 @@ def test_region_pages_expands_runs_in_order(runs: list[tuple[int, int]]) -> None
                 for i in range((int(region["end"]) - int(region["start"])) // PAGE_SIZE)]
     assert region_pages(regions).tolist() == expected
     assert region_page_count(regions) == len(expected)
+
+
+def test_this_kernel_has_pagemap_scan_and_the_message_for_one_that_has_not() -> None:
+    assert pagemap_scan_supported()
+    message = pagemap_scan_missing_message()
+    assert "needs Linux 6.7 or newer" in message and "PAGEMAP_SCAN" in message and "WP_ASYNC" in message

@@ -3,6 +3,7 @@
 Commands (each answered by one line on stdout):
 
 * ``map N`` — a new anonymous private mapping of N pages, untouched; answers its address;
+* ``mapshared N`` — the same, shared (``MAP_SHARED | MAP_ANONYMOUS``);
 * ``write ADDR N`` — write the first 8 bytes of N pages from ADDR; answers ``ok``;
 * ``unmap ADDR N`` / ``remap ADDR N`` — unmap it / unmap it and map fresh memory at the same place;
 * ``grow N`` — grow the brk heap by N pages and write them; answers the address of the new pages;
@@ -27,7 +28,7 @@ libc.sbrk.restype = ctypes.c_void_p
 libc.sbrk.argtypes = [ctypes.c_long]
 libc.syscall.restype = ctypes.c_long
 libc.pthread_self.restype = ctypes.c_ulong
-PROT_RW, MAP_PRIVATE_ANON, MAP_FIXED = 3, 0x22, 0x10
+PROT_RW, MAP_PRIVATE_ANON, MAP_SHARED_ANON, MAP_FIXED = 3, 0x22, 0x21, 0x10
 
 
 def write_pages(address: int, count: int) -> None:
@@ -60,6 +61,8 @@ def main() -> None:
         numbers = [int(arg, 0) for arg in args]
         if command == "map":
             reply = str(libc.mmap(None, numbers[0] * PAGE, PROT_RW, MAP_PRIVATE_ANON, -1, 0))
+        elif command == "mapshared":
+            reply = str(libc.mmap(None, numbers[0] * PAGE, PROT_RW, MAP_SHARED_ANON, -1, 0))
         elif command == "write":
             write_pages(numbers[0], numbers[1])
             reply = "ok"

@@ -315,6 +315,19 @@ def test_heap_growth_and_new_thread_stacks_are_tracked(commands: CommandTarget) 
     tracker.disable()
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_mappings_are_tracked_when_asked(commands: CommandTarget, shared: bool) -> None:
+    area = commands("mapshared", 8)
+    tracker = ProcessTracker(commands.pid, shared=shared)
+    tracker.enable()
+    try:
+        commands("write", area, 3)
+        assert pages_of(tracker.collect().pages(), area, 8) == ([0, 1, 2] if shared else [])
+        assert any(m.start <= area < m.end and m.perms[3] == "s" for m in tracker.tracked) == shared
+    finally:
+        tracker.disable()
+
+
 def test_a_target_that_exits_ends_the_tracking_with_its_last_data(commands: CommandTarget) -> None:
     tracker = ProcessTracker(commands.pid)
     tracker.enable()
