@@ -40,8 +40,9 @@ from dirtylog.migration.protocol.auth import frame_mac
 from dirtylog.migration.protocol.connection import DestinationConnection, SourceConnection
 from dirtylog.migration.protocol.events import Codec, Header, PageBatch, Ready
 from dirtylog.migration.protocol.loopback import collect, join
+from dirtylog.units import PAGE_SIZE
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 KEY = bytes(range(32))
 RECV = 64 << 10
 

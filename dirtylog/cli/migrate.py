@@ -7,13 +7,17 @@ import sys
 import time
 from typing import Any
 
+from rich.markup import escape
+
 from dirtylog.cli.options import (
     add_machine_arguments,
     duration_arg,
     machine_from_args,
+    positive_duration_arg,
     positive_int,
-    rate_arg,
+    positive_rate_arg,
     size_arg,
+    whole_number,
 )
 from dirtylog.cli.output import RowPrinter, console, emit_json, key_value_table
 from dirtylog.cli.plots import plot_series
@@ -21,6 +25,7 @@ from dirtylog.guest.machine import State
 from dirtylog.machine import TRACKING_MODES, Machine
 from dirtylog.migration import Listener, MigrationError, MigrationParameters, MigrationStats, migrate, receive
 from dirtylog.migration.keys import generate_key_file, load_key
+from dirtylog.migration.policy.parameters import MAX_STREAMS
 from dirtylog.migration.transports import parse_endpoint
 from dirtylog.units import PAGE_SIZE, format_duration, format_size
 
@@ -40,8 +45,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     recv.add_argument("--memory", type=size_arg, default=None, help="accept only guests of this memory size")
     recv.add_argument("--duration", type=duration_arg, default=2.0,
                       help="after the migration, run the guest this long to show it continues (default 2s)")
-    recv.add_argument("--timeout", type=duration_arg, default=30.0, help="give up when the source is silent this long")
-    recv.add_argument("--accept-timeout", type=duration_arg, default=None, help="give up if no source connects")
+    recv.add_argument("--timeout", type=positive_duration_arg, default=30.0,
+                      help="give up when the source is silent this long")
+    recv.add_argument("--accept-timeout", type=positive_duration_arg, default=None,
+                      help="give up if no source connects")
     recv.add_argument("--json", action="store_true", help="JSON lines for machines")
     recv.set_defaults(func=run_receive)
 
@@ -60,13 +67,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     """The controls of a migration (shared with the demo)."""
     group = parser.add_argument_group("migration")
-    group.add_argument("--downtime-limit", type=duration_arg, default=0.3, help="switch over when the rest can be "
-                       "sent within this (default 300ms, as QEMU)")
-    group.add_argument("--bandwidth", type=rate_arg, default=None, help="cap the stream, bytes/s, e.g. 500M")
-    group.add_argument("--max-time", type=duration_arg, default=None, help="give up (or force) after this long")
+    group.add_argument("--downtime-limit", type=positive_duration_arg, default=0.3,
+                       help="switch over when the rest can be sent within this (default 300ms, as QEMU)")
+    group.add_argument("--bandwidth", type=positive_rate_arg, default=None, help="cap the stream, bytes/s, e.g. 500M")
+    group.add_argument("--max-time", type=positive_duration_arg, default=None,
+                       help="give up (or force) after this long")
     group.add_argument("--on-timeout", choices=("cancel", "force"), default="cancel",
                        help="at --max-time: cancel (the source keeps running) or force the switch-over")
-    group.add_argument("--streams", type=positive_int, default=1, help="parallel TCP streams (default 1)")
+    group.add_argument("--streams", type=whole_number(1, MAX_STREAMS), default=1,
+                       help=f"parallel streams, 1 to {MAX_STREAMS} (default 1)")
     group.add_argument("--no-zero-pages", dest="zero_pages", action="store_false", help="send zero pages as data")
     group.add_argument("--compression", choices=("none", "lz4", "zstd"), default="none",
                        help="page compression (default none: on loopback it costs more than it saves)")
@@ -81,7 +90,8 @@ def run_keygen(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"event": "keygen", "file": str(path), "mode": "0600"})
     else:
-        console.print(f"wrote a new key to {path} (mode 0600); copy it to the other host over a channel you trust")
+        console.print(f"wrote a new key to {escape(str(path))} (mode 0600); copy it to the other host over a channel "
+                      "you trust")
     return 0
 
 
@@ -121,8 +131,8 @@ def run_migrate(args: argparse.Namespace) -> int:
                                   "pages")
             return 1
         if machine.state is State.PAUSED and not args.json:  # a stream to a file takes no VM over
-            console.print(f"saved to {args.to}; this VM stays paused here (load it with `dirtylog receive "
-                          f"--listen {args.to} --key-file {args.key_file}`)")
+            console.print(escape(f"saved to {args.to}; this VM stays paused here (load it with `dirtylog receive "
+                                 f"--listen {args.to} --key-file {args.key_file}`)"))
     return 0
 
 
@@ -133,7 +143,7 @@ def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> Migrati
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
-            emit_json({"event": kind, **record})
+            emit_json({**record, "event": kind})
         elif kind == "round":
             _round_row(rows, record)
         elif kind == "switchover":
@@ -147,7 +157,7 @@ def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> Migrati
         if args.json:
             emit_json({"event": "failed", "error": str(error)})
         else:
-            console.print(f"[red bold]migration failed[/red bold]: {error}")
+            console.print(f"[red bold]migration failed[/red bold]: {escape(str(error))}")
         return None
     if args.plot:
         plot_migration(args.plot, stats)
@@ -197,12 +207,12 @@ def run_receive(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"event": "listening", "address": where})
     else:
-        console.print(f"destination: listening on {where}")
+        console.print(f"destination: listening on {escape(where)}")
     sys.stdout.flush()
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
-            emit_json({"event": f"received-{kind}", **record})
+            emit_json({**record, "event": f"received-{kind}"})
         elif kind == "round":
             console.print(f"received round {record['round']}: {record['pages']:,} pages on stream 0")
 
@@ -213,7 +223,7 @@ def run_receive(args: argparse.Namespace) -> int:
         if args.json:
             emit_json({"event": "failed", "error": str(error)})
         else:
-            console.print(f"[red bold]incoming migration failed[/red bold]: {error}")
+            console.print(f"[red bold]incoming migration failed[/red bold]: {escape(str(error))}")
         return 1
     finally:
         listener.close()

@@ -30,15 +30,34 @@ duration_arg = _argtype(parse_duration, "duration")
 rate_arg = _argtype(parse_rate, "rate")
 
 
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``minimum``."""
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise UnitError(f"duration {text!r} must be more than zero")
+    return seconds
+
+
+def _positive_rate(text: str) -> int:
+    rate = parse_rate(text)
+    if rate <= 0:
+        raise UnitError(f"rate {text!r} must be more than zero bytes per second")
+    return rate
+
+
+positive_duration_arg = _argtype(_positive_duration, "duration > 0")
+positive_rate_arg = _argtype(_positive_rate, "rate > 0")
+
+
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum`` (and at most ``maximum``)."""
     def convert(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
         return value
 
     convert.__name__ = f"number >= {minimum}"

@@ -6,7 +6,13 @@ import argparse
 import time
 from dataclasses import dataclass, field
 
-from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args, positive_int
+from dirtylog.cli.options import (
+    add_machine_arguments,
+    duration_arg,
+    machine_from_args,
+    positive_duration_arg,
+    positive_int,
+)
 from dirtylog.cli.output import RowPrinter, console, emit_json
 from dirtylog.cli.plots import plot_series
 from dirtylog.cli.track_process import add_process_arguments, run_process, wants_process
@@ -28,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="kvm: a real VM; stage2: the ARM stage-2 model of the seed patch (no /dev/kvm needed)")
     add_machine_arguments(parser, workload="hotset")
     parser.set_defaults(workload=None)
-    parser.add_argument("--interval", type=duration_arg, default=0.1, help="time between collections (default 100ms)")
+    parser.add_argument("--interval", type=positive_duration_arg, default=0.1,
+                        help="time between collections (default 100ms)")
     parser.add_argument("--duration", type=duration_arg, default=10.0, help="how long to track (default 10s)")
     parser.add_argument("--verify", action="store_true",
                         help="run the stamp workload and check every collection; fail on any lost page")

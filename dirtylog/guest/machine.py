@@ -173,6 +173,7 @@ class Machine:
             self.close()
             raise
         self._runner: VcpuThreads | None = None  # made with the vCPUs
+        self._states_loaded = False
         self._crash_lock = threading.Lock()
         self._transition = threading.Lock()
         self.done_at: dict[int, float] = {}
@@ -315,21 +316,35 @@ class Machine:
                            ControlBlock.TSC_KHZ):
                 self.set_control(index, offset, int(block[offset // 8]))
 
+    def load_vcpu_states(self, vcpu_states: list[bytes]) -> None:
+        """Create the vCPUs of a new machine and load ``vcpu_states`` (from :meth:`vcpu_state` of a paused
+        machine) into them, so that :meth:`start` continues where that machine stopped. KVM checks each state
+        here: a migration destination loads them before it accepts the VM."""
+        with self._transition:
+            self._load_states(vcpu_states)
+
+    def _load_states(self, vcpu_states: list[bytes]) -> None:
+        if self.state is not State.CREATED:
+            raise MachineError(f"vCPU states are loaded into a new machine; this one is {self.state.value}")
+        if len(vcpu_states) != self.spec.vcpus:
+            raise MachineError(f"{len(vcpu_states)} vCPU states given for {self.spec.vcpus} vCPUs")
+        self.create_vcpus()
+        # A migrated guest continues: its registers, TSC and control blocks come from the source.
+        for index, state in enumerate(vcpu_states):
+            self.load_vcpu_state(index, state)
+        self._states_loaded = True
+
     def start(self, vcpu_states: list[bytes] | None = None) -> None:
-        """Create the vCPUs and run the guest, one host thread per vCPU; with ``vcpu_states`` (from
-        :meth:`vcpu_state` of a paused machine) the vCPUs continue where that machine stopped."""
+        """Create the vCPUs and run the guest, one host thread per vCPU; with ``vcpu_states`` (or after
+        :meth:`load_vcpu_states`) the vCPUs continue where a paused machine stopped."""
         with self._transition:
             if self.state is not State.CREATED:
                 raise MachineError(f"start() needs a new machine; this one is {self.state.value}")
-            if vcpu_states is not None and len(vcpu_states) != self.spec.vcpus:
-                raise MachineError(f"{len(vcpu_states)} vCPU states given for {self.spec.vcpus} vCPUs")
+            if vcpu_states is not None:
+                self._load_states(vcpu_states)
             self.create_vcpus()
-            if vcpu_states is None:
+            if not self._states_loaded:
                 self._write_timing()
-            else:
-                # A migrated guest continues: its registers, TSC and control blocks come from the source.
-                for index, state in enumerate(vcpu_states):
-                    self.load_vcpu_state(index, state)
             self._threads().start()
             self.state = State.RUNNING
 

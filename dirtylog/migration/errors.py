@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from dirtylog.errors import DirtylogError
-
-if TYPE_CHECKING:
-    from dirtylog.migration.policy.stats import MigrationStats
 
 
 class MigrationError(DirtylogError):
     """A migration failed or was cancelled. On the source side its message ends by saying what became of
     the VM (it keeps running with its memory intact, unless the commit was sent); on the destination side,
     that nothing was resumed there. ``stats`` holds what the source measured up to the failure, when there
-    was a source engine to measure it."""
+    was a source engine to measure it (a ``MigrationStats``; typed loosely so this bottom module imports
+    nothing above it)."""
 
-    stats: MigrationStats | None = None
+    stats: Any = None
 
 
 class MigrationParameterError(MigrationError, ValueError):

@@ -131,6 +131,7 @@ class DestinationMigration:
         self._completes: dict[int, Complete] = {}
         self._done = threading.Condition()
         self._failure: str | None = None
+        self._verified = False
         self._committed = False
         self._connected_at = time.perf_counter()
         self._readers: list[threading.Thread] = []
@@ -228,10 +229,17 @@ class DestinationMigration:
                 if count == 0:
                     with stream.lock:
                         conn.receive_data(b"")
-                with stream.lock:  # the main thread may be sending Verified or Resumed on this connection
-                    while (event := conn.next_event()) is not NEED_DATA:
-                        if not self._handle(stream, event):
-                            return
+                while True:
+                    with stream.lock:  # the main thread may be sending Verified or Resumed on this connection
+                        event = conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if not self._handle(stream, event):
+                        return
+                    if isinstance(event, Complete) and stream.index == 0:
+                        # A live source says nothing more until our Verified; a recorded one (a file) must not
+                        # run ahead of it either, or its Commit would arrive before we had verified.
+                        self._wait(lambda: self._verified)
                 if count == 0:
                     raise MigrationError(f"stream {stream.index}: the source closed the connection")
         except TimeoutError:
@@ -241,6 +249,8 @@ class DestinationMigration:
             self._fail(str(error))
         except (DirtylogError, OSError) as error:
             self._fail(str(error))
+        except Exception as error:  # a failing progress callback, say: the migration fails, nothing hangs
+            self._fail(f"{type(error).__name__}: {error}")
 
     def _handle(self, stream: Stream, event: object) -> bool:
         """Act on one event; False when this stream has nothing more to say."""
@@ -250,7 +260,8 @@ class DestinationMigration:
             self._apply(event)
         elif isinstance(event, RoundEnd):
             if stream.index == 0:
-                record = {"round": event.round, "pages": event.pages, **event.stats}
+                # The source's own figures go under their own key: they cannot pass for ours.
+                record = {"round": event.round, "pages": event.pages, "source_stats": dict(event.stats)}
                 self.rounds.append(record)
                 self.progress("round", record)
         elif isinstance(event, VcpuState):
@@ -290,12 +301,15 @@ class DestinationMigration:
     # --- taking over --------------------------------------------------------------------------------
 
     def _wait(self, condition: Callable[[], bool]) -> None:
-        """Wait for ``condition``; a silent source is caught by the readers' socket timeouts."""
+        """Wait for ``condition``. A silent source is caught by the readers' socket timeouts, and a reader that
+        ends says why (``_fail``); should every reader end without a word, the wait ends too."""
         with self._done:
             while not condition():
                 if self._failure is not None:
                     raise MigrationError(self._failure)
-                self._done.wait(1.0)
+                if self._readers and not any(reader.is_alive() for reader in self._readers):
+                    raise MigrationError("every stream ended before the migration did")
+                self._done.wait(0.5)
             if self._failure is not None:
                 raise MigrationError(self._failure)
 
@@ -314,12 +328,23 @@ class DestinationMigration:
         if digest != expected:
             raise _VerifyFailedError(f"memory digest mismatch: ours {digest.hex()}, the source's {expected.hex()}; "
                                 "the copy is discarded and the source keeps the VM")
+        # KVM checks the vCPU state now, before we say Verified: a state it refuses fails the migration while the
+        # source still owns the VM, instead of after the commit, when neither side could run it.
+        try:
+            self.machine.load_vcpu_states([self._vcpu_states[i] for i in range(self.machine.spec.vcpus)])
+        except DirtylogError as error:
+            raise _ResumeRefusedError(f"KVM refused the source's vCPU state: {error}") from None
         primary.send(Verified(digest))
+        with self._done:
+            self._verified = True
+            self._done.notify_all()
         self._wait(lambda: self._committed)
-        states = [self._vcpu_states[i] for i in range(self.machine.spec.vcpus)]
         if self.before_resume is not None:
             self.before_resume(self.machine)
-        self.machine.start(states)
+        try:
+            self.machine.start()
+        except DirtylogError as error:  # after the commit: tell the source, which then resumes its copy
+            raise _ResumeRefusedError(f"the VM could not start here after the commit: {error}") from None
         primary.send(Resumed())
         primary.drain(self.io_timeout)
         self.stats.digest = digest.hex()
@@ -331,13 +356,17 @@ class DestinationMigration:
 
     def _discard(self, error: BaseException) -> None:
         """Tell the source, drop the streams and the unfinished VM (never resumed)."""
-        code = AbortCode.VERIFY_FAILED if isinstance(error, _VerifyFailedError) else AbortCode.INTERNAL
-        if isinstance(error, ProtocolError):
+        code = AbortCode.INTERNAL
+        if isinstance(error, _VerifyFailedError):
+            code = AbortCode.VERIFY_FAILED
+        elif isinstance(error, _ResumeRefusedError):
+            code = AbortCode.RESUME_FAILED
+        elif isinstance(error, ProtocolError):
             code = AbortCode.PROTOCOL
         for stream in self.streams:
             stream.abort(str(error), code)
         if self.machine is not None and self.machine.state is State.CREATED:
-            self.machine.close()
+            self.machine.close()  # never run: the VM is the source's
         close_aborted(self.streams)
         self.stats.status = MigrationStatus.FAILED
         self.stats.error = str(error)
@@ -354,3 +383,7 @@ class DestinationMigration:
 
 class _VerifyFailedError(MigrationError):
     """The memory digest did not match."""
+
+
+class _ResumeRefusedError(MigrationError):
+    """KVM refused the vCPU state, or the VM did not start."""

@@ -39,6 +39,7 @@ from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
 from dirtylog.migration.protocol.connection import SourceConnection
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import (
+    Abort,
     AbortCode,
     Accepted,
     Commit,
@@ -103,6 +104,7 @@ class SourceMigration:
         self.pacer = Pacer(params.bandwidth)
         self.rtt = 0.0
         self.committed = False
+        self.refused_after_commit = False
         self.paused_by_us = False
         self._limiter_stop = threading.Event()
         self._limiter: threading.Thread | None = None
@@ -190,10 +192,13 @@ class SourceMigration:
         npages = self.machine.ram.npages
         pending = DirtyBitmap.full(npages)  # round 0: everything (zero pages are elided, not sent)
         round_ = 0
+        stop_at = None if self.params.max_time is None else start + self.params.max_time
         while True:
             began = time.perf_counter()
-            pages, zero, wire = self._send_round(round_, pending, final=False)
+            pages, zero, wire, unsent = self._send_round(round_, pending, final=False, stop_at=stop_at)
             dirty = self.tracker.collect()
+            if unsent is not None:  # the time limit fell inside the round: what it did not send is still owed
+                dirty |= unsent
             self.stats.dirty_sync_count += 1
             self.stats.remaining_pages = dirty.count()
             round_stats = RoundStats(round_, began - start, time.perf_counter() - began, pages, zero, wire,
@@ -215,13 +220,19 @@ class SourceMigration:
             pending = dirty
             round_ += 1
 
-    def _send_round(self, round_: int, pending: DirtyBitmap, final: bool) -> tuple[int, int, int]:
-        """Send ``pending`` as round ``round_``; returns pages, zero pages, wire bytes."""
+    def _send_round(self, round_: int, pending: DirtyBitmap, final: bool, stop_at: float | None = None,
+                    ) -> tuple[int, int, int, DirtyBitmap | None]:
+        """Send ``pending`` as round ``round_``; returns pages, zero pages, wire bytes, and the pages left unsent
+        because ``stop_at`` (a ``perf_counter`` time) came first (None when the round was whole)."""
         sent_before = sum(s.bytes_sent for s in self.streams)  # every queue is drained between rounds
         pages_total = zero_total = 0
         per_stream = [0] * len(self.streams)
+        unsent: DirtyBitmap | None = None
         self.stats.remaining_pages = pending.count()
-        for starts, lengths in pending.batches(self.params.batch_pages):
+        for starts, lengths in pending.batches(self.params.batch_pages_for(PAGE_SIZE)):
+            if stop_at is not None and time.perf_counter() >= stop_at:
+                unsent = self._rest_of(pending, int(starts[0]))
+                break
             buffer = self._buffers.get()
             sent, zeros, covered = self._send_batch(round_, starts, lengths.astype(np.uint32, copy=False), buffer)
             if sent:
@@ -239,7 +250,14 @@ class SourceMigration:
         self.stats.duplicate_pages += zero_total
         wire = sum(s.bytes_sent for s in self.streams) - sent_before
         self.stats.transferred += wire
-        return pages_total, zero_total, wire
+        return pages_total, zero_total, wire, unsent
+
+    @staticmethod
+    def _rest_of(pending: DirtyBitmap, first: int) -> DirtyBitmap:
+        """The pages of ``pending`` from page ``first`` on (batches go in ascending page order)."""
+        before = DirtyBitmap.empty(len(pending))
+        before.set_range(0, first)
+        return pending - before
 
     def _send_batch(self, round_: int, starts: npt.NDArray[np.uint64], lengths: npt.NDArray[np.uint32],
                     buffer: npt.NDArray[np.uint8]) -> tuple[int, int, int]:
@@ -328,13 +346,30 @@ class SourceMigration:
         assert self.tracker is not None
         self._stop_helpers()
         paused_at = time.perf_counter()
+        # The guest is paused from here: no step may keep it so for the whole I/O timeout. Past the deadline the
+        # source resumes it and fails (before the commit), or says it cannot know (after).
+        deadline = paused_at + self.params.switchover_deadline
         self.machine.pause()
         self.paused_by_us = True
+        try:
+            self._switch(pending, start, paused_at, deadline)
+        except MigrationError as error:
+            if time.perf_counter() < deadline:
+                raise
+            # Whatever wait ran out, the deadline is why: say that, not which socket noticed.
+            raise MigrationError(f"the switch-over took longer than its {self.params.switchover_deadline:.1f} s "
+                                 f"deadline (the destination is slow or stalled: {error})") from None
+
+    def _switch(self, pending: DirtyBitmap, start: float, paused_at: float, deadline: float) -> None:
+        """The switch-over with the guest paused: the final round, the vCPUs, the two-phase commit."""
+        assert self.tracker is not None
+        for stream in self.streams:
+            stream.channel.settimeout(self._left(deadline))
         phases = {"pause": time.perf_counter()}
         final = pending | self.tracker.collect()
         self.stats.dirty_sync_count += 1
         began = phases["final_collect"] = time.perf_counter()
-        pages, zero, wire = self._send_round(len(self.stats.rounds), final, final=True)
+        pages, zero, wire, _ = self._send_round(len(self.stats.rounds), final, final=True)
         primary = self.streams[0]
         for vcpu in range(self.machine.spec.vcpus):
             primary.send(VcpuState(vcpu, self.machine.vcpu_state(vcpu)))
@@ -344,25 +379,30 @@ class SourceMigration:
         for stream in reversed(self.streams):  # secondaries first: the primary's Complete is the last word
             stream.send(Complete(digest, frames))
         for stream in self.streams:
-            stream.drain(self.params.io_timeout)
+            stream.drain(self._left(deadline))
         phases["final_send"] = time.perf_counter()
         self.stats.rounds.append(RoundStats(len(self.stats.rounds), began - start, time.perf_counter() - began,
                                             pages, zero, wire, 0, self.controller.throttle,
                                             self.controller.dirty_limited, final=True))
         self.progress("switchover", {"pages": pages, "bytes": wire,
                                      "paused_ms": round((time.perf_counter() - paused_at) * 1e3, 3)})
-        verified = primary.next_event(self.params.io_timeout, "Verified")
+        verified = primary.next_event(self._left(deadline), "Verified")
+        if isinstance(verified, Abort):
+            raise MigrationError(f"the destination refused the migration: {verified.reason}")
         if not isinstance(verified, Verified) or verified.digest != digest:
             raise MigrationError(f"the destination answered {type(verified).__name__} instead of verifying the digest")
         phases["verify"] = time.perf_counter()
         primary.send(Commit())
-        primary.drain(self.params.io_timeout)
+        primary.drain(self._left(deadline))
         self.committed = True
+        answer = primary.next_event(self._left(deadline), "Resumed")
+        if isinstance(answer, Abort):  # it said so: it will not run the VM, so the source may
+            self.refused_after_commit = True
+            raise MigrationError(f"the destination could not run the VM after the commit: {answer.reason}")
+        if not isinstance(answer, Resumed):
+            raise MigrationError(f"the destination answered {type(answer).__name__} instead of Resumed")
         if primary.channel.live:
             self.machine.hand_off(self.to)  # the destination runs the VM from now on
-        resumed = primary.next_event(self.params.io_timeout, "Resumed")
-        if not isinstance(resumed, Resumed):
-            raise MigrationError(f"the destination answered {type(resumed).__name__} instead of Resumed")
         phases["commit_resume"] = time.perf_counter()
         self.stats.downtime = max(0.0, phases["commit_resume"] - paused_at - self.rtt / 2)
         marks = [paused_at, *phases.values()]
@@ -372,6 +412,14 @@ class SourceMigration:
         self.stats.remaining_pages = 0
         for stream in self.streams:
             stream.close()
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        """Seconds to the switch-over deadline; MigrationError once it has passed."""
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise MigrationError("no time left")
+        return left
 
     # --- failure ------------------------------------------------------------------------------------
 
@@ -391,7 +439,7 @@ class SourceMigration:
             # The machine must be resumed even if KVM refuses this.
             with contextlib.suppress(Exception):
                 self.tracker.disable()
-        if not self.committed and self.machine.state is State.PAUSED and self.paused_by_us:
+        if self.machine.state is State.PAUSED and self.paused_by_us and self.source_owns_vm:
             self.machine.resume()
         close_aborted(self.streams)  # the guest runs again: now let the Abort arrive
 
@@ -405,7 +453,13 @@ class SourceMigration:
             why = "migration interrupted"
         else:
             why = f"migration failed: {type(error).__name__}: {error}"
-        if self.committed:
-            return MigrationError(f"{why}. The commit was sent: the destination may be running the VM, so the source "
-                                  "stays paused; check the destination before resuming anything")
+        if not self.source_owns_vm:
+            return MigrationError(f"{why}. The commit was sent and the destination went silent: it may be running the "
+                                  "VM, so the source stays paused; check the destination before resuming anything")
         return MigrationError(f"{why}; the source keeps running")
+
+    @property
+    def source_owns_vm(self) -> bool:
+        """Whether the VM is still the source's to run: before the commit, or when the destination said after it
+        that it could not run the VM."""
+        return not self.committed or self.refused_after_commit

@@ -31,7 +31,8 @@ _WORDS = 512  # 64-bit words in a 4 KiB page
 class DigestError(DirtylogError, ValueError):
     """Pages handed to the digest in a shape it cannot take (a caller's bug, said plainly)."""
 
-_MULTIPLIERS = np.random.default_rng(0x6469727479).integers(0, 2**63, _WORDS, dtype=np.uint64) | np.uint64(1)
+#: The fixed odd multipliers of the fingerprint (part of its definition: a destination must use the same).
+MULTIPLIERS = np.random.default_rng(0x6469727479).integers(0, 2**63, _WORDS, dtype=np.uint64) | np.uint64(1)
 
 
 @functools.cache
@@ -58,7 +59,7 @@ def _words(pages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
 def fingerprints(pages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
     """The fingerprint of each row of ``pages`` (shape ``(n, 4096)``)."""
     prints = np.empty(pages.shape[0], dtype=np.uint64)
-    _kernels().fingerprint_rows(_words(np.ascontiguousarray(pages)), _MULTIPLIERS, prints)
+    _kernels().fingerprint_rows(_words(np.ascontiguousarray(pages)), MULTIPLIERS, prints)
     return prints
 
 
@@ -76,7 +77,7 @@ def gather(memory: npt.NDArray[np.uint8], starts: npt.NDArray[np.uint64], length
         raise DigestError(f"a run goes past the memory's {memory.shape[0]} pages")
     prints = np.empty(count, dtype=np.uint64)
     _kernels().gather_rows(_words(memory), starts.astype(np.uint64, copy=False),
-                           lengths.astype(np.uint32, copy=False), _words(out), _MULTIPLIERS, prints)
+                           lengths.astype(np.uint32, copy=False), _words(out), MULTIPLIERS, prints)
     return prints
 
 

@@ -21,7 +21,7 @@ from dirtylog.units import UnitError, parse_duration, parse_rate
 MAX_STREAMS = 64
 
 #: Parameters given as durations (seconds, or strings like "50ms") and as rates (bytes/s, or "1G").
-_DURATIONS = ("downtime_limit", "max_time", "connect_timeout", "io_timeout")
+_DURATIONS = ("downtime_limit", "max_time", "connect_timeout", "io_timeout", "switchover_timeout")
 _RATES = ("bandwidth",)
 
 
@@ -36,6 +36,7 @@ class MigrationParameters(PrecopyPolicy):
     batch_pages: int = 1024  # 4 MiB of pages per frame: fewer per-frame costs (bench/migration.py)
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
+    switchover_timeout: float | None = None  # None: derived from the downtime limit (switchover_deadline)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,6 +51,8 @@ class MigrationParameters(PrecopyPolicy):
                 "the dirty limit measures each vCPU's dirty rate with the dirty ring: use mode 'ring'")
         if not 1 <= self.batch_pages <= 4096:
             raise MigrationParameterError(f"batch of {self.batch_pages} pages: choose 1 to 4096 pages per frame")
+        if self.switchover_timeout is not None and self.switchover_timeout <= 0:
+            raise MigrationParameterError(f"switch-over timeout must be positive, got {self.switchover_timeout} s")
         for name in ("connect_timeout", "io_timeout"):
             if getattr(self, name) <= 0:
                 raise MigrationParameterError(f"{name.replace('_', ' ')} must be positive, got {getattr(self, name)} s")
@@ -73,3 +76,19 @@ class MigrationParameters(PrecopyPolicy):
         except UnitError as error:
             raise MigrationParameterError(str(error)) from None
         return dataclasses.replace(base or cls(), **values)
+
+    @property
+    def switchover_deadline(self) -> float:
+        """Seconds the guest may stay paused for the switch-over before the source gives up and resumes it:
+        the setting, or 20 times the downtime limit within [1 s, 5 s] (the final round is expected to fit the
+        limit; this leaves room for a slow Verified without holding a guest paused for the whole I/O timeout)."""
+        if self.switchover_timeout is not None:
+            return self.switchover_timeout
+        return min(5.0, max(1.0, 20 * self.downtime_limit))
+
+    def batch_pages_for(self, page_size: int) -> int:
+        """Pages per frame: ``batch_pages``, fewer under a low bandwidth cap, so that one frame takes at most
+        50 ms on the link and a time limit or a cancel is heard within a frame, not within minutes."""
+        if self.bandwidth is None:
+            return self.batch_pages
+        return max(1, min(self.batch_pages, int(self.bandwidth * 0.05 / page_size)))

@@ -351,8 +351,7 @@ def check_round_end(state: StreamState, event: RoundEnd) -> None:
     state.streaming()
     integer(event.round, 0, U32, "round")
     integer(event.pages, 0, U64, "page count")
-    if not isinstance(event.stats, dict):
-        raise LocalProtocolError(f"round statistics must be a dict, got {type(event.stats).__name__}")
+    _check_round_stats(event.stats)
     if state.open_round is not None and event.round != state.open_round:
         raise LocalProtocolError(f"RoundEnd of round {event.round} while round {state.open_round} is open")
     if state.open_round is None and event.round < state.next_round:
@@ -362,6 +361,30 @@ def check_round_end(state: StreamState, event: RoundEnd) -> None:
             f"RoundEnd of round {event.round} counts {event.pages} pages, the stream carried {state.round_pages}"
         )
     state.open_round, state.next_round, state.round_pages = None, event.round + 1, 0
+
+
+MAX_STATS = 32
+MAX_STAT_KEY = 64
+MAX_STAT_TEXT = 256
+
+
+def _check_round_stats(stats: object) -> None:
+    """Round statistics are a small flat record of numbers, booleans and short texts: what a receiver may show
+    or log without trusting the sender any further."""
+    if not isinstance(stats, dict):
+        raise LocalProtocolError(f"round statistics must be a dict, got {type(stats).__name__}")
+    if len(stats) > MAX_STATS:
+        raise LocalProtocolError(f"round statistics have {len(stats)} entries, over the {MAX_STATS} allowed")
+    for key, value in stats.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_STAT_KEY:
+            raise LocalProtocolError(f"round statistic names are 1 to {MAX_STAT_KEY} characters: {key!r:.80}")
+        if isinstance(value, str):
+            if len(value) > MAX_STAT_TEXT:
+                raise LocalProtocolError(f"round statistic {key!r} is a text of {len(value)} characters, over "
+                                         f"{MAX_STAT_TEXT}")
+        elif value is not None and not isinstance(value, bool | int | float):
+            raise LocalProtocolError(f"round statistic {key!r} is a {type(value).__name__}: statistics are numbers, "
+                                     "booleans or short texts")
 
 
 def check_complete(state: StreamState, event: Complete) -> None:

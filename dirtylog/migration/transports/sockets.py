@@ -105,12 +105,9 @@ class SocketListener:
                 self.sock.close()
                 raise MigrationError(f"cannot listen on {endpoint}: {error.strerror}") from None
             self.address = str(Endpoint("tcp", host=endpoint.host, port=self.sock.getsockname()[1]))
+        #: The TCP port listened on (0 for a Unix socket).
+        self.port = int(self.sock.getsockname()[1]) if endpoint.scheme == "tcp" else 0
         self.sock.listen(backlog)
-
-    @property
-    def port(self) -> int:
-        """The TCP port listened on (0 for a Unix socket)."""
-        return int(self.sock.getsockname()[1]) if self.endpoint.scheme == "tcp" else 0
 
     def _bind_unix(self, path: str) -> socket.socket:
         with contextlib.suppress(FileNotFoundError):

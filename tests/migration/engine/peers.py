@@ -32,12 +32,16 @@ class Receiver:
         assert not self.thread.is_alive(), "receive() did not finish"
 
 
-def start_receiver(key_file: str, **kwargs: Any) -> Receiver:
-    """A destination listening on a free loopback port, receiving in a background thread."""
-    receiver = Receiver(Listener("127.0.0.1:0"))
+def start_receiver(key_file: str, *, listen: str = "127.0.0.1:0", before_resume: Callable[[Any], None] | None = None,
+                   **kwargs: Any) -> Receiver:
+    """A destination listening (by default on a free loopback port), receiving in a background thread; it keeps
+    a copy of the memory as migrated, then calls ``before_resume``."""
+    receiver = Receiver(Listener(listen))
 
     def keep_memory(machine: Any) -> None:
         receiver.memory_at_resume = machine.memory.copy()
+        if before_resume is not None:
+            before_resume(machine)
 
     def run() -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 
 from dirtylog.guest.machine import MachineError, State
 from dirtylog.machine import Machine
-from dirtylog.migration import MigrationStatus, migrate
+from dirtylog.migration import MigrationParameters, MigrationStatus, migrate
+from dirtylog.migration.engine.source import SourceMigration
 from dirtylog.migration.errors import MigrationError
+from dirtylog.migration.keys import load_key
 from dirtylog.migration.payload.digest import memory_digest
 from dirtylog.migration.payload.memory import DestinationMemory
 from dirtylog.units import PAGE_SIZE
@@ -185,3 +188,36 @@ def test_bad_options_are_refused_before_anything_moves(key_file: str) -> None:
             migrate(machine, "127.0.0.1:1", key_file=key_file, downtime_limit=0)
         assert machine.state is State.RUNNING
         time.sleep(0.01)
+
+
+def test_statistics_are_current_while_the_migration_runs(key_file: str, receivers: list[Receiver]) -> None:
+    """What query-migrate would show mid-way: active, with the bytes still to send counted down in round 0 and
+    the dirty pages left after each round."""
+    receiver = start_receiver(key_file)
+    receivers.append(receiver)
+    with Machine("128M", vcpus=2, workload="random", rate=5_000) as source:
+        source.start()
+        wait_for(lambda: source.progress > 2000, what="the guest to write")
+        seen: list[tuple[str, str, int, int]] = []
+        migration = SourceMigration(source, receiver.address, load_key(key_file),
+                                    MigrationParameters.parse(downtime_limit="20ms", bandwidth="100M"),
+                                    progress=lambda kind, record: seen.append(
+                                        (kind, migration.stats.status.value, migration.stats.remaining_pages,
+                                         record.get("dirty_pages", -1))))
+        sampled: list[int] = []
+
+        def sample() -> None:  # as a query-migrate poller would, from another thread
+            for _ in range(20):
+                sampled.append(migration.stats.remaining_pages)
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        stats = migration.run()
+        sampler.join()
+        receiver.join()
+    rounds = [entry for entry in seen if entry[0] == "round"]
+    assert rounds and all(status == "active" for _, status, _, _ in rounds)
+    assert all(remaining == dirty for _, _, remaining, dirty in rounds)  # left after the round: its dirty pages
+    assert len(set(sampled)) > 2  # counted down while round 0 sends 128 MiB at 100 MB/s
+    assert stats.status is MigrationStatus.COMPLETED and stats.remaining_pages == 0

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dirtylog.migration.payload.digest import _MULTIPLIERS, DigestError, PageDigest, fingerprints, gather, memory_digest
+from dirtylog.migration.payload.digest import MULTIPLIERS, DigestError, PageDigest, fingerprints, gather, memory_digest
 
 PAGES = 300
 
@@ -43,7 +43,7 @@ def test_fingerprints_are_the_linear_hash_of_the_words() -> None:
     """The compiled loop computes what the docstring defines: sum(word[i] * K[i]) mod 2**64."""
     pages = np.random.default_rng(3).integers(0, 256, (20, 4096), dtype=np.uint8)
     words = pages.view(np.uint64).astype(object)  # Python integers: no wrap-around to hide a mistake
-    expected = [sum(int(w) * int(k) for w, k in zip(row, _MULTIPLIERS, strict=True)) % 2**64 for row in words]
+    expected = [sum(int(w) * int(k) for w, k in zip(row, MULTIPLIERS, strict=True)) % 2**64 for row in words]
     assert fingerprints(pages).tolist() == expected
     assert fingerprints(pages[::2]).tolist() == expected[::2]  # a strided view is fingerprinted as its rows
 

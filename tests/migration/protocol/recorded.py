@@ -20,8 +20,8 @@ from dirtylog.kvm.memslot import SlotLayout
 from dirtylog.migration.payload.digest import memory_digest
 from dirtylog.migration.payload.pages import decode_pages, make_page_batch
 from dirtylog.migration.protocol.acceptance import HeaderAcceptance
-from dirtylog.migration.protocol.auth import frame_keys, frame_mac, root_key
-from dirtylog.migration.protocol.codec import FRAME_HEADER, MAGIC, RECORD_PREFIX
+from dirtylog.migration.protocol.auth import client_proof, frame_keys, frame_mac, root_key
+from dirtylog.migration.protocol.codec import FRAME_HEADER, MAGIC, RECORD_PREFIX, RecordType, encode_record
 from dirtylog.migration.protocol.connection import Connection, DestinationConnection, SourceConnection
 from dirtylog.migration.protocol.errors import (
     LocalProtocolError,
@@ -48,6 +48,7 @@ from dirtylog.migration.protocol.events import (
     Verified,
 )
 from dirtylog.migration.protocol.loopback import collect, join
+from dirtylog.migration.protocol.rules import BY_EVENT
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -276,19 +277,32 @@ def assert_refused(to: str, outcome: Outcome) -> ProtocolError:
 
 @dataclass
 class Pair:
-    """A source and a destination past the handshake, and the source's frame key (derived here from the
-    handshake bytes, as any holder of the pre-shared key could)."""
+    """A source and a destination past the handshake, and what any holder of the key can derive from the
+    handshake bytes: the frame keys and the source's AUTH record. ``seal_raw`` and ``forge`` make frames that
+    skip our own rules, as a buggy or hostile peer holding the key could send them."""
 
     src: SourceConnection
     dst: DestinationConnection
-    send_key: bytes
+    transcript: bytes  # HELLO ‖ CHALLENGE
 
-    def seal_raw(self, ftype: int, payload: bytes, *, flags: int = 0, reserved: int = 0) -> bytes:
-        """An authentic next frame of the source with any payload (what a buggy or hostile peer holding the key
-        could send)."""
-        seq = self.src.frames_sent
+    def seal_raw(self, ftype: int, payload: bytes, *, flags: int = 0, reserved: int = 0,
+                 sender: str = "source") -> bytes:
+        """An authentic next frame of ``sender`` with any payload (after the AUTH record while it is pending)."""
+        conn: Connection = self.src if sender == "source" else self.dst
+        key = frame_keys(root_key(KEY), self.transcript)[0 if sender == "source" else 1]
+        seq = conn.frames_sent
         head = FRAME_HEADER.pack(ftype, flags, reserved, len(payload), seq)
-        return head + payload + frame_mac(self.send_key, seq, head + payload)
+        auth = b""
+        if sender == "source" and seq == 0:  # the source's AUTH goes out with its first frame
+            auth = encode_record(RecordType.AUTH, client_proof(root_key(KEY), self.transcript))
+        return auth + head + payload + frame_mac(key, seq, head + payload)
+
+    def forge(self, sender: str, event: Event) -> bytes:
+        """``event`` framed by ``sender`` without the rules our connections apply before sending."""
+        kind = BY_EVENT[type(event)]
+        assert kind.frame is not None and kind.encode is not None
+        head, data = kind.encode(event)
+        return self.seal_raw(kind.frame, head + (bytes(data) if data is not None else b""), sender=sender)
 
 
 def streaming_pair(codec: Codec = "lz4", vcpus: int = 1) -> tuple[SourceConnection, DestinationConnection]:
@@ -297,15 +311,19 @@ def streaming_pair(codec: Codec = "lz4", vcpus: int = 1) -> tuple[SourceConnecti
     return pair.src, pair.dst
 
 
-def streaming(codec: Codec = "lz4", vcpus: int = 1) -> Pair:
-    """A live pair past Header and Ready, with the source's frame key."""
+def handshaken() -> Pair:
+    """A pair past the handshake (the source's AUTH still pending), with what the test needs to forge frames."""
     src, dst = SourceConnection(KEY), DestinationConnection(KEY)
     hello = join(src.initiate())
     collect(dst, hello)
     challenge = join(dst.accept())
     collect(src, challenge)
-    collect(dst, src.send(Header(PAGE, SLOTS, vcpus=vcpus, codec=codec)))
-    collect(src, dst.send(Ready()))
-    return Pair(src, dst, frame_keys(root_key(KEY), hello + challenge)[0])
+    return Pair(src, dst, hello + challenge)
 
 
+def streaming(codec: Codec = "lz4", vcpus: int = 1) -> Pair:
+    """A live pair past Header and Ready."""
+    pair = handshaken()
+    collect(pair.dst, pair.src.send(Header(PAGE, SLOTS, vcpus=vcpus, codec=codec)))
+    collect(pair.src, pair.dst.send(Ready()))
+    return pair

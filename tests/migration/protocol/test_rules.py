@@ -49,7 +49,7 @@ from dirtylog.migration.protocol.events import (
 )
 from dirtylog.migration.protocol.loopback import collect, connect, join
 from dirtylog.migration.protocol.rules import KINDS, Phase
-from tests.migration.protocol.recorded import KEY, PAGE, SLOTS, streaming, streaming_pair
+from tests.migration.protocol.recorded import KEY, PAGE, SLOTS, Pair, handshaken, streaming, streaming_pair
 
 DIGEST = bytes(range(16))
 slot = SlotLayout.of_pages
@@ -223,8 +223,9 @@ CASES: dict[str, Case] = {
 }
 
 
-def staged(case: Case) -> tuple[SourceConnection, DestinationConnection]:
-    src, dst = connect(KEY)
+def staged(case: Case) -> Pair:
+    pair = handshaken()
+    src, dst = pair.src, pair.dst
     if case.stage != "handshake":
         collect(dst, src.send(Header(PAGE, SLOTS, vcpus=case.vcpus, codec="lz4")))
         if case.stage == "streaming":
@@ -232,14 +233,14 @@ def staged(case: Case) -> tuple[SourceConnection, DestinationConnection]:
     for event in case.prelude:
         sender, receiver = (dst, src) if isinstance(event, Verified) else (src, dst)
         assert len(collect(receiver, sender.send(event))) == 1
-    return src, dst
+    return pair
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_we_may_not_send_it(name: str) -> None:
     case = CASES[name]
-    src, dst = staged(case)
-    sender, receiver = (src, dst) if case.sender == "source" else (dst, src)
+    pair = staged(case)
+    sender, receiver = (pair.src, pair.dst) if case.sender == "source" else (pair.dst, pair.src)
     with pytest.raises(LocalProtocolError, match=case.match) as caught:
         sender.send(case.event)
     assert sender.phase is Phase.ERROR
@@ -255,9 +256,9 @@ def test_we_may_not_send_it(name: str) -> None:
 @pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.on_the_wire])
 def test_we_refuse_to_receive_it(name: str) -> None:
     case = CASES[name]
-    src, dst = staged(case)
-    sender, receiver = (src, dst) if case.sender == "source" else (dst, src)
-    forged = sender._seal(case.event)  # a buggy or hostile peer that holds the key
+    pair = staged(case)
+    receiver = pair.dst if case.sender == "source" else pair.src
+    forged = pair.forge(case.sender, case.event)  # a buggy or hostile peer that holds the key
     with pytest.raises(RemoteProtocolError, match=case.match) as caught:
         collect(receiver, forged)
     assert f"the {case.sender} broke the protocol in frame" in str(caught.value)
