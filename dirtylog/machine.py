@@ -7,11 +7,12 @@ users get one object: ``with Machine(...) as m: t = m.dirty_log("clear")``.
 from __future__ import annotations
 
 from dirtylog.guest import machine as guest
-from dirtylog.tracking.base import TRACKING_MODES, Tracker, TrackingError, TrackingMode
+from dirtylog.tracking.base import DIRTY_LOG_MODES, TRACKING_MODES, DirtyLogMode, Tracker, TrackingError, TrackingMode
+from dirtylog.tracking.guest_uffd import GuestUffdTracker
 from dirtylog.tracking.kvm_log import DEFAULT_CLEAR_CHUNK_PAGES, ClearTracker, LogTracker
 from dirtylog.tracking.kvm_ring import RingTracker
 
-__all__ = ["TRACKING_MODES", "Machine", "TrackingMode"]
+__all__ = ["DIRTY_LOG_MODES", "TRACKING_MODES", "DirtyLogMode", "Machine", "TrackingMode"]
 
 
 class Machine(guest.Machine):
@@ -20,7 +21,7 @@ class Machine(guest.Machine):
     See :class:`dirtylog.guest.machine.Machine` for the arguments and the lifecycle.
     """
 
-    def dirty_log(self, mode: TrackingMode = "log", *, slots: list[int] | None = None, initially_set: bool = False,
+    def dirty_log(self, mode: DirtyLogMode = "log", *, slots: list[int] | None = None, initially_set: bool = False,
                   clear_chunk_pages: int = DEFAULT_CLEAR_CHUNK_PAGES,
                   ring_entries: int | None = None) -> Tracker:
         """A dirty-page tracker for this machine (not yet enabled).
@@ -29,7 +30,9 @@ class Machine(guest.Machine):
         ``clear_chunk_pages``); ``ring``: per-vCPU dirty rings of ``ring_entries`` (default: the largest the
         host allows, up to 65536) — choose it before
         :meth:`start`, since KVM only allows rings before vCPUs exist. ``slots`` limits logging to those
-        memory slots (default: all).
+        memory slots (default: all). ``uffd``: userfaultfd write-protect of the host memory behind guest RAM
+        (Linux 6.7): it also sees writes the host makes, which KVM's log never does; it touches no slot, so
+        it may run beside a KVM mode.
         """
         if mode == "log":
             return LogTracker(self, slots)
@@ -37,4 +40,8 @@ class Machine(guest.Machine):
             return ClearTracker(self, slots, initially_set=initially_set, chunk_pages=clear_chunk_pages)
         if mode == "ring":
             return RingTracker(self, slots, entries=ring_entries)
-        raise TrackingError(f"unknown dirty-log mode {mode!r}; choose one of {', '.join(TRACKING_MODES)}")
+        if mode == "uffd":
+            if slots is not None:
+                raise TrackingError("the uffd mode watches all of guest RAM; it takes no slots")
+            return GuestUffdTracker(self)
+        raise TrackingError(f"unknown dirty-log mode {mode!r}; choose one of {', '.join(DIRTY_LOG_MODES)}")

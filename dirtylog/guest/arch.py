@@ -55,6 +55,8 @@ class ControlBlock(enum.IntEnum):
     COUNTER_HZ = 104  # the guest's counter frequency, written by guests that read it themselves (arm64)
     BATCH_SEQ = 112  # batch program: the host asks for batch n by writing n here; done when ITERATION == n
     BATCH_COUNT = 120  # batch program: pages in the batch
+    TRACE_TABLE = 128  # trace: guest address of this vCPU's part of the trace (dirtylog.trace.DirtyTrace.guest_table)
+    TSC_KHZ = 136  # the vCPUs' TSC frequency in kHz (trace: converts the recorded microseconds to ticks)
     BATCH_PAGES = 512  # batch program: their guest-physical addresses, one u64 each, to the end of the page
 
 

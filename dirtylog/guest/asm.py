@@ -201,6 +201,14 @@ class Assembler:
         """``rdx:rax = rax * operand`` (unsigned)."""
         self._unary(Code.MUL_RM64, operand)
 
+    def div(self, operand: Operand) -> None:
+        """``rax = rdx:rax / operand``, ``rdx`` = the remainder (unsigned; faults if the quotient overflows)."""
+        self._unary(Code.DIV_RM64, operand)
+
+    def load32(self, dst: Reg, src: Mem) -> None:
+        """``mov r32, dword [src]``: a 32-bit load, zero-extended (pass the 32-bit register name)."""
+        self._emit(Instruction.create_reg_mem(Code.MOV_R32_RM32, dst, src.operand()))
+
     # --- system ------------------------------------------------------------------------------------
 
     def rdtsc(self) -> None:

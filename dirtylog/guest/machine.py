@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -37,11 +38,13 @@ from dirtylog.guest.arch import (
     host_architecture,
 )
 from dirtylog.guest.memory import GuestMemory
+from dirtylog.guest.trace_tables import TraceTables
 from dirtylog.guest.vcpus import VcpuThreads, install_kick_handler
 from dirtylog.kvm import abi
 from dirtylog.kvm.exits import DirtyRingFull, IoOut, Mmio, VcpuExit
 from dirtylog.kvm.system import Kvm, Vm
 from dirtylog.kvm.vcpu import Vcpu
+from dirtylog.trace import DirtyTrace
 from dirtylog.units import PAGE_SIZE, parse_size
 from dirtylog.workload import WorkloadName, WorkloadSpec
 
@@ -98,7 +101,8 @@ class Machine:
     ``prefault`` allocates host memory up front (a first guest touch then costs ~3 us instead of ~24 us
     here; see docs/performance.md); ``huge_aligned`` puts guest RAM on a 2 MiB host boundary so KVM may map
     it with 2 MiB stage-2 blocks where the host backs it with huge pages; ``arch`` overrides the host's
-    guest architecture (:mod:`dirtylog.guest.arch`). The
+    guest architecture (:mod:`dirtylog.guest.arch`); ``trace`` (with ``workload="trace"``) is a recorded trace or
+    its file, replayed by every vCPU from tables at the top of guest RAM (see :mod:`dirtylog.trace`). The
     machine is created stopped; :meth:`start` runs it. Use it as a context manager so that everything
     is freed even when an exception escapes.
     """
@@ -122,6 +126,7 @@ class Machine:
         kvm_device: str | None = None,
         arch: Architecture | None = None,
         huge_aligned: bool = False,
+        trace: DirtyTrace | str | os.PathLike[str] | None = None,
     ) -> None:
         size = parse_size(memory)
         self.arch = arch or host_architecture()
@@ -147,10 +152,17 @@ class Machine:
             self.ram.register(self.vm)
             if dirty_ring:
                 self.enable_dirty_ring(None if dirty_ring is True else int(dirty_ring))
+            # A blank machine (a migration destination) gets the trace's tables with the rest of memory.
+            if not blank and (workload == "trace") != (trace is not None):
+                raise MachineError("the trace workload replays a recorded trace: give both workload='trace' and "
+                                   "trace=FILE (record one with `dirtylog track --record FILE`)")
+            self.trace = TraceTables.plan(trace, vcpus, size) if trace is not None else None
             first = layout.workload_addr // PAGE_SIZE
             self.spec = WorkloadSpec(
-                workload, first, self.ram.npages - first, vcpus, rate, hot_fraction, hot_weight,
-                writes_per_iteration)
+                workload, first, self.ram.npages - first - (self.trace.npages if self.trace else 0), vcpus, rate,
+                hot_fraction, hot_weight, writes_per_iteration)
+            if self.trace:
+                self.trace.check_fits(self.spec)
             self.program = program or self.arch.build_program(workload)
             try:
                 self.arch.check_page_size(self.kvm, page_size)
@@ -183,6 +195,9 @@ class Machine:
         self.ram.write(self.arch.layout.code_addr, self.program.code)
         for index in range(self.spec.vcpus):
             self.ram.write(self.control_block_addr(index), self._control_block(index).view(np.uint8))
+        if self.trace:
+            for address, table in zip(self.trace.addresses, self.trace.tables, strict=True):
+                self.ram.write(address, table)
 
     def control_block_addr(self, vcpu: int) -> int:
         """Guest-physical address of ``vcpu``'s control block."""
@@ -206,6 +221,9 @@ class Machine:
         if tsc_khz:
             fields[ControlBlock.SLEEP_THRESHOLD] = int(tsc_khz * 1000 * SLEEP_THRESHOLD_SECONDS)
             fields[ControlBlock.MAX_LAG] = int(tsc_khz * 1000 * MAX_LAG_SECONDS)
+            fields[ControlBlock.TSC_KHZ] = tsc_khz
+        if self.trace:
+            fields.update(self.trace.control_fields(index))
         for offset, value in fields.items():
             block[offset // 8] = value
         return block
@@ -318,7 +336,8 @@ class Machine:
             return
         for index in range(self.spec.vcpus):
             block = self._control_block(index, self.tsc_hz // 1000)
-            for offset in (ControlBlock.TICKS_PER_PAGE, ControlBlock.SLEEP_THRESHOLD, ControlBlock.MAX_LAG):
+            for offset in (ControlBlock.TICKS_PER_PAGE, ControlBlock.SLEEP_THRESHOLD, ControlBlock.MAX_LAG,
+                           ControlBlock.TSC_KHZ):
                 self.set_control(index, offset, int(block[offset // 8]))
 
     def load_vcpu_states(self, vcpu_states: list[bytes]) -> None:

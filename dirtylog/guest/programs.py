@@ -31,10 +31,12 @@ from dirtylog.guest.asm import (
     R14,
     R15,
     RAX,
+    RBP,
     RBX,
     RCX,
     RDI,
     RDX,
+    RSI,
     AsmError,
     Assembler,
     Mem,
@@ -184,6 +186,76 @@ def _stamp(a: Assembler) -> None:
     a.jmp("iteration")
 
 
+def _trace(a: Assembler) -> None:
+    """Replay a recorded trace: each window's pages are written once its recorded time has come.
+
+    The table (see ``DirtyTrace.guest_table``) holds the window count, then (end in microseconds, page
+    count) per window, then the u32 page numbers. Registers: RSI the next window's entry, RDI the next
+    page number, R8 windows left, R14 the TSC when this replay began, RBP TSC kHz, R13 the current
+    window's deadline in ticks, R9 the stamp (replay number), RCX pages left in the window. After the
+    last window the replay reports an iteration and starts again, on a new clock.
+    """
+    a.mov(RBP, Mem(R15, ControlBlock.TSC_KHZ))
+    a.mov(R9, Mem(R15, ControlBlock.ITERATION))
+    a.inc(R9)
+    a.label("replay")
+    a.mov(RSI, Mem(R15, ControlBlock.TRACE_TABLE))
+    a.mov(R8, Mem(RSI))
+    a.mov(RDI, R8)
+    a.shl(RDI, 4)
+    a.add(RDI, RSI)
+    a.add(RDI, imm=8)  # the page numbers follow the header and the window entries
+    a.add(RSI, imm=8)
+    _read_tsc(a)
+    a.mov(R14, RAX)
+    a.test(R8, R8)
+    a.jz("replayed")
+    a.label("window")
+    a.mov(RAX, Mem(RSI))  # the window's end, microseconds since the replay began
+    a.mul(RBP)
+    a.mov_imm(RCX, 1000)
+    a.div(RCX)  # ticks = us * kHz / 1000
+    a.add(RAX, R14)
+    a.mov(R13, RAX)
+    a.label("wait")
+    _read_tsc(a)
+    a.mov(RCX, R13)
+    a.sub(RCX, RAX)  # ticks until the window's time; <= 0 once it has come
+    a.jle("due")
+    a.cmp(RCX, Mem(R15, ControlBlock.SLEEP_THRESHOLD))
+    a.jb("spin")
+    a.mov_imm(RDX, Port.SLEEP)
+    a.out_dx_al()
+    a.jmp("wait")
+    a.label("spin")
+    a.pause()
+    a.jmp("wait")
+    a.label("due")
+    a.mov(RCX, Mem(RSI, 8))
+    a.label("page")
+    a.test(RCX, RCX)
+    a.jz("window_done")
+    a.load32(EAX, Mem(RDI))
+    a.shl(RAX, 12)
+    a.add(RAX, RBX)
+    a.mov(Mem(RAX), R9)
+    a.inc(R10)
+    a.mov(Mem(R15, ControlBlock.PROGRESS), R10)
+    a.add(RDI, imm=4)
+    a.dec(RCX)
+    a.jmp("page")
+    a.label("window_done")
+    a.add(RSI, imm=16)
+    a.dec(R8)
+    a.jnz("window")
+    a.label("replayed")
+    a.mov(Mem(R15, ControlBlock.ITERATION), R9)
+    a.inc(R9)
+    a.mov_imm(RDX, Port.ITERATION)
+    a.out_dx_al()
+    a.jmp("replay")
+
+
 def _idle(a: Assembler) -> None:
     a.label("idle")
     a.mov_imm(RDX, Port.IDLE)
@@ -209,6 +281,7 @@ _BODIES: dict[str, Callable[[Assembler], None]] = {
     "stamp": _stamp,
     "idle": _idle,
     "count": _count,
+    "trace": _trace,
 }
 
 
