@@ -6,12 +6,18 @@ users get one object: ``with Machine(...) as m: t = m.dirty_log("clear")``.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 from dirtylog.guest import machine as guest
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.kvm_log import DEFAULT_CLEAR_CHUNK_PAGES, ClearTracker, LogTracker
 from dirtylog.tracking.kvm_ring import RingTracker
+
+if TYPE_CHECKING:
+    from dirtylog.rate import DirtyRate
+    from dirtylog.rate.limit import DirtyLimitController
+    from dirtylog.rate.vcpu_ring import VcpuRingTracker
 
 TrackingMode = Literal["log", "clear", "ring"]
 TRACKING_MODES: tuple[TrackingMode, ...] = ("log", "clear", "ring")
@@ -41,3 +47,77 @@ class Machine(guest.Machine):
         if mode == "ring":
             return RingTracker(self, slots, entries=ring_entries)
         raise guest.MachineError(f"unknown dirty-log mode {mode!r}; choose one of {', '.join(TRACKING_MODES)}")
+
+    # --- dirty rate and dirty limit (dirtylog.rate; imported on first use) --------------------------------
+
+    def dirty_rate(self, window: str | float = "1s", method: str = "sampling", sample_pages: int = 512,
+                   **options: Any) -> DirtyRate:
+        """The dirty rate over one window of 10 ms to 60 s: distinct pages dirtied / window length.
+
+        ``method``: ``sampling`` (hash ``sample_pages`` per GiB at both ends; no cost to the guest; a
+        confidence interval), ``bitmap`` (the dirty log), ``ring`` (per-vCPU rings: per-vCPU rates; needs
+        ``dirty_ring=True``) or ``auto`` (the cheapest meeting ``accuracy=``, default 0.05). Options:
+        ``confidence``, ``accuracy``, ``bitmap_mode`` ("log" or "clear"), ``seed``. See docs/dirty-rate.md.
+        """
+        from dirtylog import rate
+
+        return rate.measure(self, window, method, sample_pages=sample_pages, ring=self._shared_ring, **options)
+
+    def dirty_rates(self, window: str | float = "1s", method: str = "sampling", sample_pages: int = 512,
+                    count: int | None = None, **options: Any) -> Iterator[DirtyRate]:
+        """Consecutive windows of :meth:`dirty_rate` (``count`` of them, or as long as you iterate)."""
+        from dirtylog import rate
+
+        return rate.windows(self, window, method, sample_pages=sample_pages, count=count, ring=self._shared_ring,
+                            **options)
+
+    def dirty_limit(self, pages_per_s: float | None, vcpu: int | None = None) -> DirtyLimitController:
+        """Cap ``vcpu`` (every vCPU when None) at ``pages_per_s`` dirtied pages per second, as QEMU's
+        ``set-vcpu-dirty-limit``; None lifts the cap (``cancel-vcpu-dirty-limit``). Needs the dirty ring
+        (``Machine(..., dirty_ring=True)``). Returns the controller: ``.query()`` gives each vCPU's limit
+        and measured rate."""
+        from dirtylog.rate.limit import DirtyLimitController
+
+        controller: DirtyLimitController | None = getattr(self, "_limit_controller", None)
+        if controller is None:
+            if pages_per_s is None:
+                from dirtylog.rate.limit import DirtyLimiter
+
+                DirtyLimiter(self.spec.vcpus).set_limit(None, vcpu)  # checks the vCPU number
+                raise guest.MachineError("no dirty limit is set on this machine")
+            tracker, _ = self._shared_ring()
+            controller = DirtyLimitController(self, tracker)
+            self._limit_controller = controller
+        controller.set_limit(pages_per_s, vcpu)
+        if not controller.limiter.active:
+            controller.stop()
+            controller.tracker.disable()  # no write protection (and no cost to the guest) left behind
+        return controller
+
+    def _shared_ring(self) -> tuple[VcpuRingTracker, bool]:
+        """The ring tracker the dirty limit and ``method="ring"`` share (created on first use; kept enabled
+        while a limit needs it)."""
+        from dirtylog.rate import RateError
+        from dirtylog.rate.vcpu_ring import VcpuRingTracker
+
+        tracker: VcpuRingTracker | None = getattr(self, "_ring_tracker", None)
+        if tracker is None:
+            if isinstance(self.tracker, VcpuRingTracker):
+                return self.tracker, False
+            if self.tracker is not None:
+                raise RateError(f"the machine's dirty log is taken by a {getattr(self.tracker, 'mode', '?')!r} "
+                                "tracker; disable it, or measure with method='sampling'")
+            if not self.vm.dirty_ring_bytes:
+                raise RateError("the dirty ring is needed (method='ring', dirty_limit), and KVM allows it only "
+                                "before the vCPUs exist: create the machine with dirty_ring=True")
+            tracker = VcpuRingTracker(self)
+            self._ring_tracker = tracker
+        controller = getattr(self, "_limit_controller", None)
+        # A measurement disables the tracker when it ends unless a dirty limit still samples it.
+        return tracker, controller is None or not controller.limiter.active
+
+    def stop(self) -> None:
+        controller = getattr(self, "_limit_controller", None)
+        if controller is not None:
+            controller.stop()
+        super().stop()
