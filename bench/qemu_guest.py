@@ -323,8 +323,10 @@ def build_image(memory: int, spec: WorkloadSpec, tsc_hz: int) -> bytes:
         raw = np.frombuffer(data if isinstance(data, bytes) else data.tobytes(), dtype=np.uint8)
         image[address - IMAGE_ADDR:address - IMAGE_ADDR + raw.size] = raw
 
-    header = np.array([MULTIBOOT_MAGIC, MULTIBOOT_AOUT_KLUDGE, (-(MULTIBOOT_MAGIC + MULTIBOOT_AOUT_KLUDGE)) & 0xFFFFFFFF,
-                       IMAGE_ADDR, IMAGE_ADDR, end, 0, ENTRY32_ADDR], dtype="<u4")
+    checksum = (-(MULTIBOOT_MAGIC + MULTIBOOT_AOUT_KLUDGE)) & 0xFFFFFFFF
+    # magic, flags, checksum, then (a.out kludge) header, load, load end, bss end and entry addresses
+    header = np.array([MULTIBOOT_MAGIC, MULTIBOOT_AOUT_KLUDGE, checksum, IMAGE_ADDR, IMAGE_ADDR, end, 0,
+                       ENTRY32_ADDR], dtype="<u4")
     put(IMAGE_ADDR, header.tobytes())
     put(ENTRY32_ADDR, _entry32(spec.vcpus))
     put(COMMON32_ADDR, _common32())

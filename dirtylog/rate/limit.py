@@ -11,9 +11,14 @@ were entitled to) and subtracts the time that passed. A positive debt is slept o
 asleep pays it back, so the vCPU is not sent to sleep again until that sleep is over. A negative debt is
 credit, capped at ``burst`` seconds so a quiet spell cannot bank a long burst. Over any stretch the vCPU
 then dirties at most ``limit * (time + burst)`` pages plus what it dirties between a sample and the kick
-that stops it, which is what makes the measured rate hold at the limit (bench/dirty_rate.py). The count
-is ring entries: a page counts once per harvest it was written in, which for a page written once per
-window is the distinct count the dirty rate measures.
+that stops it, which is what makes the measured rate hold at the limit (bench/dirty_rate.py).
+
+A vCPU awake runs at its own speed until the next sample, so the controller samples a limited vCPU soon
+after it wakes: within ``BURST_FRACTION`` of a second's allowance at the speed it was last seen writing
+(:meth:`DirtyLimiter.next_sample`), down to 1 ms, which keeps a 1 s window within a few percent of the
+limit even at 1,000 pages/s against a vCPU that writes 65,000 when awake. The count is ring entries: a
+page counts once per harvest it was written in, which for a page written once per window is the distinct
+count the dirty rate measures.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from dirtylog.guest.machine import Machine, State
 from dirtylog.rate.estimate import RateError
 from dirtylog.tracking.kvm_ring import RingTracker
 
-DIRTY_LIMIT_PERIOD = 0.02  # seconds between samples of the rings (QEMU's dirtylimit samples every 1 s by default)
+DIRTY_LIMIT_PERIOD = 0.02  # longest time between samples of the rings
+MIN_PERIOD = 0.001  # shortest: a sample costs a harvest and KVM_RESET_DIRTY_RINGS
+BURST_FRACTION = 0.05  # a vCPU may run unchecked for at most this fraction of a second's allowance
 RATE_SMOOTHING = 0.3  # weight of the newest sample in the reported current rate
 
 
@@ -39,6 +46,7 @@ class VcpuLimit:
     asleep_until: float = 0.0
     count: int = 0  # pages dirtied (cumulative, as last sampled)
     current: float = 0.0  # smoothed measured rate, pages/s
+    speed: float = 0.0  # pages/s while awake (the last sample the vCPU spent wholly awake)
     slept: float = 0.0  # seconds of sleep ordered so far
 
 
@@ -77,6 +85,8 @@ class DirtyLimiter:
             state.count = count
             if dt > 0:
                 state.current += RATE_SMOOTHING * (pages / dt - state.current)
+                if now - dt >= state.asleep_until:
+                    state.speed = pages / dt
             if state.limit is None:
                 continue
             state.debt = max(state.debt + pages / state.limit - dt, -self.burst)
@@ -85,6 +95,17 @@ class DirtyLimiter:
                 state.asleep_until = now + state.debt
                 state.slept += state.debt
         return sleeps
+
+    def next_sample(self, now: float, period: float = DIRTY_LIMIT_PERIOD) -> float:
+        """Seconds until the next sample: soon enough that no limited vCPU runs more than
+        ``BURST_FRACTION`` of a second's allowance unchecked (after its sleep, if it is asleep)."""
+        wait = period
+        for state in self.vcpus:
+            if state.limit is None:
+                continue
+            quantum = BURST_FRACTION * state.limit / max(state.speed, state.limit)
+            wait = min(wait, max(0.0, state.asleep_until - now) + quantum)
+        return min(period, max(MIN_PERIOD, wait))
 
     def resync(self, now: float, counts: dict[int, int]) -> None:
         """Take ``counts`` as the new baseline without charging anything (after a pause)."""
@@ -166,4 +187,6 @@ class DirtyLimitController:
                 for vcpu, seconds in sleeps.items():
                     self.machine.delay_vcpu(vcpu, seconds)
             paused = not running
-            self._stop.wait(self.period)
+            with self._lock:
+                wait = self.limiter.next_sample(time.perf_counter(), self.period)
+            self._stop.wait(wait)
