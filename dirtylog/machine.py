@@ -17,7 +17,6 @@ from dirtylog.tracking.kvm_ring import RingTracker
 if TYPE_CHECKING:
     from dirtylog.rate import DirtyRate
     from dirtylog.rate.limit import DirtyLimitController
-    from dirtylog.rate.vcpu_ring import VcpuRingTracker
 
 TrackingMode = Literal["log", "clear", "ring"]
 TRACKING_MODES: tuple[TrackingMode, ...] = ("log", "clear", "ring")
@@ -61,21 +60,21 @@ class Machine(guest.Machine):
         """
         from dirtylog import rate
 
-        return rate.measure(self, window, method, sample_pages=sample_pages, ring=self._shared_ring, **options)
+        return rate.measure(self, window, method, sample_pages=sample_pages, **options)
 
     def dirty_rates(self, window: str | float = "1s", method: str = "sampling", sample_pages: int = 512,
                     count: int | None = None, **options: Any) -> Iterator[DirtyRate]:
         """Consecutive windows of :meth:`dirty_rate` (``count`` of them, or as long as you iterate)."""
         from dirtylog import rate
 
-        return rate.windows(self, window, method, sample_pages=sample_pages, count=count, ring=self._shared_ring,
-                            **options)
+        return rate.windows(self, window, method, sample_pages=sample_pages, count=count, **options)
 
     def dirty_limit(self, pages_per_s: float | None, vcpu: int | None = None) -> DirtyLimitController:
         """Cap ``vcpu`` (every vCPU when None) at ``pages_per_s`` dirtied pages per second, as QEMU's
         ``set-vcpu-dirty-limit``; None lifts the cap (``cancel-vcpu-dirty-limit``). Needs the dirty ring
         (``Machine(..., dirty_ring=True)``). Returns the controller: ``.query()`` gives each vCPU's limit
         and measured rate."""
+        from dirtylog.rate import ring_tracker
         from dirtylog.rate.limit import DirtyLimitController
 
         controller: DirtyLimitController | None = getattr(self, "_limit_controller", None)
@@ -85,36 +84,13 @@ class Machine(guest.Machine):
 
                 DirtyLimiter(self.spec.vcpus).set_limit(None, vcpu)  # checks the vCPU number
                 raise guest.MachineError("no dirty limit is set on this machine")
-            tracker, _ = self._shared_ring()
-            controller = DirtyLimitController(self, tracker)
+            controller = DirtyLimitController(self, ring_tracker(self))
             self._limit_controller = controller
         controller.set_limit(pages_per_s, vcpu)
         if not controller.limiter.active:
             controller.stop()
             controller.tracker.disable()  # no write protection (and no cost to the guest) left behind
         return controller
-
-    def _shared_ring(self) -> tuple[VcpuRingTracker, bool]:
-        """The ring tracker the dirty limit and ``method="ring"`` share (created on first use; kept enabled
-        while a limit needs it)."""
-        from dirtylog.rate import RateError
-        from dirtylog.rate.vcpu_ring import VcpuRingTracker
-
-        tracker: VcpuRingTracker | None = getattr(self, "_ring_tracker", None)
-        if tracker is None:
-            if isinstance(self.tracker, VcpuRingTracker):
-                return self.tracker, False
-            if self.tracker is not None:
-                raise RateError(f"the machine's dirty log is taken by a {getattr(self.tracker, 'mode', '?')!r} "
-                                "tracker; disable it, or measure with method='sampling'")
-            if not self.vm.dirty_ring_bytes:
-                raise RateError("the dirty ring is needed (method='ring', dirty_limit), and KVM allows it only "
-                                "before the vCPUs exist: create the machine with dirty_ring=True")
-            tracker = VcpuRingTracker(self)
-            self._ring_tracker = tracker
-        controller = getattr(self, "_limit_controller", None)
-        # A measurement disables the tracker when it ends unless a dirty limit still samples it.
-        return tracker, controller is None or not controller.limiter.active
 
     def stop(self) -> None:
         controller = getattr(self, "_limit_controller", None)

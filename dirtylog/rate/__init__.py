@@ -40,27 +40,40 @@ __all__ = [
     "make_meter", "measure", "windows",
 ]
 
-RingSource = Callable[[], tuple[VcpuRingTracker, bool]]
 
+def ring_tracker(machine: Machine) -> VcpuRingTracker:
+    """The machine's one ring tracker for rates and limits, created on first use and kept on the machine.
 
-def _ring_of(machine: Machine) -> tuple[VcpuRingTracker, bool]:
-    """A ring tracker of ``machine`` (and whether the caller owns it): the one attached, or a new one."""
+    One per VM, because a ring tracker remembers where it stopped reading each vCPU's ring (its fetch
+    index) and KVM keeps pushing from there: a second tracker would start reading at entry 0 and find
+    nothing but entries already harvested.
+    """
+    tracker: VcpuRingTracker | None = getattr(machine, "_rate_ring_tracker", None)
+    if tracker is not None:
+        return tracker
     attached = machine.tracker
-    if isinstance(attached, VcpuRingTracker):
-        return attached, False
     if attached is not None:
         raise RateError(f"the machine's dirty log is taken by a {getattr(attached, 'mode', '?')!r} tracker; "
                         "disable it, or measure with method='sampling' (which needs no dirty log)")
     if not machine.vm.dirty_ring_bytes:
-        raise RateError("method='ring' needs per-vCPU dirty rings, which KVM allows only before the vCPUs exist: "
-                        "create the machine with dirty_ring=True, or use method='bitmap' or 'sampling'")
-    return VcpuRingTracker(machine), True
+        raise RateError("method='ring' and the dirty limit need per-vCPU dirty rings, which KVM allows only before "
+                        "the vCPUs exist: create the machine with dirty_ring=True, or use method='bitmap' or "
+                        "'sampling'")
+    tracker = VcpuRingTracker(machine)
+    machine._rate_ring_tracker = tracker  # type: ignore[attr-defined]
+    return tracker
+
+
+def _ring_of(machine: Machine) -> tuple[VcpuRingTracker, bool]:
+    """The ring tracker, and whether a measurement may disable it when done (not while a limit samples it)."""
+    tracker = ring_tracker(machine)
+    controller = getattr(machine, "_limit_controller", None)
+    return tracker, controller is None or not controller.limiter.active
 
 
 def make_meter(machine: Machine, method: str, *, sample_pages: int = DEFAULT_SAMPLE_PAGES,
                confidence: float = DEFAULT_CONFIDENCE, bitmap_mode: str = "log", seed: int | None = None,
-               probe: Callable[[], Any] | None = None, ring: RingSource | None = None,
-               fault_seconds: float | None = None) -> Meter:
+               probe: Callable[[], Any] | None = None, fault_seconds: float | None = None) -> Meter:
     """A meter of ``method`` (not ``auto``) on a started machine. ``fault_seconds``: the cost of one write
     fault, for the cost figures of the dirty-log methods (default: measured once, see rate.cost)."""
     check_method(method)
@@ -80,7 +93,7 @@ def make_meter(machine: Machine, method: str, *, sample_pages: int = DEFAULT_SAM
         fault_seconds = fault_cost()
     if method == "bitmap":
         return BitmapMeter(machine, mode=bitmap_mode, fault_seconds=fault_seconds, probe=probe)
-    tracker, owned = (ring or (lambda: _ring_of(machine)))()
+    tracker, owned = _ring_of(machine)
     return RingMeter(machine, tracker, fault_seconds=fault_seconds, probe=probe, owns_tracker=owned)
 
 
@@ -105,7 +118,7 @@ def choose(machine: Machine, window: float, *, accuracy: float = DEFAULT_ACCURAC
 def windows(machine: Machine, window: str | float = "1s", method: str = "sampling", *,
             sample_pages: int = DEFAULT_SAMPLE_PAGES, count: int | None = None,
             confidence: float = DEFAULT_CONFIDENCE, accuracy: float = DEFAULT_ACCURACY, bitmap_mode: str = "log",
-            seed: int | None = None, probe: Callable[[], Any] | None = None, ring: RingSource | None = None,
+            seed: int | None = None, probe: Callable[[], Any] | None = None,
             fault_seconds: float | None = None) -> Iterator[DirtyRate]:
     """Consecutive windows of ``window`` each (``count`` of them, or until the caller stops iterating).
 
@@ -125,10 +138,10 @@ def windows(machine: Machine, window: str | float = "1s", method: str = "samplin
         choice = choose(machine, seconds, accuracy=accuracy, confidence=confidence, seed=seed)
         method, sample_pages, reason = choice.method, choice.sample_pages, f"auto: {choice.reason}"
     meter = make_meter(machine, method, sample_pages=sample_pages, confidence=confidence, bitmap_mode=bitmap_mode,
-                       seed=seed, probe=probe, ring=ring, fault_seconds=fault_seconds)
+                       seed=seed, probe=probe, fault_seconds=fault_seconds)
     try:
         meter.begin()
-        start = meter.boundaries[-1].middle
+        start = meter.boundaries[-1].after
         produced = 0
         while count is None or produced < count:
             produced += 1

@@ -200,6 +200,7 @@ class SamplingMeter(Meter):
         # length (its hash is taken at the same offset into both passes).
         self.pfns: npt.NDArray[np.int64] = np.sort(rng.choice(npages, self.sampled, replace=False)).astype(np.int64)
         self._hashes: npt.NDArray[np.uint64] | None = None
+        self._hash()  # loads the compiled kernel (0.3-0.8 s once per process) before any window is timed
 
     def _hash(self) -> npt.NDArray[np.uint64]:
         from dirtylog.rate import _kernels
