@@ -46,6 +46,7 @@ from dirtylog.rate.truth import Truth, bracket
 from dirtylog.units import PAGE_SIZE, format_size, parse_size
 
 WINDOWS = (0.01, 0.1, 1.0)
+STALLED_PAGES = 10
 WORKLOADS = ("sequential", "random", "hotset")
 METHODS: tuple[tuple[str, int], ...] = (("bitmap", 0), ("ring", 0), ("sampling", 512), ("sampling", 8192))
 
@@ -66,12 +67,18 @@ class Row:
     truth_width: list[float] = field(default_factory=list)
     in_interval: list[bool] = field(default_factory=list)
     true_rate: list[float] = field(default_factory=list)
+    stalled: int = 0  # windows in which the guest wrote (almost) nothing: the host did not run it
 
     def line(self) -> str:
+        if not self.errors:
+            head = f"| {self.size} | {self.workload} | {self.rate:,} | {self.method} | {self.window * 1e3:g} ms"
+            return head + " | every window stalled |"
         med = statistics.median(abs(e) for e in self.errors)
         worst = max(abs(e) for e in self.errors)
         bias = statistics.mean(self.errors)
         ci = f" in CI {sum(self.in_interval)}/{len(self.in_interval)}" if self.method.startswith("sampling") else ""
+        if self.stalled:
+            ci += f" ({self.stalled} stalled window(s) left out)"
         return (f"| {self.size} | {self.workload} | {self.rate:,} | {self.method} | {self.window * 1e3:g} ms | "
                 f"{statistics.median(self.true_rate):,.0f} | {med:.2%} | {worst:.2%} | {bias:+.2%} | "
                 f"{statistics.median(self.truth_width):.2%} |{ci}")
@@ -117,7 +124,10 @@ def _windows(machine: Machine, workload: str, method: str, sample_pages: int, wi
             b0, b1 = meter.boundaries[-2], meter.boundaries[-1]
             known = bracket(truth, b0.probe_before, b0.probe_after, b1.probe_before, b1.probe_after)
             truth.forget(b0.probe_before)
-            middle = max(known.middle, 1.0)
+            if known.high < STALLED_PAGES:  # the host did not run the guest in this window: no error to take
+                row.stalled += 1
+                continue
+            middle = known.middle
             row.errors.append((result.pages - middle) / middle)
             row.truth_width.append((known.high - known.low) / 2 / middle)
             row.in_interval.append(result.pages_low <= middle <= result.pages_high)
