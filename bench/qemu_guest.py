@@ -468,7 +468,10 @@ class QemuGuest:
             if time.monotonic() > deadline:
                 raise QemuError(f"QEMU did not open its QMP socket within {timeout} s")
             time.sleep(0.01)
-        self.qmp = Qmp(f"{self._dir}/qmp.sock", connect_timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            self.qmp = Qmp(f"{self._dir}/qmp.sock", connect_timeout=max(1.0, deadline - time.monotonic()))
+        except Exception as error:
+            raise QemuError(f"cannot talk QMP to QEMU ({error}); QEMU's log: {self.log()[-600:]}") from error
         if self.spec.name == "idle":
             return
         while not all(self.vcpu_progress):
