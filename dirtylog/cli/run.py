@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args
+from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args, positive_duration_arg
 from dirtylog.cli.output import RowPrinter, console, emit_json
 from dirtylog.units import PAGE_SIZE, format_size
 
@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser("run", help="run a guest workload on real KVM with a live view")
     add_machine_arguments(parser)
     parser.add_argument("--duration", type=duration_arg, default=5.0, help="how long, e.g. 500ms or 5s (default 5s)")
-    parser.add_argument("--interval", type=duration_arg, default=1.0, help="time between rows (default 1s)")
+    parser.add_argument("--interval", type=positive_duration_arg, default=1.0, help="time between rows (default 1s)")
     parser.add_argument("--json", action="store_true", help="JSON lines: one per interval, then a summary")
     parser.set_defaults(func=run)
 
