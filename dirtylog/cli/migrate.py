@@ -85,6 +85,12 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compression", choices=("none", "lz4", "zstd"), default="none",
                        help="page compression (default none: on loopback it costs more than it saves)")
     group.add_argument("--mode", choices=TRACKING_MODES, default="log", help="dirty-log mode (default log)")
+    privacy = group.add_mutually_exclusive_group()
+    privacy.add_argument("--encrypt", dest="encrypt", action="store_true", default=None,
+                         help="encrypt guest memory on the wire (AES-256-GCM; the default whenever the stream leaves "
+                              "this host: not loopback TCP or a Unix socket)")
+    privacy.add_argument("--no-encrypt", dest="encrypt", action="store_false",
+                         help="only authenticate frames, even off this host (guest memory then crosses in clear)")
     group.add_argument("--auto-converge", action="store_true", help="throttle vCPUs when the guest outruns the link")
     group.add_argument("--dirty-limit", type=positive_int, default=None,
                        help="cap each vCPU's dirty rate (pages/s) when it outruns the link; needs --mode ring")
@@ -106,7 +112,7 @@ def parameters_from_args(args: argparse.Namespace) -> MigrationParameters:
         downtime_limit=args.downtime_limit, bandwidth=args.bandwidth, max_time=args.max_time,
         on_timeout=args.on_timeout, streams=args.streams, zero_pages=args.zero_pages,
         compression=args.compression, mode=args.mode, auto_converge=args.auto_converge,
-        dirty_limit=args.dirty_limit)
+        dirty_limit=args.dirty_limit, encrypt=args.encrypt)
 
 
 def _round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
@@ -191,6 +197,7 @@ def print_stats(title: str, stats: MigrationStats) -> None:
         ("throttle", f"{info['cpu_throttle_percentage']}%"
          + (", dirty limit on" if info["dirty_limit_active"] else "")),
         ("streams / compression / mode", f"{info['streams']} / {info['compression']} / {info['mode']}"),
+        ("frames", "encrypted (AES-256-GCM)" if info["encrypted"] else "authenticated, not encrypted"),
         ("memory digest", info["digest"]),
     ]
     console.print(key_value_table(title, rows))

@@ -155,7 +155,10 @@ class SourceMigration:
             if isinstance(channel, FileWriter):
                 channel = RecordingPeer(channel, self.key)  # nobody answers a file: answer ourselves
             channel.settimeout(self.params.io_timeout)
-            conn = SourceConnection(self.key, migration_id=migration_id, stream_index=index, stream_count=count)
+            if index == 0:  # guest memory is private: encrypted whenever it leaves this host, unless told
+                self.stats.encrypted = self.params.encrypt if self.params.encrypt is not None else not channel.local
+            conn = SourceConnection(self.key, migration_id=migration_id, stream_index=index, stream_count=count,
+                                    encrypt=self.stats.encrypted)
             stream = Stream(index, channel, conn, pace)
             self.streams.append(stream)
             began = time.perf_counter()
