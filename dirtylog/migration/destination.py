@@ -140,6 +140,8 @@ class DestinationMigration:
                 stream.send(Ready())
             self.stats.setup_time = time.perf_counter() - self._connected_at
             self.stats.status = "active"
+            # [control hook] tells a QMP monitor the incoming migration went from setup to active
+            self.progress("setup", {"setup_time_ms": round(self.stats.setup_time * 1e3, 3)})
             for stream in self.streams:
                 stream.start(reader=False)
                 reader = threading.Thread(target=self._read, args=(stream,), name=f"recv{stream.index}", daemon=True)

@@ -10,6 +10,7 @@ resumes its copy (two-phase commit: see ``state.py``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import queue
@@ -136,6 +137,7 @@ class SourceMigration:
         self.paused_by_us = False
         self._limiter_stop = threading.Event()
         self._limiter: threading.Thread | None = None
+        self._cancel = threading.Event()  # [control hook] set by cancel() from another thread
         self._next_stream = self._last_stream = 0
         # One stream is written from this thread, several by a sender thread each (see streams.py).
         self._sender_threads = options.streams > 1
@@ -228,6 +230,7 @@ class SourceMigration:
             pages, zero, wire = self._send_round(round_, pending, final=False)
             dirty = self.tracker.collect()
             self.stats.dirty_sync_count += 1
+            self.stats.remaining_pages = dirty.count()  # [control hook] live query-migrate 'remaining'
             round_stats = RoundStats(round_, began - start, time.perf_counter() - began, pages, zero, wire,
                                      dirty.count(), self.controller.throttle, self.controller.dirty_limited)
             decision = self.controller.after_round(round_stats, time.perf_counter() - start)
@@ -243,21 +246,28 @@ class SourceMigration:
                                      "Raise --max-time or the downtime limit, or use --auto-converge")
             if decision.action is Action.SWITCHOVER:
                 return dirty
+            self._raise_if_cancelled()
             pending = dirty
             round_ += 1
 
     def _send_round(self, round_: int, pending: DirtyBitmap, final: bool) -> tuple[int, int, int]:
         """Send ``pending`` as round ``round_``; returns pages, zero pages, wire bytes."""
         sent_before = sum(s.bytes_sent for s in self.streams)  # every queue is drained between rounds
+        transferred_before = self.stats.transferred
+        self.stats.remaining_pages = pending.count()
         pages_total = zero_total = 0
         per_stream = [0] * len(self.streams)
         for starts, lengths in pending.batches(self.options.batch_pages):
+            self._raise_if_cancelled()
             buffer = self._buffers.get()
             sent, zeros = self._send_batch(round_, starts, lengths.astype(np.uint32, copy=False), buffer)
             if sent:
                 per_stream[self._last_stream] += sent
             pages_total += sent
             zero_total += zeros
+            # [control hook] live statistics for query-migrate: a round of 1 GiB takes a second or more.
+            self.stats.remaining_pages -= int(lengths.sum())
+            self.stats.transferred = transferred_before + sum(s.bytes_sent for s in self.streams) - sent_before
         stats = {"final": final}
         for stream, count in zip(self.streams, per_stream, strict=True):
             stream.send(RoundEnd(round_, count, stats))
@@ -267,7 +277,7 @@ class SourceMigration:
             stream.drain(self.options.io_timeout)
         self.stats.duplicate_pages += zero_total
         wire = sum(s.bytes_sent for s in self.streams) - sent_before
-        self.stats.transferred += wire
+        self.stats.transferred = transferred_before + wire
         return pages_total, zero_total, wire
 
     def _send_batch(self, round_: int, starts: npt.NDArray[np.uint64], lengths: npt.NDArray[np.uint32],
@@ -317,6 +327,31 @@ class SourceMigration:
         index = self._last_stream = self._next_stream
         self._next_stream = (index + 1) % len(self.streams)
         self.streams[index].send(batch, on_sent=functools.partial(self._buffers.put, buffer))
+
+    # --- [control hooks] cancelling and retuning from another thread (QMP migrate_cancel and
+    # migrate-set-parameters during a migration); to be ported into the restructured engine --------
+
+    def cancel(self) -> None:
+        """Ask the migration to stop at the next batch; it then fails with status 'cancelled' and the source
+        keeps running. Too late once Commit is sent (the destination owns the VM then): no effect."""
+        self._cancel.set()
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancel.is_set():
+            self.stats.status = "cancelled"
+            raise MigrationError("migration cancelled on request; the source keeps running")
+
+    def set_downtime_limit(self, seconds: float) -> None:
+        """A new downtime limit for a running migration, used from the next round's decision."""
+        self.policy = self.controller.policy = dataclasses.replace(self.policy, downtime_limit=seconds)
+
+    def set_bandwidth(self, bytes_per_second: float | None) -> None:
+        """A new bandwidth cap (None: none) for a running migration, from the next write on."""
+        self.policy = self.controller.policy = dataclasses.replace(self.policy, bandwidth=bytes_per_second)
+        with self.pacer_lock:
+            self.pacer = Pacer(bytes_per_second)
+        for stream in self.streams:
+            stream.pace = self._pace
 
     # --- convergence aids ---------------------------------------------------------------------------
 
@@ -382,6 +417,7 @@ class SourceMigration:
         if not isinstance(verified, Verified) or verified.digest != digest:
             raise MigrationError(f"the destination answered {type(verified).__name__} instead of verifying the digest")
         phases["verify"] = time.perf_counter()
+        self._raise_if_cancelled()  # the last moment a cancel can still leave the VM here
         primary.send(Commit())
         primary.drain(self.options.io_timeout)
         self.committed = True
