@@ -11,7 +11,7 @@ from dirtylog.errors import DirtylogError
 
 # Sub-command modules, in the order ``dirtylog --help`` lists them. Each defines
 # ``register(subparsers: argparse._SubParsersAction) -> None`` and sets ``func`` on its parser.
-_COMMANDS = ("info", "run", "track", "model", "migrate", "demo")
+_COMMANDS = ("info", "run", "track", "model", "migrate", "demo", "ctl")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,9 +10,10 @@ from typing import Any
 from dirtylog.cli.options import add_machine_arguments, duration_arg, positive_int, rate_arg, size_arg
 from dirtylog.cli.output import RowPrinter, console, emit_json, key_value_table
 from dirtylog.cli.plots import plot_series
+from dirtylog.cli.serve import add_qmp_argument, serve_incoming
 from dirtylog.machine import TRACKING_MODES, Machine
 from dirtylog.migration.destination import Listener, receive
-from dirtylog.migration.keys import generate_key_file, load_key
+from dirtylog.migration.keys import KeyFileError, generate_key_file, load_key
 from dirtylog.migration.precopy import MigrationError
 from dirtylog.migration.source import migrate
 from dirtylog.migration.stats import MigrationStats
@@ -27,15 +28,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     keygen.set_defaults(func=run_keygen)
 
     recv = subparsers.add_parser("receive", help="wait for one live migration, verify it, and run the VM")
-    recv.add_argument("--listen", default="127.0.0.1:7000",
-                      help="address to listen on (default 127.0.0.1:7000; loopback unless you name another)")
-    recv.add_argument("--key-file", required=True, help="pre-shared key file (dirtylog keygen)")
+    recv.add_argument("--listen", default=None,
+                      help="address to listen on (default 127.0.0.1:7000; loopback unless you name another); with "
+                      "--qmp the default is to wait for QMP's migrate-incoming (QEMU's -incoming defer)")
+    recv.add_argument("--key-file", help="pre-shared key file (dirtylog keygen); required unless --qmp, where "
+                      "migrate-set-parameters x-dirtylog-key-file can give it")
     recv.add_argument("--memory", type=size_arg, default=None, help="accept only guests of this memory size")
     recv.add_argument("--duration", type=duration_arg, default=2.0,
                       help="after the migration, run the guest this long to show it continues (default 2s)")
     recv.add_argument("--timeout", type=duration_arg, default=30.0, help="give up when the source is silent this long")
     recv.add_argument("--accept-timeout", type=duration_arg, default=None, help="give up if no source connects")
     recv.add_argument("--json", action="store_true", help="JSON lines for machines")
+    add_qmp_argument(recv, "run the received VM (--duration does not apply)")
     recv.set_defaults(func=run_receive)
 
     mig = subparsers.add_parser("migrate", help="start a VM with a workload and live-migrate it to `dirtylog receive`")
@@ -74,7 +78,12 @@ def run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
+ROUND_COLUMNS = [("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
+                 ("exp. downtime ms", 16), ("throttle", 8)]
+
+
+def round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
+    """One row of the live migration view (also ``dirtylog ctl SOCKET watch-migration``)."""
     rows.row(record["round"], f"{record['pages']:,}", f"{record['bytes'] / 1e6:,.1f}",
              f"{record['mbps'] / 8:,.0f}", f"{record['dirty_pages']:,}", f"{record['dirty_pages_rate']:,}",
              f"{record.get('expected_downtime_ms', 0):,.1f}", f"{record['throttle_percentage']}%")
@@ -103,14 +112,13 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> MigrationStats | None:
     """Run the migration with live rows (or JSON lines); None when it failed (already reported)."""
-    rows = RowPrinter([("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
-                       ("exp. downtime ms", 16), ("throttle", 8)])
+    rows = RowPrinter(ROUND_COLUMNS)
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
             emit_json({"event": kind, **record})
         elif kind == "round":
-            _round_row(rows, record)
+            round_row(rows, record)
         elif kind == "switchover":
             console.print(f"switch-over: paused, final {record['pages']:,} pages "
                           f"({record['bytes'] / 1e6:,.1f} MB) sent in {record['paused_ms']:.1f} ms")
@@ -169,7 +177,11 @@ def plot_migration(path: str, stats: MigrationStats) -> None:
 
 
 def run_receive(args: argparse.Namespace) -> int:
-    listener = Listener(args.listen)
+    if args.qmp:
+        return serve_incoming(args)
+    if not args.key_file:
+        raise KeyFileError("receive needs --key-file (the pre-shared key both sides hold; dirtylog keygen makes one)")
+    listener = Listener(args.listen or "127.0.0.1:7000")
     where = f"{listener.address[0]}:{listener.port}"
     if args.json:
         emit_json({"event": "listening", "address": where})
