@@ -61,7 +61,42 @@ class Refusal:
 
 def encode(message: dict[str, Any]) -> bytes:
     """One QMP message on the wire: JSON, ASCII only (QEMU's output encoding), CRLF-terminated."""
-    return json.dumps(message, ensure_ascii=True, allow_nan=False).encode("ascii") + b"\r\n"
+    try:
+        text = json.dumps(message, ensure_ascii=True, allow_nan=False)
+    except RecursionError:  # an ``id`` nested ~1000 deep (the input limit is 1024): echo it all the same
+        text = _encode_deep(message)
+    return text.encode("ascii") + b"\r\n"
+
+
+def _encode_deep(value: Any) -> str:
+    """json.dumps without recursion, for values nested deeper than Python's recursion limit."""
+    out: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Text):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.append(_Text("}"))
+            for index, (key, member) in reversed(list(enumerate(item.items()))):
+                stack += [member, _Text(json.dumps(str(key)) + ": ")]
+                if index:
+                    stack.append(_Text(", "))
+            stack.append(_Text("{"))
+        elif isinstance(item, list):
+            stack.append(_Text("]"))
+            for index, member in reversed(list(enumerate(item))):
+                stack.append(member)
+                if index:
+                    stack.append(_Text(", "))
+            stack.append(_Text("["))
+        else:
+            out.append(json.dumps(item, ensure_ascii=True, allow_nan=False))
+    return "".join(out)
+
+
+class _Text(str):
+    """Already-encoded JSON text on :func:`_encode_deep`'s stack."""
 
 
 def check_request(value: JsonValue) -> Request | Refusal:

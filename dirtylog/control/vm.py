@@ -80,6 +80,7 @@ class VmControl:
         table.add("stop", self.stop)
         table.add("cont", self.cont)
         table.add("quit", self.quit)
+        table.add("x-dirtylog-query-progress", self.query_progress)
 
     # --- commands -----------------------------------------------------------------------------------
 
@@ -128,6 +129,15 @@ class VmControl:
         """End the VM and the process: the answer goes out first, then the SHUTDOWN event."""
         self.on_shutdown(ShutdownCause.HOST_QMP_QUIT)
         return {}
+
+    def query_progress(self, args: dict[str, Any]) -> JsonValue:
+        """dirtylog's guest counters: pages written (in all and per vCPU) and completed iterations."""
+        with self.lock:
+            machine = self._machine()
+            if machine.state is State.STOPPED:
+                raise QmpError("the VM is stopped: its memory is gone")
+            return {"progress": machine.progress, "vcpu-progress": machine.vcpu_progress,
+                    "iterations": machine.iterations}
 
     # --- transitions other components cause -------------------------------------------------------
 
