@@ -12,6 +12,7 @@ import sys
 
 from dirtylog.cli.output import console, emit_json
 from dirtylog.control.monitor import Monitor
+from dirtylog.control.server import parse_address
 from dirtylog.machine import Machine
 from dirtylog.migration.keys import load_key
 from dirtylog.units import format_size
@@ -24,6 +25,7 @@ def add_qmp_argument(parser: argparse.ArgumentParser, what: str) -> None:
 
 def serve_machine(args: argparse.Namespace) -> int:
     """Run the machine ``run``'s options describe under a QMP monitor until quit or a signal."""
+    parse_address(args.qmp)  # a bad address fails before a VM is built
     if args.key_file:
         load_key(args.key_file)  # a bad key file fails now, not at the first migrate
     with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots, hot_fraction=args.hot_fraction,
