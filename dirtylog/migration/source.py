@@ -348,8 +348,8 @@ class SourceMigration:
     def set_bandwidth(self, bytes_per_second: float | None) -> None:
         """A new bandwidth cap (None: none) for a running migration, from the next write on."""
         self.policy = self.controller.policy = dataclasses.replace(self.policy, bandwidth=bytes_per_second)
-        with self.pacer_lock:
-            self.pacer = Pacer(bytes_per_second)
+        # Not under pacer_lock: a write may be sleeping off its tokens there. It finishes on the old bucket.
+        self.pacer = Pacer(bytes_per_second)
         for stream in self.streams:
             stream.pace = self._pace
 
