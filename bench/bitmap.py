@@ -31,7 +31,6 @@ from numpy.typing import NDArray
 
 from dirtylog.bitmap import DirtyBitmap
 
-PAGE_SIZE = 4096
 SIZES = {"4G": 1 << 20, "64G": 1 << 24}
 DENSITIES = (0.001, 0.01, 0.1, 1.0)
 PATTERNS = ("random", "clustered")

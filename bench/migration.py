@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from dirtylog.machine import Machine
-from dirtylog.migration.auth import frame_mac
-from dirtylog.migration.digest import fingerprints, gather, load_kernels
+from dirtylog.migration import migrate
+from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.keys import generate_key_file
-from dirtylog.migration.precopy import MigrationError
-from dirtylog.migration.source import migrate
+from dirtylog.migration.payload.digest import fingerprints, gather, load_kernels
+from dirtylog.migration.protocol.auth import frame_mac
 from dirtylog.units import PAGE_SIZE, parse_size
 
 CHUNK = 1 << 20

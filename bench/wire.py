@@ -33,14 +33,16 @@ from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dirtylog.migration.auth import frame_mac
-from dirtylog.migration.connection import DestinationConnection, SourceConnection
-from dirtylog.migration.digest import fingerprints
-from dirtylog.migration.events import Codec, Header, MemorySlot, PageBatch, Ready
-from dirtylog.migration.loopback import collect, join
-from dirtylog.migration.pages import compress, decode_pages, decompress, make_page_batch
+from dirtylog.kvm.memslot import SlotLayout
+from dirtylog.migration.payload.digest import fingerprints
+from dirtylog.migration.payload.pages import compress, decode_pages, decompress, make_page_batch
+from dirtylog.migration.protocol.auth import frame_mac
+from dirtylog.migration.protocol.connection import DestinationConnection, SourceConnection
+from dirtylog.migration.protocol.events import Codec, Header, PageBatch, Ready
+from dirtylog.migration.protocol.loopback import collect, join
+from dirtylog.units import PAGE_SIZE
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 KEY = bytes(range(32))
 RECV = 64 << 10
 
@@ -90,7 +92,7 @@ def streaming_pair(codec: Codec, pages: int) -> tuple[SourceConnection, Destinat
     preamble = [join(src.initiate())]
     collect(dst, preamble[0])
     collect(src, dst.accept())
-    preamble.append(join(src.send(Header(PAGE, (MemorySlot(0, 0, pages),), vcpus=1, codec=codec))))
+    preamble.append(join(src.send(Header(PAGE, (SlotLayout.of_pages(0, 0, pages),), vcpus=1, codec=codec))))
     collect(dst, preamble[1])
     collect(src, dst.send(Ready()))
     return src, dst, preamble

@@ -4,10 +4,8 @@ from dirtylog.bitmap import DirtyBitmap
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.machine import GuestCrashError, MachineError
 from dirtylog.machine import Machine
-from dirtylog.migration.destination import receive
-from dirtylog.migration.precopy import MigrationError
-from dirtylog.migration.source import migrate
+from dirtylog.migration import MigrationError, MigrationParameters, migrate, receive
 
 __all__ = ["DirtyBitmap", "DirtylogError", "GuestCrashError", "Machine", "MachineError", "MigrationError",
-           "migrate", "receive"]
+           "MigrationParameters", "migrate", "receive"]
 __version__ = "0.1.0"

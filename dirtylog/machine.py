@@ -6,15 +6,12 @@ users get one object: ``with Machine(...) as m: t = m.dirty_log("clear")``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from dirtylog.guest import machine as guest
-from dirtylog.tracking.base import Tracker
+from dirtylog.tracking.base import TRACKING_MODES, Tracker, TrackingError, TrackingMode
 from dirtylog.tracking.kvm_log import DEFAULT_CLEAR_CHUNK_PAGES, ClearTracker, LogTracker
 from dirtylog.tracking.kvm_ring import RingTracker
 
-TrackingMode = Literal["log", "clear", "ring"]
-TRACKING_MODES: tuple[TrackingMode, ...] = ("log", "clear", "ring")
+__all__ = ["TRACKING_MODES", "Machine", "TrackingMode"]
 
 
 class Machine(guest.Machine):
@@ -40,4 +37,4 @@ class Machine(guest.Machine):
             return ClearTracker(self, slots, initially_set=initially_set, chunk_pages=clear_chunk_pages)
         if mode == "ring":
             return RingTracker(self, slots, entries=ring_entries)
-        raise guest.MachineError(f"unknown dirty-log mode {mode!r}; choose one of {', '.join(TRACKING_MODES)}")
+        raise TrackingError(f"unknown dirty-log mode {mode!r}; choose one of {', '.join(TRACKING_MODES)}")

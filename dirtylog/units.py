@@ -9,9 +9,9 @@ from dirtylog.errors import DirtylogError
 PAGE_SIZE = 4096
 
 _SIZE_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 _DURATION_SUFFIX = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|m|h)?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(us|ms|s|min|m|h)?\s*$", re.IGNORECASE)
 
 
 class UnitError(DirtylogError, ValueError):
@@ -29,6 +29,8 @@ def parse_size(text: str | int) -> int:
         raise UnitError(f"size {text!r} is not understood; write bytes or a number with K, M, G or T, e.g. 512M or 4G")
     number, suffix = match.groups()
     value = float(number) * _SIZE_SUFFIX[suffix.upper()]
+    if value < 0:
+        raise UnitError(f"size {text!r} is negative; give a positive size, e.g. 512M")
     if value != int(value):
         raise UnitError(f"size {text!r} is not a whole number of bytes")
     return int(value)
@@ -44,7 +46,10 @@ def parse_duration(text: str | float) -> float:
     if not match:
         raise UnitError(f"duration {text!r} is not understood; write e.g. 100ms, 5s or 2m")
     number, suffix = match.groups()
-    return float(number) * _DURATION_SUFFIX[(suffix or "s").lower()]
+    seconds = float(number) * _DURATION_SUFFIX[(suffix or "s").lower()]
+    if seconds < 0:
+        raise UnitError(f"duration {text!r} is negative; give a positive duration, e.g. 100ms")
+    return seconds
 
 
 def parse_rate(text: str | int) -> int:

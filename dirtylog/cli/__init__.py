@@ -1,17 +1,30 @@
-"""The ``dirtylog`` command: one module per sub-command, each with ``register(subparsers)``."""
+"""The ``dirtylog`` command: one module per family of sub-commands (``migrate.py`` holds keygen, receive and
+migrate), each with ``register(subparsers)``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from dirtylog.errors import DirtylogError
 
-# Sub-command modules, in the order ``dirtylog --help`` lists them. Each defines
+# Sub-command modules, in the order ``dirtylog --help`` lists their commands. Each defines
 # ``register(subparsers: argparse._SubParsersAction) -> None`` and sets ``func`` on its parser.
 _COMMANDS = ("info", "run", "track", "model", "migrate", "demo", "ctl")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse takes ``--duration -5s`` or ``--memory -1G`` for an option named ``-5s`` and says only "expected one
+    argument"; no option of ours starts with a digit, so a value that does is a value, and its own parser says
+    what is wrong with it ("is negative")."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dirtylog", description="Dirty page logging for virtual machines, on real KVM and as a model."
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in _COMMANDS:
         try:
             module = importlib.import_module(f"dirtylog.cli.{name}")

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from rich.markup import escape
+
 from dirtylog.cli.migrate import add_migration_arguments, migrate_with_progress
-from dirtylog.cli.options import add_machine_arguments, duration_arg
-from dirtylog.cli.output import console
+from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args
+from dirtylog.cli.output import console, emit_json
 from dirtylog.errors import DirtylogError
-from dirtylog.machine import Machine
 from dirtylog.migration.keys import generate_key_file
 from dirtylog.units import format_size
 
@@ -30,26 +31,36 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(downtime_limit=0.05)
     parser.add_argument("--warmup", type=duration_arg, default=1.0, help="run the guest this long first")
     parser.add_argument("--duration", type=duration_arg, default=2.0, help="run the migrated guest this long")
-    parser.set_defaults(func=run, json=False, plot=None)
+    parser.add_argument("--json", action="store_true",
+                        help="JSON lines of both sides (the destination's with \"side\": \"destination\"), then a "
+                             "summary")
+    parser.set_defaults(func=run, plot=None)
 
 
-def _relay(stream: IO[str], events: list[dict[str, Any]], address: list[str], ready: threading.Event) -> None:
-    """Show the destination's JSON lines to people, and keep them for the verdict."""
+def _relay(stream: IO[str], events: list[dict[str, Any]], address: list[str], ready: threading.Event,
+           as_json: bool) -> None:
+    """Show the destination's JSON lines (to people, or passed on as JSON), and keep them for the verdict."""
     for line in stream:
         try:
             event = json.loads(line)
         except ValueError:
-            console.print(f"[dim]destination:[/dim] {line.rstrip()}")
+            console.print(f"[dim]destination:[/dim] {escape(line.rstrip())}")
+            continue
+        if not isinstance(event, dict):
             continue
         events.append(event)
+        if as_json:
+            emit_json({"side": "destination", **event})
         kind = event.get("event")
         if kind == "listening":
             address.append(event["address"])
             ready.set()
+        elif as_json:
+            continue
         elif kind == "running":
             console.print(f"[cyan]destination[/cyan]: guest running, progress {event['progress']:,} pages")
         elif kind == "failed":
-            console.print(f"[cyan]destination[/cyan]: [red]{event['error']}[/red]")
+            console.print(f"[cyan]destination[/cyan]: [red]{escape(str(event['error']))}[/red]")
     ready.set()
 
 
@@ -57,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dirtylog-demo-") as folder:
         key_file = str(generate_key_file(Path(folder) / "demo.key"))
         args.key_file = key_file
-        console.print("[bold]dirtylog demo[/bold]: two processes on this host, one pre-shared key, loopback TCP")
+        def say(text: str) -> None:
+            if not args.json:
+                console.print(text)
+
+        say("[bold]dirtylog demo[/bold]: two processes on this host, one pre-shared key, loopback TCP")
         destination = subprocess.Popen(
             [sys.executable, "-m", "dirtylog", "receive", "--listen", "127.0.0.1:0", "--key-file", key_file,
              "--duration", f"{args.duration}s", "--json"],
@@ -66,18 +81,17 @@ def run(args: argparse.Namespace) -> int:
         events: list[dict[str, Any]] = []
         address: list[str] = []
         ready = threading.Event()
-        relay = threading.Thread(target=_relay, args=(destination.stdout, events, address, ready), daemon=True)
+        relay = threading.Thread(target=_relay, args=(destination.stdout, events, address, ready, args.json),
+                                 daemon=True)
         relay.start()
         try:
             if not ready.wait(30) or not address:
                 raise DirtylogError("the destination process did not start listening")
             args.to = address[0]
-            console.print(f"[cyan]destination[/cyan]: pid {destination.pid} listening on {args.to}")
-            with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots,
-                         hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault,
-                         dirty_ring=args.mode == "ring") as machine:
+            say(f"[cyan]destination[/cyan]: pid {destination.pid} listening on {args.to}")
+            with machine_from_args(args, dirty_ring=args.mode == "ring") as machine:
                 machine.start()
-                console.print(f"[magenta]source[/magenta]: {args.workload} guest on {args.vcpus} vCPUs, "
+                say(f"[magenta]source[/magenta]: {args.workload} guest on {args.vcpus} vCPUs, "
                               f"{format_size(args.memory)}, writing {args.rate:,} pages/s per vCPU; "
                               f"migrating after {args.warmup:.1f} s with a {args.downtime_limit * 1e3:.0f} ms "
                               "downtime limit")
@@ -91,8 +105,16 @@ def run(args: argparse.Namespace) -> int:
         relay.join(5)
     final = next((e for e in events if e.get("event") == "completed"), None)
     if stats is None or final is None or status != 0:
-        console.print("[red bold]demo failed[/red bold]: see the messages above")
+        if args.json:
+            emit_json({"summary": {"verified": False, "destination_status": status}})
+        else:
+            console.print("[red bold]demo failed[/red bold]: see the messages above")
         return 1
+    if args.json:
+        emit_json({"summary": {"verified": True, "digest": final["stats"]["digest"],
+                               "downtime_ms": round((stats.downtime or 0) * 1e3, 3),
+                               "progress_at_pause": paused_progress, "progress_on_destination": final["progress_now"]}})
+        return 0
     console.print(f"[green bold]verified[/green bold]: destination digest {final['stats']['digest']} equals the "
                   f"source's; downtime {stats.downtime * 1e3 if stats.downtime else 0:.1f} ms; the guest's "
                   f"progress went on from {paused_progress:,} (at the pause) to {final['progress_now']:,} pages "

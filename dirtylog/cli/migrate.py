@@ -7,17 +7,27 @@ import sys
 import time
 from typing import Any
 
-from dirtylog.cli.options import add_machine_arguments, duration_arg, positive_int, rate_arg, size_arg
-from dirtylog.cli.output import RowPrinter, console, emit_json, key_value_table
+from rich.markup import escape
+
+from dirtylog.cli.options import (
+    add_machine_arguments,
+    duration_arg,
+    machine_from_args,
+    positive_duration_arg,
+    positive_int,
+    positive_rate_arg,
+    size_arg,
+    whole_number,
+)
+from dirtylog.cli.output import RowPrinter, console, emit_json, error_console, key_value_table
 from dirtylog.cli.plots import plot_series
 from dirtylog.cli.serve import add_qmp_argument, serve_incoming
+from dirtylog.guest.machine import State
 from dirtylog.machine import TRACKING_MODES, Machine
-from dirtylog.migration.destination import Listener, receive
+from dirtylog.migration import Listener, MigrationError, MigrationParameters, MigrationStats, migrate, receive
 from dirtylog.migration.keys import KeyFileError, generate_key_file, load_key
-from dirtylog.migration.precopy import MigrationError
-from dirtylog.migration.source import migrate
-from dirtylog.migration.stats import MigrationStats
-from dirtylog.migration.transport import parse_address
+from dirtylog.migration.policy.parameters import MAX_STREAMS
+from dirtylog.migration.transports import parse_endpoint
 from dirtylog.units import PAGE_SIZE, format_duration, format_size
 
 
@@ -25,25 +35,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     keygen = subparsers.add_parser("keygen", help="write a fresh pre-shared key file (mode 0600) for migrations")
     keygen.add_argument("file", help="where to write the key; copy it to both hosts")
     keygen.add_argument("--force", action="store_true", help="replace an existing file")
+    keygen.add_argument("--json", action="store_true", help="one JSON object: the file written")
     keygen.set_defaults(func=run_keygen)
 
     recv = subparsers.add_parser("receive", help="wait for one live migration, verify it, and run the VM")
     recv.add_argument("--listen", default=None,
-                      help="address to listen on (default 127.0.0.1:7000; loopback unless you name another); with "
-                      "--qmp the default is to wait for QMP's migrate-incoming (QEMU's -incoming defer)")
+                      help="where: host:port (default 127.0.0.1:7000; loopback unless you name another host), "
+                           "unix:PATH, or file:PATH to load a stream `migrate --to file:PATH` wrote; with --qmp the "
+                           "default is to wait for QMP's migrate-incoming (QEMU's -incoming defer)")
     recv.add_argument("--key-file", help="pre-shared key file (dirtylog keygen); required unless --qmp, where "
                       "migrate-set-parameters x-dirtylog-key-file can give it")
-    recv.add_argument("--memory", type=size_arg, default=None, help="accept only guests of this memory size")
+    recv.add_argument("--memory", type=size_arg, default=None,
+                      help="accept only guests of this memory size, and prepare their VM before any source connects")
+    recv.add_argument("--max-memory", type=size_arg, default=None,
+                      help="without --memory: the largest guest a source may send (default: half of this host's RAM)")
+    recv.add_argument("--handshake-timeout", type=positive_duration_arg, default=5.0,
+                      help="a connection must authenticate within this, or is refused (default 5s)")
     recv.add_argument("--duration", type=duration_arg, default=2.0,
                       help="after the migration, run the guest this long to show it continues (default 2s)")
-    recv.add_argument("--timeout", type=duration_arg, default=30.0, help="give up when the source is silent this long")
-    recv.add_argument("--accept-timeout", type=duration_arg, default=None, help="give up if no source connects")
+    recv.add_argument("--timeout", type=positive_duration_arg, default=30.0,
+                      help="give up when the source is silent this long")
+    recv.add_argument("--accept-timeout", type=positive_duration_arg, default=None,
+                      help="give up if no source connects")
     recv.add_argument("--json", action="store_true", help="JSON lines for machines")
     add_qmp_argument(recv, "run the received VM (--duration does not apply)")
     recv.set_defaults(func=run_receive)
 
     mig = subparsers.add_parser("migrate", help="start a VM with a workload and live-migrate it to `dirtylog receive`")
-    mig.add_argument("--to", required=True, help="destination host:port")
+    mig.add_argument("--to", required=True, help="destination: host:port, unix:PATH, or file:PATH (save the "
+                     "stream; `receive --listen file:PATH` loads it)")
     mig.add_argument("--key-file", required=True, help="pre-shared key file (dirtylog keygen)")
     add_machine_arguments(mig)
     add_migration_arguments(mig)
@@ -56,13 +76,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     """The controls of a migration (shared with the demo)."""
     group = parser.add_argument_group("migration")
-    group.add_argument("--downtime-limit", type=duration_arg, default=0.3, help="switch over when the rest can be "
-                       "sent within this (default 300ms, as QEMU)")
-    group.add_argument("--bandwidth", type=rate_arg, default=None, help="cap the stream, bytes/s, e.g. 500M")
-    group.add_argument("--max-time", type=duration_arg, default=None, help="give up (or force) after this long")
+    group.add_argument("--downtime-limit", type=positive_duration_arg, default=0.3,
+                       help="switch over when the rest can be sent within this (default 300ms, as QEMU)")
+    group.add_argument("--bandwidth", type=positive_rate_arg, default=None, help="cap the stream, bytes/s, e.g. 500M")
+    group.add_argument("--max-time", type=positive_duration_arg, default=None,
+                       help="give up (or force) after this long")
     group.add_argument("--on-timeout", choices=("cancel", "force"), default="cancel",
                        help="at --max-time: cancel (the source keeps running) or force the switch-over")
-    group.add_argument("--streams", type=positive_int, default=1, help="parallel TCP streams (default 1)")
+    group.add_argument("--streams", type=whole_number(1, MAX_STREAMS), default=1,
+                       help=f"parallel streams, 1 to {MAX_STREAMS} (default 1)")
     group.add_argument("--no-zero-pages", dest="zero_pages", action="store_false", help="send zero pages as data")
     group.add_argument("--compression", choices=("none", "lz4", "zstd"), default="none",
                        help="page compression (default none: on loopback it costs more than it saves)")
@@ -74,8 +96,21 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_keygen(args: argparse.Namespace) -> int:
     path = generate_key_file(args.file, overwrite=args.force)
-    console.print(f"wrote a new key to {path} (mode 0600); copy it to the other host over a channel you trust")
+    if args.json:
+        emit_json({"event": "keygen", "file": str(path), "mode": "0600"})
+    else:
+        console.print(f"wrote a new key to {escape(str(path))} (mode 0600); copy it to the other host over a channel "
+                      "you trust")
     return 0
+
+
+def parameters_from_args(args: argparse.Namespace) -> MigrationParameters:
+    """The migration parameters of :func:`add_migration_arguments`'s options; the one place the CLI makes them."""
+    return MigrationParameters.parse(
+        downtime_limit=args.downtime_limit, bandwidth=args.bandwidth, max_time=args.max_time,
+        on_timeout=args.on_timeout, streams=args.streams, zero_pages=args.zero_pages,
+        compression=args.compression, mode=args.mode, auto_converge=args.auto_converge,
+        dirty_limit=args.dirty_limit)
 
 
 ROUND_COLUMNS = [("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
@@ -90,10 +125,10 @@ def round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    load_key(args.key_file)  # a bad key file or address fails before any VM starts
-    parse_address(args.to)
-    with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots, hot_fraction=args.hot_fraction,
-                 hot_weight=args.hot_weight, prefault=args.prefault, dirty_ring=args.mode == "ring") as machine:
+    load_key(args.key_file)  # a bad key file, address or parameter fails before any VM starts
+    parse_endpoint(args.to)
+    parameters_from_args(args)
+    with machine_from_args(args, dirty_ring=args.mode == "ring") as machine:
         machine.start()
         if not args.json:
             console.print(f"source: [bold]{args.workload}[/bold] on {args.vcpus} vCPU(s), {format_size(args.memory)}; "
@@ -102,11 +137,16 @@ def run_migrate(args: argparse.Namespace) -> int:
         machine.check()
         stats = migrate_with_progress(machine, args)
         if stats is None:
-            before = machine.progress
-            time.sleep(0.5)
-            if not args.json:
-                console.print(f"the source VM keeps running here: progress {before:,} -> {machine.progress:,} pages")
+            if machine.state is State.RUNNING:
+                before = machine.progress
+                time.sleep(0.5)
+                if not args.json:
+                    console.print(f"the source VM keeps running here: progress {before:,} -> {machine.progress:,} "
+                                  "pages")
             return 1
+        if machine.state is State.PAUSED and not args.json:  # a stream to a file takes no VM over
+            console.print(escape(f"saved to {args.to}; this VM stays paused here (load it with `dirtylog receive "
+                                 f"--listen {args.to} --key-file {args.key_file}`)"))
     return 0
 
 
@@ -116,7 +156,7 @@ def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> Migrati
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
-            emit_json({"event": kind, **record})
+            emit_json({**record, "event": kind})
         elif kind == "round":
             round_row(rows, record)
         elif kind == "switchover":
@@ -124,16 +164,13 @@ def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> Migrati
                           f"({record['bytes'] / 1e6:,.1f} MB) sent in {record['paused_ms']:.1f} ms")
 
     try:
-        stats = migrate(machine, args.to, key_file=args.key_file, downtime_limit=args.downtime_limit,
-                        bandwidth=args.bandwidth, max_time=args.max_time, on_timeout=args.on_timeout,
-                        streams=args.streams, zero_pages=args.zero_pages, compression=args.compression,
-                        mode=args.mode, auto_converge=args.auto_converge, dirty_limit=args.dirty_limit,
+        stats = migrate(machine, args.to, key_file=args.key_file, parameters=parameters_from_args(args),
                         progress=progress)
     except MigrationError as error:
         if args.json:
             emit_json({"event": "failed", "error": str(error)})
         else:
-            console.print(f"[red bold]migration failed[/red bold]: {error}")
+            console.print(f"[red bold]migration failed[/red bold]: {escape(str(error))}")
         return None
     if args.plot:
         plot_migration(args.plot, stats)
@@ -181,28 +218,36 @@ def run_receive(args: argparse.Namespace) -> int:
         return serve_incoming(args)
     if not args.key_file:
         raise KeyFileError("receive needs --key-file (the pre-shared key both sides hold; dirtylog keygen makes one)")
-    listener = Listener(args.listen or "127.0.0.1:7000")
-    where = f"{listener.address[0]}:{listener.port}"
+    load_key(args.key_file)  # a bad key file fails before anything listens
+    listener = Listener(args.listen or "127.0.0.1:7000", memory=args.memory, max_memory=args.max_memory)
+    where = listener.address
     if args.json:
-        emit_json({"event": "listening", "address": where})
+        emit_json({"event": "listening", "address": where, "prepared": listener.prepared is not None,
+                   "warning": listener.warning})
     else:
-        console.print(f"destination: listening on {where}")
+        prepared = f" with a {format_size(args.memory)} VM ready" if listener.prepared is not None else ""
+        console.print(f"destination: listening on {escape(where)}{prepared}")
+        if listener.warning:
+            error_console.print(f"[yellow]warning[/yellow]: {escape(listener.warning)}")
     sys.stdout.flush()
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
-            emit_json({"event": f"received-{kind}", **record})
+            emit_json({**record, "event": f"received-{kind}"})
         elif kind == "round":
             console.print(f"received round {record['round']}: {record['pages']:,} pages on stream 0")
+        elif kind == "refused":
+            error_console.print(f"refused a connection from {escape(record['peer'])}: {escape(record['reason'])}")
 
     try:
-        received = receive(listener, key_file=args.key_file, memory=args.memory, io_timeout=args.timeout,
-                           accept_timeout=args.accept_timeout, progress=progress)
+        received = receive(listener, key_file=args.key_file, io_timeout=args.timeout,
+                           accept_timeout=args.accept_timeout, handshake_timeout=args.handshake_timeout,
+                           progress=progress)
     except MigrationError as error:
         if args.json:
             emit_json({"event": "failed", "error": str(error)})
         else:
-            console.print(f"[red bold]incoming migration failed[/red bold]: {error}")
+            console.print(f"[red bold]incoming migration failed[/red bold]: {escape(str(error))}")
         return 1
     finally:
         listener.close()

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
-from dirtylog.guest.machine import Machine
+from dirtylog.machine import Machine
 from dirtylog.units import UnitError, parse_duration, parse_rate, parse_size
 from dirtylog.workload import WORKLOAD_HELP, WORKLOADS
 
@@ -29,15 +29,34 @@ duration_arg = _argtype(parse_duration, "duration")
 rate_arg = _argtype(parse_rate, "rate")
 
 
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``minimum``."""
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise UnitError(f"duration {text!r} must be more than zero")
+    return seconds
+
+
+def _positive_rate(text: str) -> int:
+    rate = parse_rate(text)
+    if rate <= 0:
+        raise UnitError(f"rate {text!r} must be more than zero bytes per second")
+    return rate
+
+
+positive_duration_arg = _argtype(_positive_duration, "duration > 0")
+positive_rate_arg = _argtype(_positive_rate, "rate > 0")
+
+
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum`` (and at most ``maximum``)."""
     def convert(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}")
         return value
 
     convert.__name__ = f"number >= {minimum}"
@@ -67,7 +86,9 @@ def add_machine_arguments(parser: argparse.ArgumentParser, *, memory: str = "1G"
                        help="hotset: fraction of writes that go to hot pages (default 0.9)")
 
 
-def machine_from_args(args: argparse.Namespace) -> Machine:
-    """A new (not started) machine from :func:`add_machine_arguments`'s options."""
+def machine_from_args(args: argparse.Namespace, *, dirty_ring: bool = False) -> Machine:
+    """A new (not started) machine from :func:`add_machine_arguments`'s options; the one place the CLI
+    builds machines. ``dirty_ring`` gives its vCPUs dirty rings (they must exist before the vCPUs)."""
     return Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots,
-                   hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault)
+                   hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault,
+                   dirty_ring=dirty_ring)

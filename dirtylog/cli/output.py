@@ -10,8 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
-error_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # lines stay whole in logs and pipes
+error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def emit_json(record: dict[str, Any]) -> None:

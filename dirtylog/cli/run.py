@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args
+from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args, positive_duration_arg
 from dirtylog.cli.output import RowPrinter, console, emit_json
 from dirtylog.cli.serve import add_qmp_argument, serve_machine
 from dirtylog.units import PAGE_SIZE, format_size
@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser("run", help="run a guest workload on real KVM with a live view")
     add_machine_arguments(parser)
     parser.add_argument("--duration", type=duration_arg, default=5.0, help="how long, e.g. 500ms or 5s (default 5s)")
-    parser.add_argument("--interval", type=duration_arg, default=1.0, help="time between rows (default 1s)")
+    parser.add_argument("--interval", type=positive_duration_arg, default=1.0, help="time between rows (default 1s)")
     parser.add_argument("--json", action="store_true", help="JSON lines: one per interval, then a summary")
     add_qmp_argument(parser, "keep the VM running (--duration and --interval do not apply)")
     parser.add_argument("--key-file", help="with --qmp: the pre-shared key QMP's migrate uses (dirtylog keygen)")

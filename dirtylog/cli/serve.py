@@ -45,7 +45,9 @@ def serve_incoming(args: argparse.Namespace) -> int:
     try:
         if args.listen:
             # QEMU's -incoming tcp:...: listening starts with the process, before any client connects.
-            monitor.migration.migrate_incoming({"uri": f"tcp:{args.listen}"})
+            scheme = args.listen.partition(":")[0]
+            uri = args.listen if scheme in ("tcp", "unix", "file") else f"tcp:{args.listen}"
+            monitor.migration.migrate_incoming({"uri": uri})
     except BaseException:
         monitor.close()
         raise

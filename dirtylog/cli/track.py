@@ -6,7 +6,13 @@ import argparse
 import time
 from dataclasses import dataclass, field
 
-from dirtylog.cli.options import add_machine_arguments, duration_arg, positive_int
+from dirtylog.cli.options import (
+    add_machine_arguments,
+    duration_arg,
+    machine_from_args,
+    positive_duration_arg,
+    positive_int,
+)
 from dirtylog.cli.output import RowPrinter, console, emit_json
 from dirtylog.cli.plots import plot_series
 from dirtylog.errors import DirtylogError
@@ -25,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="kvm: a real VM; stage2: the ARM stage-2 model of the seed patch (no /dev/kvm needed)")
     add_machine_arguments(parser, workload="hotset")
     parser.set_defaults(workload=None)
-    parser.add_argument("--interval", type=duration_arg, default=0.1, help="time between collections (default 100ms)")
+    parser.add_argument("--interval", type=positive_duration_arg, default=0.1,
+                        help="time between collections (default 100ms)")
     parser.add_argument("--duration", type=duration_arg, default=10.0, help="how long to track (default 10s)")
     parser.add_argument("--verify", action="store_true",
                         help="run the stamp workload and check every collection; fail on any lost page")
@@ -55,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
         from dirtylog.cli.track_model import run_model
 
         return run_model(args)
-    with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots,
-                 hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault) as machine:
+    with machine_from_args(args) as machine:
         tracker = machine.dirty_log(args.mode, initially_set=args.initially_set, ring_entries=args.ring_entries)
         verifier = StampVerifier(machine, initially_set=args.initially_set) if args.verify else None
         if not args.json:

@@ -8,7 +8,7 @@ runs unchanged; each maps onto an argument of the engine:
 =============================  =========================================================================
 ``downtime-limit`` (ms)        the pre-copy policy's downtime limit (default 300, as QEMU)
 ``max-bandwidth`` (bytes/s)    the stream's token bucket; 0 means no cap (default 128 MiB/s, as QEMU)
-``multifd`` + ``multifd-channels``  parallel TCP streams (without ``multifd``: one stream)
+``multifd`` + ``multifd-channels``  parallel streams (without ``multifd``: one stream)
 ``multifd-compression``        per-batch compression: ``zstd``, or dirtylog's ``x-dirtylog-lz4``
 ``zero-page-detection``        ``none`` sends zero pages as data; ``legacy``/``multifd`` elide them
 ``auto-converge`` + ``cpu-throttle-*``, ``throttle-trigger-threshold``  QEMU's cpu-throttle
@@ -23,8 +23,6 @@ neutral values, e.g. ``tls-creds: ""``), rather than stored and silently ignored
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,25 +32,24 @@ from typing import Any, Final
 from dirtylog.control.commands import CommandTable
 from dirtylog.control.errors import QmpError
 from dirtylog.control.json_stream import JsonValue
-from dirtylog.control.migration_info import Timing, incoming_info, outgoing_info, qmp_keys
+from dirtylog.control.migration_info import Timing, incoming_info, outgoing_info, qmp_keys, socket_address
 from dirtylog.control.protocol import Event
 from dirtylog.control.schema import Bool, Enum, Int, ListOf, Member, Str, Struct, Type, UInt
 from dirtylog.control.vm import EventSink, RunState, VmControl
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine
-from dirtylog.migration.destination import Listener, receive
+from dirtylog.migration import Listener, MigrationError, MigrationParameters, MigrationStatus, receive
+from dirtylog.migration.engine.source import SourceMigration
 from dirtylog.migration.keys import load_key
-from dirtylog.migration.precopy import MigrationError, PrecopyPolicy
-from dirtylog.migration.source import MigrationOptions, SourceMigration
-from dirtylog.migration.transport import parse_address
+from dirtylog.migration.policy.parameters import MAX_STREAMS
+from dirtylog.migration.transports import parse_endpoint
 from dirtylog.units import PAGE_SIZE
 
 Spawn = Callable[[Callable[[], None], str], None]
 
 MIGRATION_ACTIVE: Final = "There's a migration process in progress"  # QEMU's QERR_MIGRATION_ACTIVE
 MAX_DOWNTIME_MS: Final = 2_000_000  # QEMU's MAX_MIGRATE_DOWNTIME (2000 s)
-MAX_STREAMS: Final = 64
 
 # --- parameters ---------------------------------------------------------------------------------------
 
@@ -146,7 +143,7 @@ def check_parameters(current: dict[str, Any], changes: dict[str, Any]) -> dict[s
     in_range("cpu-throttle-increment", 1, 99)
     in_range("max-cpu-throttle", 1, 99)
     in_range("downtime-limit", 1, MAX_DOWNTIME_MS, " milliseconds (dirtylog needs a positive limit)")
-    in_range("multifd-channels", 1, MAX_STREAMS, " (dirtylog opens at most 64 streams)")
+    in_range("multifd-channels", 1, MAX_STREAMS, f" (dirtylog opens at most {MAX_STREAMS} streams)")
     if "vcpu-dirty-limit" in changes and new["vcpu-dirty-limit"] < 1:
         raise QmpError("Parameter 'vcpu-dirty-limit' must be at least 1 MB/s")
     if new["cpu-throttle-initial"] > new["max-cpu-throttle"]:
@@ -202,21 +199,24 @@ MIGRATE_INCOMING_ARGUMENTS: Final = Struct("migrate-incoming", (
 QUERY_ROUNDS_ARGUMENTS: Final = Struct("x-dirtylog-query-migrate-rounds", (Member("since", Int(), True),))
 
 
-def tcp_address(uri: str | None, channels: object) -> str:
-    """``tcp:HOST:PORT`` as the engine's ``HOST:PORT``; QmpError for anything else."""
+def migration_address(uri: str | None, channels: object) -> str:
+    """A migration ``uri`` as the engine's address: ``tcp:HOST:PORT``, ``unix:PATH`` or ``file:PATH``, as QEMU
+    spells them; QmpError for anything else."""
     if channels is not None:
-        raise QmpError("dirtylog takes the migration address as 'uri' (tcp:HOST:PORT); 'channels' is not supported")
+        raise QmpError("dirtylog takes the migration address as 'uri'; 'channels' is not supported")
     if uri is None:
         raise QmpError("need either 'uri' or 'channels' argument")
-    if not uri.startswith("tcp:"):
-        raise QmpError(f"Parameter 'uri' expects a valid migration protocol (dirtylog supports tcp:HOST:PORT, got "
-                       f"{uri!r})")
-    address = uri[4:]
+    scheme = uri.partition(":")[0]
+    if scheme not in ("tcp", "unix", "file"):
+        raise QmpError(f"Parameter 'uri' expects a valid migration protocol (dirtylog supports tcp:HOST:PORT, "
+                       f"unix:PATH and file:PATH; got {uri!r})")
+    if scheme == "file" and "," in uri:
+        raise QmpError("file: migration takes no options here (no offset=): write file:PATH")
     try:
-        parse_address(address)
+        parse_endpoint(uri)
     except MigrationError as error:
-        raise QmpError(f"Parameter 'uri' expects tcp:HOST:PORT: {error}") from None
-    return address
+        raise QmpError(f"Parameter 'uri' expects a valid migration address: {error}") from None
+    return uri
 
 
 @dataclass
@@ -248,8 +248,7 @@ class _Outgoing(_Job):
 @dataclass
 class _Incoming(_Job):
     listener: Listener | None = None
-    host: str = ""
-    port: int = 0
+    socket_address: list[dict[str, str]] = field(default_factory=list)
     exit_on_error: bool = True
 
 
@@ -351,7 +350,7 @@ class MigrationControl:
                 raise QmpError(MIGRATION_ACTIVE)
             if args.get("resume"):
                 raise QmpError("Cannot resume if there is no paused migration")
-            to = tcp_address(args.get("uri"), args.get("channels"))
+            to = migration_address(args.get("uri"), args.get("channels"))
             if self.vm.state is RunState.POSTMIGRATE:
                 raise QmpError("Can't migrate the vm that was paused due to previous migration")
             machine = self.vm.machine
@@ -376,7 +375,9 @@ class MigrationControl:
             raise QmpError("migrate needs dirtylog's pre-shared key: start with --key-file FILE, or run "
                            "migrate-set-parameters x-dirtylog-key-file=FILE (create one with `dirtylog keygen FILE` "
                            "and copy it to the destination)")
-        policy = PrecopyPolicy(
+        multifd = caps["multifd"]
+        compression = {"none": "none", "zstd": "zstd", "x-dirtylog-lz4": "lz4"}[p["multifd-compression"]]
+        params = MigrationParameters(
             downtime_limit=p["downtime-limit"] / 1e3,
             bandwidth=float(p["max-bandwidth"]) or None,
             auto_converge=caps["auto-converge"],
@@ -384,14 +385,13 @@ class MigrationControl:
             throttle_increment=p["cpu-throttle-increment"] / 100,
             throttle_max=p["max-cpu-throttle"] / 100,
             throttle_trigger=p["throttle-trigger-threshold"] / 100,
-            dirty_limit=p["vcpu-dirty-limit"] * (1 << 20) / PAGE_SIZE if caps["dirty-limit"] else None)
-        multifd = caps["multifd"]
-        compression = {"none": "none", "zstd": "zstd", "x-dirtylog-lz4": "lz4"}[p["multifd-compression"]]
-        options = MigrationOptions(streams=p["multifd-channels"] if multifd else 1,
-                                   zero_pages=p["zero-page-detection"] != "none",
-                                   compression=compression if multifd else "none",  # type: ignore[arg-type]
-                                   mode=p["x-dirtylog-mode"], io_timeout=self.io_timeout)
-        return SourceMigration(machine, to, load_key(p["x-dirtylog-key-file"]), policy, options,
+            dirty_limit=p["vcpu-dirty-limit"] * (1 << 20) / PAGE_SIZE if caps["dirty-limit"] else None,
+            streams=p["multifd-channels"] if multifd else 1,
+            zero_pages=p["zero-page-detection"] != "none",
+            compression=compression if multifd else "none",  # type: ignore[arg-type]
+            mode=p["x-dirtylog-mode"],
+            io_timeout=self.io_timeout)
+        return SourceMigration(machine, to, load_key(p["x-dirtylog-key-file"]), params,
                                lambda kind, record: self._outgoing_progress(job, kind, record))
 
     def _outgoing_progress(self, job: _Outgoing, kind: str, record: dict[str, Any]) -> None:
@@ -416,7 +416,7 @@ class MigrationControl:
         try:
             job.migration.run()
         except MigrationError as failure:
-            status = "cancelled" if job.migration.stats.status == "cancelled" else "failed"
+            status = "cancelled" if job.migration.stats.status is MigrationStatus.CANCELLED else "failed"
             error = str(failure)
         except Exception as failure:  # a bug must still end the job, visibly
             status, error = "failed", f"{type(failure).__name__}: {failure}"
@@ -428,10 +428,11 @@ class MigrationControl:
             job.ended = time.perf_counter()
             job.status, job.error = status, error
             self.vm.busy = ""
-            if status == "completed" or machine.handed_off_to:
+            if machine.state is State.RUNNING:
+                if self.vm.state is RunState.FINISH_MIGRATE:  # the switch-over paused it, the failure resumed it
+                    self.vm.transition(RunState.RUNNING, "RESUME")
+            else:  # migrated (handed off, or written to a file), or left paused after the commit
                 self.vm.transition(RunState.POSTMIGRATE)
-            elif self.vm.state is RunState.FINISH_MIGRATE and machine.state is State.RUNNING:
-                self.vm.transition(RunState.RUNNING, "RESUME")
             self._status_event(status)
 
     def migrate_cancel(self, args: dict[str, Any]) -> JsonValue:
@@ -454,16 +455,16 @@ class MigrationControl:
             if not self.accepts_incoming or self.vm.state is not RunState.INMIGRATE:
                 raise QmpError("'-incoming' was not specified on the command line (start the destination with "
                                "`dirtylog receive --qmp ...`)")
-            address = tcp_address(args.get("uri"), args.get("channels"))
+            address = migration_address(args.get("uri"), args.get("channels"))
             key_file = self.parameters["x-dirtylog-key-file"]
             if not key_file:
                 raise QmpError("migrate-incoming needs dirtylog's pre-shared key: start with --key-file FILE, or run "
                                "migrate-set-parameters x-dirtylog-key-file=FILE first")
             try:
-                listener = Listener(address)
+                listener = Listener(address, memory=self.incoming_memory)
             except DirtylogError as error:
                 raise QmpError(str(error)) from None
-            job = _Incoming(listener=listener, host=listener.address[0], port=listener.port,
+            job = _Incoming(listener=listener, socket_address=socket_address(parse_endpoint(listener.address)),
                             exit_on_error=args.get("exit-on-error", True))
             self.incoming = job
             self._status_event("setup")
@@ -482,8 +483,7 @@ class MigrationControl:
                 job.rounds.append(qmp_keys(record))
 
         try:
-            received = receive(job.listener, key_file=key_file, memory=self.incoming_memory,
-                               io_timeout=self.io_timeout, progress=progress)
+            received = receive(job.listener, key_file=key_file, io_timeout=self.io_timeout, progress=progress)
         except MigrationError as failure:
             with self._lock:
                 job.ended = time.perf_counter()
@@ -517,7 +517,7 @@ class MigrationControl:
                                      downtime_limit=outgoing.downtime_limit, multifd=outgoing.multifd,
                                      error=outgoing.error)
             if incoming is not None:
-                return incoming_info(incoming.status, incoming.host, incoming.port, incoming.error)
+                return incoming_info(incoming.status, incoming.socket_address, incoming.error)
             return {}
 
     def query_rounds(self, args: dict[str, Any]) -> JsonValue:
@@ -544,7 +544,4 @@ class MigrationControl:
             if outgoing.thread is not None:
                 outgoing.thread.join(timeout)
         if incoming is not None and incoming.running and incoming.listener is not None:
-            # shutdown() wakes an accept() blocked in another thread; close() alone would not (Linux).
-            with contextlib.suppress(OSError):
-                incoming.listener.sock.shutdown(socket.SHUT_RDWR)
-            incoming.listener.close()
+            incoming.listener.close()  # the destination polls its listener: it gives up within 50 ms

@@ -1,6 +1,6 @@
 """``query-migrate`` answers built from dirtylog's statistics: pure functions, QEMU's ``MigrationInfo``.
 
-The engine's :class:`~dirtylog.migration.stats.MigrationStats` already follows QEMU's vocabulary; here it
+The engine's :class:`~dirtylog.migration.MigrationStats` already follows QEMU's vocabulary; here it
 is laid out as QEMU lays out ``MigrationInfo`` (``qapi/migration.json``), member by member, with QEMU's
 rules for which members appear when: ``ram`` while active or completed, ``expected-downtime`` while
 active, ``downtime`` once completed, ``error-desc`` once failed, ``cpu-throttle-percentage`` while
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dirtylog.migration.stats import MigrationStats
+from dirtylog.migration import MigrationStats
+from dirtylog.migration.transports import Endpoint
 
 ACTIVE_STATES = frozenset({"setup", "active", "cancelling"})
 RAM_STATES = frozenset({"active", "cancelling", "completed"})
@@ -85,10 +86,20 @@ def outgoing_info(status: str, stats: MigrationStats, timing: Timing, *, downtim
     return info
 
 
-def incoming_info(status: str, host: str, port: int, error: str = "") -> dict[str, Any]:
+def socket_address(endpoint: Endpoint) -> list[dict[str, str]]:
+    """QEMU's SocketAddress list for where a destination listens (none for a file)."""
+    if endpoint.scheme == "tcp":
+        return [{"type": "inet", "host": endpoint.host, "port": str(endpoint.port)}]
+    if endpoint.scheme == "unix":
+        return [{"type": "unix", "path": endpoint.path}]
+    return []
+
+
+def incoming_info(status: str, address: list[dict[str, str]], error: str = "") -> dict[str, Any]:
     """The destination side's MigrationInfo: QEMU reports the state and where it listens, not the RAM."""
-    info: dict[str, Any] = {"status": status,
-                            "socket-address": [{"type": "inet", "host": host, "port": str(port)}]}
+    info: dict[str, Any] = {"status": status}
+    if address:
+        info["socket-address"] = address
     if status == "failed" and error:
         info["error-desc"] = error
     return info

@@ -23,7 +23,7 @@ from dirtylog.control.migration import MigrationControl
 from dirtylog.control.protocol import Event
 from dirtylog.control.server import QmpServer
 from dirtylog.control.vm import ShutdownCause, VmControl, version_info
-from dirtylog.guest import machine as guest
+from dirtylog.guest.vcpus import install_kick_handler
 from dirtylog.machine import Machine
 
 
@@ -36,7 +36,7 @@ class Monitor:
         if incoming and threading.current_thread() is threading.main_thread():
             # The incoming VM is built on the incoming thread; vCPU kicks need their signal handler, which
             # only the main thread may install (a Machine built here would do it too).
-            guest._install_kick_handler()
+            install_kick_handler()
         self.table = CommandTable()
         self.dispatcher = Dispatcher(self.table)
         self.server = QmpServer(address, self.dispatcher, version_info(), max_message_bytes=max_message_bytes)

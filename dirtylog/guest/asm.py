@@ -22,6 +22,8 @@ from iced_x86 import (
     Register,
 )
 
+from dirtylog.errors import DirtylogError
+
 if TYPE_CHECKING:
     from iced_x86._iced_x86_py import Code as CodeId
     from iced_x86._iced_x86_py import Register as Reg
@@ -39,8 +41,8 @@ EAX, R11D, DX, AL = Register.EAX, Register.R11D, Register.DX, Register.AL
 _LABEL_BASE = 0x7FFF_0000_0000
 
 
-class AsmError(ValueError):
-    """An instruction form the assembler does not support, or a label problem."""
+class AsmError(DirtylogError, ValueError):
+    """An instruction form the assembler does not support, a label problem, or a program that cannot be built."""
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,25 @@
-"""A runnable machine: guest RAM, a workload program, and one host thread per vCPU in ``KVM_RUN``.
+"""A runnable machine: guest RAM, a workload program, its vCPUs, and its lifecycle.
 
-Pausing is the subtle part. The host asks a vCPU to leave the guest by setting ``immediate_exit`` in its
-``kvm_run`` page and sending its thread a signal: a thread inside ``KVM_RUN`` returns with EINTR, a thread
-about to enter returns at once because of ``immediate_exit``, so no kick is lost whatever the timing.
-Before parking, the thread runs ``KVM_RUN`` once more with ``immediate_exit`` set, which completes any
-half-done ``out`` (the API document's rule for consistent register state), then saves its registers.
+The machine loads the guest (page tables, program, control blocks), answers the guest's calls to the host
+(``out`` to a port), saves and loads vCPU state, and moves through its states::
+
+    CREATED --start()--> RUNNING <--pause()/resume()--> PAUSED --hand_off()--> HANDED_OFF
+        any state --stop()--> STOPPED
+
+HANDED_OFF is a paused machine whose VM now runs elsewhere (a migration committed): it can only be
+stopped, never resumed, so the VM never runs twice. The threads that run the vCPUs, and the protocol that
+pauses and throttles them, are :mod:`dirtylog.guest.vcpus`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import enum
-import signal
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -28,6 +30,7 @@ from dirtylog.errors import DirtylogError
 from dirtylog.guest.asm import disassemble
 from dirtylog.guest.memory import GuestMemory
 from dirtylog.guest.programs import ControlBlock, GuestProgram, Port, build_program
+from dirtylog.guest.vcpus import VcpuThreads, install_kick_handler
 from dirtylog.guest.x86 import (
     CODE_ADDR,
     MAX_VCPUS,
@@ -42,18 +45,15 @@ from dirtylog.guest.x86 import (
 )
 from dirtylog.kvm import abi
 from dirtylog.kvm.errors import VcpuError
-from dirtylog.kvm.exits import DirtyRingFull, Interrupted, IoOut, VcpuExit
+from dirtylog.kvm.exits import DirtyRingFull, IoOut, VcpuExit
 from dirtylog.kvm.system import Kvm, Vm
 from dirtylog.kvm.vcpu import Vcpu
 from dirtylog.units import PAGE_SIZE, parse_size
 from dirtylog.workload import WorkloadName, WorkloadSpec
 
-KICK_SIGNAL = signal.SIGUSR1
-PAUSE_TIMEOUT = 5.0  # seconds a pause may take before the machine reports a stuck vCPU
 SLEEP_THRESHOLD_SECONDS = 0.001  # a rate-limited guest further ahead than this sleeps in the host
 MAX_LAG_SECONDS = 0.05  # a guest further behind than this restarts its schedule instead of bursting
 DEFAULT_RING_ENTRIES = 65536  # 1 MiB per vCPU: the host maximum here (QEMU defaults to 4096)
-THROTTLE_TIMESLICE = 0.01  # seconds of guest time between throttle sleeps, as QEMU's CPU_THROTTLE_TIMESLICE
 _REGS_FORMAT = "<18Q"
 
 
@@ -90,36 +90,8 @@ class State(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
     PAUSED = "paused"
+    HANDED_OFF = "handed-off"  # paused for good: a migration gave the VM to its destination
     STOPPED = "stopped"
-
-
-class _Request(enum.Enum):
-    RUN = 0
-    PAUSE = 1
-    STOP = 2
-
-
-@dataclass
-class _VcpuThread:
-    vcpu: Vcpu
-    thread: threading.Thread | None = None
-    ident: int = 0
-    parked: bool = False
-    regs: abi.kvm_regs | None = None
-    wake: threading.Event = field(default_factory=threading.Event)
-    delay: float = 0.0  # seconds to spend outside the guest at the next chance (throttling)
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-def _install_kick_handler() -> None:
-    """Make the kick signal interrupt ``KVM_RUN`` (EINTR) instead of killing the process."""
-    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
-        return
-    if threading.current_thread() is not threading.main_thread():
-        raise MachineError(
-            f"create the first Machine from the main thread: it installs a {KICK_SIGNAL.name} handler "
-            "to kick vCPUs out of KVM_RUN, and only the main thread may install signal handlers")
-    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
 class Machine:
@@ -156,19 +128,17 @@ class Machine:
         check_memory_size(size)
         if not 1 <= vcpus <= MAX_VCPUS:
             raise MachineError(f"vcpus must be between 1 and {MAX_VCPUS}, got {vcpus}")
-        _install_kick_handler()
+        install_kick_handler()
+        self.blank = blank
         self.state = State.CREATED
         self.crash: GuestCrash | None = None
         self.on_dirty_ring_full: Callable[[int], None] | None = None
         self.on_iteration: Callable[[int, int], None] | None = None
         self.tracker: object | None = None
-        self.handed_off_to = ""  # set by a migration once the destination owns the VM
-        self.throttle = 0.0
-        self._throttle_thread: threading.Thread | None = None
+        self.handed_off_to = ""  # where the VM runs now, once HANDED_OFF
         self.kvm = Kvm(kvm_device)
         try:
-            if vcpus > self.kvm.max_vcpus:
-                raise MachineError(f"this KVM allows {self.kvm.max_vcpus} vCPUs per VM; asked for {vcpus}")
+            self._check_vcpus(vcpus)
             self.vm: Vm = self.kvm.create_vm()
             self.ram = GuestMemory(size, slots)
             if prefault:
@@ -190,11 +160,16 @@ class Machine:
         except BaseException:
             self.close()
             raise
-        self._threads: list[_VcpuThread] = []
-        self._request = _Request.RUN
-        self._control = threading.Condition()
+        self._runner: VcpuThreads | None = None  # made with the vCPUs
+        self._states_loaded = False
+        self._crash_lock = threading.Lock()
         self._transition = threading.Lock()
         self.done_at: dict[int, float] = {}
+
+    def _check_vcpus(self, vcpus: int) -> None:
+        if not 1 <= vcpus <= min(MAX_VCPUS, self.kvm.max_vcpus):
+            raise MachineError(f"vcpus must be between 1 and {min(MAX_VCPUS, self.kvm.max_vcpus)} (this layout's and "
+                               f"this KVM's limit), got {vcpus}")
 
     # --- what the guest sees -----------------------------------------------------------------------
 
@@ -227,6 +202,17 @@ class Machine:
         for offset, value in fields.items():
             block[offset // 8] = value
         return block
+
+    def assume_workload(self, workload: WorkloadName, vcpus: int, rate: int | None = None, *, hot_fraction: float = 0.1,
+                        hot_weight: float = 0.9, writes_per_iteration: int = 0) -> None:
+        """Take on the workload a blank machine's memory will hold, and its vCPU count: for a VM prepared before
+        it was known what would arrive (a migration destination). Only before the vCPUs exist."""
+        if not self.blank or self.state is not State.CREATED or self._runner is not None:
+            raise MachineError("only a new blank machine without vCPUs can take on a workload")
+        self._check_vcpus(vcpus)
+        self.spec = WorkloadSpec(workload, self.spec.first_page, self.spec.npages, vcpus, rate, hot_fraction,
+                                 hot_weight, writes_per_iteration)
+        self.program = build_program(workload)
 
     def set_control(self, vcpu: int, offset: ControlBlock, value: int) -> None:
         """Set a control-block field of ``vcpu`` (before start, or for fields the guest rereads)."""
@@ -283,7 +269,12 @@ class Machine:
     @property
     def vcpus(self) -> list[Vcpu]:
         """The vCPUs (created by :meth:`start`)."""
-        return [entry.vcpu for entry in self._threads]
+        return self._runner.vcpus if self._runner is not None else []
+
+    @property
+    def throttle(self) -> float:
+        """Fraction of the time every vCPU is held outside the guest (:meth:`set_throttle`)."""
+        return self._runner.throttle if self._runner is not None else 0.0
 
     def enable_dirty_ring(self, entries: int | None = None) -> None:
         """Give each vCPU a dirty ring of ``entries`` entries (default: the largest the host allows, up
@@ -300,18 +291,20 @@ class Machine:
         """Create and set up the vCPUs without running them (``start()`` does it if not done yet).
 
         A migration destination calls this early, so the switch-over only loads registers."""
-        if self._threads:
+        if self._runner is not None:
             return
         if self.state is not State.CREATED:
             raise MachineError(f"vCPUs are created before start(); this machine is {self.state.value}")
         cpuid = self.kvm.supported_cpuid()
+        vcpus: list[Vcpu] = []
         for index in range(self.spec.vcpus):
             vcpu = self.vm.create_vcpu(index)
             vcpu.set_cpuid(cpuid)
             vcpu.set_sregs(long_mode_sregs(vcpu.get_sregs()))
             vcpu.set_regs(entry_regs(control_block_addr(index), index))
-            self._threads.append(_VcpuThread(vcpu))
-        self.tsc_hz = self._threads[0].vcpu.tsc_khz * 1000
+            vcpus.append(vcpu)
+        self._runner = VcpuThreads(vcpus, self._handle_exit, self._record_crash, lambda: self.crash is not None)
+        self.tsc_hz = vcpus[0].tsc_khz * 1000
 
     def _write_timing(self) -> None:
         """Control-block fields in TSC ticks, now that the vCPUs' TSC frequency is known."""
@@ -320,26 +313,36 @@ class Machine:
             for offset in (ControlBlock.TICKS_PER_PAGE, ControlBlock.SLEEP_THRESHOLD, ControlBlock.MAX_LAG):
                 self.set_control(index, offset, int(block[offset // 8]))
 
+    def load_vcpu_states(self, vcpu_states: list[bytes]) -> None:
+        """Create the vCPUs of a new machine and load ``vcpu_states`` (from :meth:`vcpu_state` of a paused
+        machine) into them, so that :meth:`start` continues where that machine stopped. KVM checks each state
+        here: a migration destination loads them before it accepts the VM."""
+        with self._transition:
+            self._load_states(vcpu_states)
+
+    def _load_states(self, vcpu_states: list[bytes]) -> None:
+        if self.state is not State.CREATED:
+            raise MachineError(f"vCPU states are loaded into a new machine; this one is {self.state.value}")
+        if len(vcpu_states) != self.spec.vcpus:
+            raise MachineError(f"{len(vcpu_states)} vCPU states given for {self.spec.vcpus} vCPUs")
+        self.create_vcpus()
+        # A migrated guest continues: its registers, TSC and control blocks come from the source.
+        for index, state in enumerate(vcpu_states):
+            self.load_vcpu_state(index, state)
+        self._states_loaded = True
+
     def start(self, vcpu_states: list[bytes] | None = None) -> None:
-        """Create the vCPUs and run the guest, one host thread per vCPU; with ``vcpu_states`` (from
-        :meth:`vcpu_state` of a paused machine) the vCPUs continue where that machine stopped."""
+        """Create the vCPUs and run the guest, one host thread per vCPU; with ``vcpu_states`` (or after
+        :meth:`load_vcpu_states`) the vCPUs continue where a paused machine stopped."""
         with self._transition:
             if self.state is not State.CREATED:
                 raise MachineError(f"start() needs a new machine; this one is {self.state.value}")
-            if vcpu_states is not None and len(vcpu_states) != self.spec.vcpus:
-                raise MachineError(f"{len(vcpu_states)} vCPU states given for {self.spec.vcpus} vCPUs")
+            if vcpu_states is not None:
+                self._load_states(vcpu_states)
             self.create_vcpus()
-            if vcpu_states is None:
+            if not self._states_loaded:
                 self._write_timing()
-            else:
-                # A migrated guest continues: its registers, TSC and control blocks come from the source.
-                for index, state in enumerate(vcpu_states):
-                    self.load_vcpu_state(index, state)
-            self._request = _Request.RUN
-            for index, entry in enumerate(self._threads):
-                entry.thread = threading.Thread(target=self._vcpu_loop, args=(index,), name=f"vcpu{index}",
-                                                daemon=True)
-                entry.thread.start()
+            self._threads().start()
             self.state = State.RUNNING
 
     def pause(self) -> None:
@@ -350,8 +353,7 @@ class Machine:
                 return
             if self.state is not State.RUNNING:
                 raise MachineError(f"pause() needs a running machine; this one is {self.state.value}")
-            self._request_all(_Request.PAUSE)
-            self._wait_until(lambda: all(t.parked or t.done.is_set() for t in self._threads), "pause")
+            self._threads().pause()
             self._raise_if_crashed()
             self.state = State.PAUSED
 
@@ -361,27 +363,27 @@ class Machine:
             self._raise_if_crashed()
             if self.state is State.RUNNING:
                 return
-            if self.handed_off_to:
+            if self.state is State.HANDED_OFF:
                 raise MachineError(f"this machine was migrated to {self.handed_off_to}, which runs it now; "
                                    "resuming the old copy would run the VM twice")
             if self.state is not State.PAUSED:
                 raise MachineError(f"resume() needs a paused machine; this one is {self.state.value}")
-            with self._control:
-                self._request = _Request.RUN
-                self._control.notify_all()
-            # Wait until every thread has cleared immediate_exit, so a pause right after cannot
-            # have its kick cleared by a thread still on its way out of the parked state.
-            self._wait_until(lambda: not any(t.parked for t in self._threads), "resume")
+            self._threads().resume()
             self.state = State.RUNNING
+
+    def hand_off(self, to: str) -> None:
+        """Mark a paused machine as migrated to ``to``: the VM runs there now, so this copy never resumes."""
+        with self._transition:
+            if self.state is not State.PAUSED:
+                raise MachineError(f"only a paused machine can be handed off; this one is {self.state.value}")
+            self.handed_off_to = to
+            self.state = State.HANDED_OFF
 
     def stop(self) -> None:
         """Stop the guest and free the vCPUs, the VM and guest memory."""
         with self._transition:
-            if self.state in (State.RUNNING, State.PAUSED):
-                self._request_all(_Request.STOP)
-                for entry in self._threads:
-                    if entry.thread is not None:
-                        entry.thread.join(PAUSE_TIMEOUT)
+            if self.state in (State.RUNNING, State.PAUSED, State.HANDED_OFF):
+                self._threads().stop()
             self.state = State.STOPPED
         self.close()
 
@@ -409,7 +411,7 @@ class Machine:
 
     def saved_regs(self, vcpu: int) -> abi.kvm_regs:
         """Registers of a paused vCPU, as saved when it parked."""
-        regs = self._threads[vcpu].regs
+        regs = self._threads().saved_regs(vcpu)
         if self.state is not State.PAUSED or regs is None:
             raise MachineError("registers are saved only while the machine is paused")
         return regs
@@ -417,7 +419,7 @@ class Machine:
     def vcpu_state(self, vcpu: int) -> bytes:
         """A paused vCPU's architectural state (registers, segment registers, TSC) as bytes."""
         regs = self.saved_regs(vcpu)
-        target = self._threads[vcpu].vcpu
+        target = self.vcpus[vcpu]
         sregs = target.get_sregs()
         tsc = target.get_msrs([abi.MSR_IA32_TSC])[abi.MSR_IA32_TSC]
         return bytes(regs) + bytes(sregs) + struct.pack("<Q", tsc)
@@ -427,138 +429,49 @@ class Machine:
         regs_size, sregs_size = struct.calcsize(_REGS_FORMAT), len(bytes(abi.kvm_sregs()))
         if len(state) != regs_size + sregs_size + 8:
             raise VcpuError(f"vCPU state of {len(state)} bytes is not the {regs_size + sregs_size + 8} expected")
-        target = self._threads[vcpu].vcpu
+        target = self._threads().vcpus[vcpu]
         regs = abi.kvm_regs.from_buffer_copy(state[:regs_size])
         sregs = abi.kvm_sregs.from_buffer_copy(state[regs_size:regs_size + sregs_size])
         (tsc,) = struct.unpack("<Q", state[regs_size + sregs_size:])
         target.set_sregs(sregs)
         target.set_regs(regs)
         target.set_msrs({abi.MSR_IA32_TSC: tsc})
-        self._threads[vcpu].regs = regs
+        self._threads().set_saved_regs(vcpu, regs)
 
-    # --- the vCPU threads --------------------------------------------------------------------------
+    # --- running the vCPUs -------------------------------------------------------------------------
 
-    def _request_all(self, request: _Request) -> None:
-        with self._control:
-            self._request = request
-            self._control.notify_all()
-        for entry in self._threads:
-            self._kick(entry)
-
-    def _kick(self, entry: _VcpuThread, wake: bool = True) -> None:
-        entry.vcpu.immediate_exit = True
-        if wake:
-            entry.wake.set()
-        if entry.ident and not entry.done.is_set():
-            # The thread may end between the check and the kill.
-            with contextlib.suppress(ProcessLookupError):
-                signal.pthread_kill(entry.ident, KICK_SIGNAL)
-
-    def _wait_until(self, condition: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + PAUSE_TIMEOUT
-        while True:
-            with self._control:
-                if self._control.wait_for(condition, timeout=0.05):
-                    return
-            if self.crash is not None or time.monotonic() > deadline:
-                break
-            if what == "pause":  # a thread may have been between its check and KVM_RUN: kick again
-                for entry in self._threads:
-                    if not entry.parked:
-                        self._kick(entry)
-        self._raise_if_crashed()
-        stuck = [i for i, t in enumerate(self._threads) if (not t.parked) == (what == "pause")]
-        raise MachineError(f"{what}() timed out after {PAUSE_TIMEOUT} s waiting for vCPU(s) {stuck}")
-
-    def _vcpu_loop(self, index: int) -> None:
-        entry = self._threads[index]
-        entry.ident = threading.get_ident()
-        vcpu = entry.vcpu
-        try:
-            while True:
-                if self._request is not _Request.RUN:
-                    if not self._park(entry):
-                        return
-                    continue
-                exit_ = vcpu.run()
-                if isinstance(exit_, Interrupted):
-                    # Clear before the loop rechecks the request: a pause that raced with this kick set
-                    # its request first and immediate_exit second, so one of the two is still seen.
-                    vcpu.immediate_exit = False
-                    self._serve_delay(entry)
-                elif not self._handle_exit(index, entry, exit_):
-                    return
-        except Exception as error:  # a failure in a vCPU thread must reach the user, not vanish
-            self._record_crash(index, f"host error: {error}")
-        finally:
-            entry.done.set()
-            with self._control:
-                self._control.notify_all()
+    def _threads(self) -> VcpuThreads:
+        if self._runner is None:
+            raise MachineError("this machine has no vCPUs yet: start() creates them")
+        return self._runner
 
     def delay_vcpu(self, vcpu: int, seconds: float) -> None:
         """Hold ``vcpu`` outside the guest for ``seconds`` at its next chance (throttling); a pause
         or stop cuts the delay short."""
-        entry = self._threads[vcpu]
-        with self._control:
-            entry.delay += seconds
-        self._kick(entry, wake=False)
+        self._threads().delay(vcpu, seconds)
 
     def set_throttle(self, fraction: float) -> None:
         """Keep every vCPU out of the guest ``fraction`` of the time (QEMU's cpu-throttle: every 10 ms
         timeslice each vCPU sleeps ``fraction / (1 - fraction)`` timeslices); 0 stops throttling."""
         if not 0 <= fraction < 1:
             raise MachineError(f"throttle fraction must be in [0, 1), got {fraction}")
-        self.throttle = fraction
-        if fraction and (self._throttle_thread is None or not self._throttle_thread.is_alive()):
-            self._throttle_thread = threading.Thread(target=self._throttle_loop, name="throttle", daemon=True)
-            self._throttle_thread.start()
+        self._threads().set_throttle(fraction)
 
-    def _throttle_loop(self) -> None:
-        while self.throttle and self.state is State.RUNNING:
-            sleep = THROTTLE_TIMESLICE * self.throttle / (1 - self.throttle)
-            for index in range(len(self._threads)):
-                self.delay_vcpu(index, sleep)
-            time.sleep(THROTTLE_TIMESLICE + sleep)
-
-    def _serve_delay(self, entry: _VcpuThread) -> None:
-        with self._control:
-            delay, entry.delay = entry.delay, 0.0
-        if delay > 0 and self._request is _Request.RUN:
-            entry.wake.wait(delay)
-
-    def _park(self, entry: _VcpuThread) -> bool:
-        """Leave the guest consistently and wait; False when the machine is stopping."""
-        vcpu = entry.vcpu
-        vcpu.immediate_exit = True
-        vcpu.run()  # completes a pending `out`; returns at once because of immediate_exit
-        entry.regs = vcpu.get_regs()
-        with self._control:
-            entry.parked = True
-            self._control.notify_all()
-            self._control.wait_for(lambda: self._request is not _Request.PAUSE)
-            if self._request is _Request.STOP:
-                return False
-            vcpu.immediate_exit = False
-            entry.wake.clear()
-            entry.parked = False
-            self._control.notify_all()
-        return True
-
-    def _handle_exit(self, index: int, entry: _VcpuThread, exit_: VcpuExit) -> bool:
-        """React to a guest exit; False when the vCPU must end (crash)."""
+    def _handle_exit(self, index: int, exit_: VcpuExit) -> bool:
+        """React to a guest exit, on the vCPU's thread; False when the vCPU must end (crash)."""
         if isinstance(exit_, IoOut):
             if exit_.port == Port.ITERATION:
                 if self.on_iteration is not None:
                     self.on_iteration(index, self.control(index, ControlBlock.ITERATION))
                 return True
             if exit_.port == Port.SLEEP:
-                ticks = entry.vcpu.get_regs().rcx
-                entry.wake.wait(min(ticks / self.tsc_hz, 0.05))
+                ticks = self.vcpus[index].get_regs().rcx
+                self._threads().sleep(index, min(ticks / self.tsc_hz, 0.05))
                 return True
             if exit_.port in (Port.IDLE, Port.DONE):
                 if exit_.port == Port.DONE:
                     self.done_at[index] = time.perf_counter()
-                entry.wake.wait(0.5)
+                self._threads().sleep(index, 0.5)
                 return True
         if isinstance(exit_, DirtyRingFull):
             if self.on_dirty_ring_full is None:
@@ -571,7 +484,7 @@ class Machine:
         return False
 
     def _record_crash(self, index: int, what: str) -> None:
-        vcpu = self._threads[index].vcpu
+        vcpu = self.vcpus[index]
         try:
             regs = vcpu.get_regs()
             registers = {field[0]: getattr(regs, field[0]) for field in abi.kvm_regs._fields_}
@@ -582,10 +495,10 @@ class Machine:
         code: tuple[str, ...] = ()
         if 0 <= rip < self.ram.size - 16:
             code = tuple(disassemble(self.ram.bytes[rip:rip + 32].tobytes(), rip, count=3))
-        with self._control:
+        with self._crash_lock:
             if self.crash is None:
                 self.crash = GuestCrash(index, what, registers, cr2, code)
-            self._control.notify_all()
+        self._threads().notify()
 
     def _raise_if_crashed(self) -> None:
         if self.crash is not None:

@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import errno
 import mmap
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,28 +19,12 @@ import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.kvm.errors import GuestMemoryError
-from dirtylog.kvm.system import MemorySlot, Vm
+from dirtylog.kvm.memslot import MemorySlot, SlotLayout
+from dirtylog.kvm.system import Vm
 from dirtylog.units import PAGE_SIZE, format_size
 
 SLOT_ALIGNMENT = 64 * PAGE_SIZE  # one dirty-bitmap word per 64 pages
 MADV_POPULATE_WRITE = 23  # Linux 5.14; not yet in Python 3.11's mmap module
-
-
-@dataclass(frozen=True)
-class SlotLayout:
-    """Where a slot sits in guest-physical memory."""
-
-    slot: int
-    guest_phys_addr: int
-    memory_size: int
-
-    @property
-    def base_gfn(self) -> int:
-        return self.guest_phys_addr // PAGE_SIZE
-
-    @property
-    def npages(self) -> int:
-        return self.memory_size // PAGE_SIZE
 
 
 def plan_slots(memory_size: int, nslots: int) -> tuple[SlotLayout, ...]:

@@ -36,6 +36,7 @@ from dirtylog.guest.asm import (
     RCX,
     RDI,
     RDX,
+    AsmError,
     Assembler,
     Mem,
 )
@@ -81,7 +82,7 @@ class GuestProgram:
 
     def __post_init__(self) -> None:
         if len(self.code) > MAX_CODE_BYTES:
-            raise ValueError(f"program {self.name} is {len(self.code)} bytes; at most {MAX_CODE_BYTES} fit")
+            raise AsmError(f"program {self.name} is {len(self.code)} bytes; at most {MAX_CODE_BYTES} fit")
 
 
 def _prologue(a: Assembler) -> None:
@@ -244,7 +245,7 @@ def build_program(name: WorkloadName | str) -> GuestProgram:
     try:
         body = _BODIES[name]
     except KeyError:
-        raise ValueError(f"no guest program {name!r}; choose one of {', '.join(_BODIES)}") from None
+        raise AsmError(f"no guest program {name!r}; choose one of {', '.join(_BODIES)}") from None
     a = Assembler()
     if name in ("idle", "count"):
         a.mov(R15, RDI)

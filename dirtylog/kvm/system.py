@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -33,9 +33,10 @@ from dirtylog.kvm.errors import (
     describe_errno,
 )
 from dirtylog.kvm.ioctl import ioctl
+from dirtylog.kvm.memslot import MemorySlot
 from dirtylog.kvm.vcpu import Vcpu
+from dirtylog.units import PAGE_SIZE
 
-PAGE_SIZE = 4096
 DEFAULT_DEVICE = "/dev/kvm"
 _VENDOR_MODULES = {"kvm_pvm": "PVM", "kvm_intel": "VMX", "kvm_amd": "SVM"}
 
@@ -142,37 +143,6 @@ class Kvm:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-@dataclass(frozen=True)
-class MemorySlot:
-    """A KVM memory slot: guest-physical ``[guest_phys_addr, +memory_size)`` backed at ``userspace_addr``."""
-
-    slot: int
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    flags: int = 0
-
-    @property
-    def base_gfn(self) -> int:
-        """First guest page frame number of the slot."""
-        return self.guest_phys_addr // PAGE_SIZE
-
-    @property
-    def npages(self) -> int:
-        """Pages in the slot."""
-        return self.memory_size // PAGE_SIZE
-
-    @property
-    def logging(self) -> bool:
-        """Whether KVM logs writes to this slot (``KVM_MEM_LOG_DIRTY_PAGES``)."""
-        return bool(self.flags & abi.KVM_MEM_LOG_DIRTY_PAGES)
-
-    @property
-    def bitmap_bytes(self) -> int:
-        """Bytes of this slot's dirty bitmap as KVM copies it (``kvm_dirty_bitmap_bytes``: whole u64 words)."""
-        return (self.npages + 63) // 64 * 8
 
 
 class Vm:

@@ -14,8 +14,7 @@ from dirtylog.kvm import abi
 from dirtylog.kvm.errors import KvmCapabilityError, VcpuError, describe_errno
 from dirtylog.kvm.exits import Interrupted, VcpuExit, decode_exit
 from dirtylog.kvm.ioctl import ioctl
-
-PAGE_SIZE = 4096
+from dirtylog.units import PAGE_SIZE
 
 # One dirty-ring entry as NumPy sees it (struct kvm_dirty_gfn).
 DIRTY_GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])

@@ -1,46 +1,21 @@
-"""Errors of the migration stream: ours (Local) or the peer's (Remote), h11 style.
-
-Every error leaves the connection in the ERROR phase. Errors the connection raises carry ``reply``: the
-bytes that tell the peer why (an authenticated Abort frame, or a REJECT record during the handshake), so
-the transport can send them, best effort, before it closes the socket instead of leaving the peer with a
-bare EOF.
-"""
+"""The error of the migration tools: a migration that failed or was refused, said for the operator."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from dirtylog.errors import DirtylogError
 
 
-class ProtocolError(DirtylogError):
-    """The migration stream cannot go on; the message says what was wrong and what to do."""
+class MigrationError(DirtylogError):
+    """A migration failed or was cancelled. On the source side its message ends by saying what became of
+    the VM (it keeps running with its memory intact, unless the commit was sent); on the destination side,
+    that nothing was resumed there. ``stats`` holds what the source measured up to the failure, when there
+    was a source engine to measure it (a ``MigrationStats``; typed loosely so this bottom module imports
+    nothing above it)."""
 
-    #: Buffers to send the peer before closing (possibly empty); set by the connection.
-    reply: tuple[bytes, ...] = ()
-
-
-class LocalProtocolError(ProtocolError):
-    """We tried something the protocol forbids in our current phase, or an event we built is invalid."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent bytes that are corrupt, unexpected in this phase, or invalid."""
+    stats: Any = None
 
 
-class AuthenticationError(RemoteProtocolError):
-    """The peer does not hold our key, or a frame's MAC does not verify (corrupted or tampered with)."""
-
-
-class ReplayError(RemoteProtocolError):
-    """An authentic frame arrived out of sequence: replayed, dropped or reordered."""
-
-
-class VersionMismatchError(RemoteProtocolError):
-    """The peer speaks another version of the migration stream."""
-
-
-class HeaderMismatchError(RemoteProtocolError):
-    """The source's memory layout or page size differs from what this destination was set up for."""
-
-
-class TruncatedStreamError(RemoteProtocolError):
-    """The peer closed the connection before the migration stream reached a clean end."""
+class MigrationParameterError(MigrationError, ValueError):
+    """A migration parameter out of range or unknown; raised before anything starts."""

@@ -13,6 +13,10 @@ class Stage2Error(DirtylogError):
     errno: int = 0
 
 
+class ModelSettingError(Stage2Error, ValueError):
+    """A setting of the model itself (not an ioctl argument) that cannot work."""
+
+
 class InvalidSlotError(Stage2Error, ValueError):
     """EINVAL: the slot id is outside what KVM accepts, or a memory region is malformed."""
 

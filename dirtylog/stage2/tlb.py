@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from dirtylog.stage2.errors import ModelSettingError
 from dirtylog.stage2.pgtable import PAGES_PER_BLOCK
 
 _BLOCK_MASK = ~(PAGES_PER_BLOCK - 1)
@@ -35,7 +36,7 @@ class Tlb:
 
     def __init__(self, capacity: int | None = None) -> None:
         if capacity is not None and capacity < 1:
-            raise ValueError(f"TLB capacity must be at least 1 entry, got {capacity}")
+            raise ModelSettingError(f"TLB capacity must be at least 1 entry, got {capacity}")
         self.capacity = capacity
         self._entries: dict[tuple[int, int, int], TlbEntry] = {}
         # The last saved value while nothing changed: most checker steps leave a TLB alone.

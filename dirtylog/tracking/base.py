@@ -12,9 +12,18 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from dirtylog.bitmap import DirtyBitmap
+from dirtylog.errors import DirtylogError
+
+#: The KVM dirty-log modes a machine offers (``Machine.dirty_log``).
+TrackingMode = Literal["log", "clear", "ring"]
+TRACKING_MODES: tuple[TrackingMode, ...] = ("log", "clear", "ring")
+
+
+class TrackingError(DirtylogError):
+    """A tracker asked to do what it cannot: not enabled, an unknown slot, a bad setting."""
 
 
 @dataclass
@@ -55,7 +64,7 @@ class Tracker(ABC):
     def collect(self) -> DirtyBitmap:
         """Pages written since the last collection; they are write-protected again on return."""
         if not self.enabled:
-            raise RuntimeError(f"{self.mode} tracker is not enabled; call enable() first")
+            raise TrackingError(f"{self.mode} tracker is not enabled; call enable() first")
         start = time.perf_counter()
         bitmap = self._collect()
         self.stats.record_collect(time.perf_counter() - start, bitmap.count())

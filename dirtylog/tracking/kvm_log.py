@@ -21,7 +21,7 @@ import numpy.typing as npt
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
 from dirtylog.kvm import abi
-from dirtylog.tracking.base import Tracker
+from dirtylog.tracking.base import Tracker, TrackingError
 
 DEFAULT_CLEAR_CHUNK_PAGES = 1 << 18  # 1 GiB of 4 KiB pages per KVM_CLEAR_DIRTY_LOG, as QEMU's default
 
@@ -35,7 +35,7 @@ class KvmBitmapTracker(Tracker):
         self.slots = sorted(machine.vm.slots) if slots is None else sorted(slots)
         unknown = set(self.slots) - set(machine.vm.slots)
         if unknown:
-            raise ValueError(f"no memory slot(s) {sorted(unknown)}; the machine has {sorted(machine.vm.slots)}")
+            raise TrackingError(f"no memory slot(s) {sorted(unknown)}; the machine has {sorted(machine.vm.slots)}")
 
     def set_logging(self, slot: int, enabled: bool) -> None:
         """Switch dirty logging of one slot on or off; allowed while vCPUs run."""
@@ -100,7 +100,7 @@ class ClearTracker(KvmBitmapTracker):
                  chunk_pages: int = DEFAULT_CLEAR_CHUNK_PAGES) -> None:
         super().__init__(machine, slots)
         if chunk_pages <= 0 or chunk_pages % 64:
-            raise ValueError(f"clear chunk of {chunk_pages} pages must be a positive multiple of 64 "
+            raise TrackingError(f"clear chunk of {chunk_pages} pages must be a positive multiple of 64 "
                              "(KVM_CLEAR_DIRTY_LOG works on whole bitmap words)")
         self.initially_set = initially_set
         self.chunk_pages = chunk_pages

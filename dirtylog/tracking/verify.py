@@ -36,7 +36,7 @@ import numpy.typing as npt
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
 from dirtylog.guest.x86 import control_block_addr
-from dirtylog.tracking.base import Tracker
+from dirtylog.tracking.base import Tracker, TrackingError
 from dirtylog.units import PAGE_SIZE
 
 ViolationKind = Literal["lost", "stale", "outside"]
@@ -82,7 +82,7 @@ class StampVerifier:
 
     def __init__(self, machine: Machine, *, initially_set: bool = False) -> None:
         if machine.spec.name != "stamp":
-            raise ValueError(f"verification needs the stamp workload; this machine runs {machine.spec.name!r}")
+            raise TrackingError(f"verification needs the stamp workload; this machine runs {machine.spec.name!r}")
         self.machine = machine
         self.initially_set = initially_set
         npages = machine.ram.npages

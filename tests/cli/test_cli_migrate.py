@@ -119,3 +119,51 @@ def test_bad_migration_arguments_are_usage_errors(capsys: pytest.CaptureFixture[
     assert exit_info.value.code == 2
     assert "argument --downtime-limit" in capsys.readouterr().err
     assert main(["migrate", "--to", "nohost", "--key-file", "/nonexistent", "--memory", "64M"]) == 1
+
+
+@pytest.mark.kvm
+def test_a_vm_saved_to_a_file_and_loaded_by_another_process(tmp_path: Path) -> None:
+    key, stream = tmp_path / "k", tmp_path / "vm.stream"
+    assert main(["keygen", str(key), "--json"]) == 0
+    saved = subprocess.run(
+        [*DIRTYLOG, "migrate", "--to", f"file:{stream}", "--key-file", str(key), "--memory", "64M",
+         "--workload", "sequential", "--warmup", "200ms"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert f"saved to file:{stream}; this VM stays paused here" in saved.stdout
+    loaded = subprocess.run(
+        [*DIRTYLOG, "receive", "--listen", f"file:{stream}", "--key-file", str(key), "--duration", "300ms", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    done = next(e for e in json_lines(loaded.stdout) if e["event"] == "completed")
+    assert done["continued"] is True  # the sequential guest writes on from where it was saved
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["track", "--interval", "0"], "argument --interval: duration '0' must be more than zero"),
+    (["run", "--duration", "-5s"], "argument --duration: duration '-5s' is negative"),
+    (["run", "--memory", "-1G"], "argument --memory: size '-1G' is negative"),
+    (["receive", "--key-file", "k", "--timeout", "0"], "argument --timeout: duration '0' must be more than zero"),
+    (["receive", "--key-file", "k", "--accept-timeout", "0"], "argument --accept-timeout: duration '0' must be more"),
+    (["migrate", "--to", "h:1", "--key-file", "k", "--downtime-limit", "0"], "duration '0' must be more than zero"),
+    (["migrate", "--to", "h:1", "--key-file", "k", "--bandwidth", "0"], "rate '0' must be more than zero"),
+    (["migrate", "--to", "h:1", "--key-file", "k", "--streams", "100"], "100 must be between 1 and 64"),
+])
+def test_bad_values_are_one_line_usage_errors_before_any_vm(argv: list[str], message: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_binary_key_file_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "k"
+    key.write_bytes(bytes(range(256)))
+    key.chmod(0o600)
+    assert main(["receive", "--key-file", str(key), "--listen", "127.0.0.1:0"]) == 1
+    err = capsys.readouterr().err
+    assert "holds binary data" in err and err.count("\n") == 1

@@ -14,11 +14,12 @@ from dirtylog.control.migration import (
     SUPPORTED_CAPABILITIES,
     check_parameters,
     default_parameters,
-    tcp_address,
+    migration_address,
 )
-from dirtylog.control.migration_info import Timing, incoming_info, outgoing_info
-from dirtylog.migration.precopy import RoundStats
-from dirtylog.migration.stats import MigrationStats
+from dirtylog.control.migration_info import Timing, incoming_info, outgoing_info, socket_address
+from dirtylog.migration import MigrationStats, MigrationStatus
+from dirtylog.migration.policy.precopy import RoundStats
+from dirtylog.migration.transports import parse_endpoint
 
 MIB = 1 << 20
 
@@ -86,27 +87,28 @@ def test_capabilities_are_qemus_list() -> None:
 
 
 @pytest.mark.parametrize(("uri", "message"), [
-    ("unix:/tmp/x", "Parameter 'uri' expects a valid migration protocol"),
     ("exec:cat", "Parameter 'uri' expects a valid migration protocol"),
-    ("tcp:host-without-port", "Parameter 'uri' expects tcp:HOST:PORT"),
+    ("rdma:10.0.0.2:4444", "Parameter 'uri' expects a valid migration protocol"),
+    ("tcp:host-without-port", "Parameter 'uri' expects a valid migration address"),
+    ("file:/tmp/vm,offset=4096", "file: migration takes no options"),
     (None, "need either 'uri' or 'channels' argument"),
 ])
 def test_migration_uris(uri: str | None, message: str) -> None:
     with pytest.raises(QmpError, match=message):
-        tcp_address(uri, None)
+        migration_address(uri, None)
 
 
-def test_tcp_uris_become_engine_addresses() -> None:
-    assert tcp_address("tcp:10.0.0.2:4444", None) == "10.0.0.2:4444"
-    assert tcp_address("tcp:[::1]:4444", None) == "[::1]:4444"
+def test_qemu_uris_are_engine_addresses() -> None:
+    for uri in ("tcp:10.0.0.2:4444", "tcp:[::1]:4444", "unix:/run/vm-migrate.sock", "file:/var/tmp/vm.state"):
+        assert migration_address(uri, None) == uri
     with pytest.raises(QmpError, match="'channels' is not supported"):
-        tcp_address(None, [{"channel-type": "main"}])
+        migration_address(None, [{"channel-type": "main"}])
 
 
 def stats_after(rounds: int, *, final: bool) -> MigrationStats:
-    stats = MigrationStats(status="active", page_size=4096, total_pages=1000, setup_time=0.5, transferred=4_000_000,
-                           remaining_pages=10, duplicate_pages=5, normal_pages=900, dirty_sync_count=rounds,
-                           expected_downtime=0.02, throttle=0.3)
+    stats = MigrationStats(status=MigrationStatus.ACTIVE, page_size=4096, total_pages=1000, setup_time=0.5,
+                           transferred=4_000_000, remaining_pages=10, duplicate_pages=5, normal_pages=900,
+                           dirty_sync_count=rounds, expected_downtime=0.02, throttle=0.3)
     for index in range(rounds):
         stats.rounds.append(RoundStats(index, 0.5 + index, 1.0, 500, 5, 2_000_000, 100, 0.3, False))
     if final:
@@ -148,5 +150,9 @@ def test_setup_and_failure_follow_qemus_member_rules() -> None:
 
 
 def test_the_destination_reports_where_it_listens() -> None:
-    assert incoming_info("setup", "127.0.0.1", 4444) == {
+    assert incoming_info("setup", socket_address(parse_endpoint("tcp:127.0.0.1:4444"))) == {
         "status": "setup", "socket-address": [{"type": "inet", "host": "127.0.0.1", "port": "4444"}]}
+    assert incoming_info("active", socket_address(parse_endpoint("unix:/run/m.sock")))["socket-address"] == \
+        [{"type": "unix", "path": "/run/m.sock"}]
+    assert incoming_info("failed", socket_address(parse_endpoint("file:/tmp/vm")), "digest mismatch") == \
+        {"status": "failed", "error-desc": "digest mismatch"}

@@ -18,7 +18,7 @@ from dirtylog.control.monitor import Monitor
 from dirtylog.control.vm import ShutdownCause
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine
-from tests.guest.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.kvm
 

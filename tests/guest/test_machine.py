@@ -14,7 +14,7 @@ from dirtylog.guest.programs import ControlBlock, GuestProgram, build_program
 from dirtylog.guest.x86 import CODE_ADDR, MAX_MEMORY
 from dirtylog.kvm.errors import GuestMemoryError
 from dirtylog.workload import WorkloadError
-from tests.guest.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.kvm
 
@@ -50,6 +50,7 @@ def test_resume_continues_exactly_where_pause_stopped() -> None:
         assert CODE_ADDR <= rip < CODE_ADDR + len(machine.program.code)
 
 
+@pytest.mark.timing
 def test_pause_latency_is_short_and_repeatable() -> None:
     with Machine("64M", vcpus=2, workload="hotset") as machine:
         machine.start()
@@ -72,6 +73,7 @@ def _count_time(vcpus: int, iterations: int) -> float:
         return max(machine.done_at.values()) - start
 
 
+@pytest.mark.timing
 def test_two_vcpus_run_in_parallel() -> None:
     iterations = 1_500_000_000
     # Serialized vCPUs would take twice as long; parallel ones about the same. The best of three

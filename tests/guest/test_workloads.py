@@ -9,7 +9,7 @@ from dirtylog.guest.machine import Machine
 from dirtylog.guest.programs import ControlBlock
 from dirtylog.guest.x86 import control_block_addr
 from dirtylog.units import PAGE_SIZE
-from tests.guest.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.kvm
 
@@ -93,6 +93,7 @@ def test_idle_writes_nothing() -> None:
         assert np.all(machine.memory[area.start * PAGE_SIZE:] == 0)
 
 
+@pytest.mark.timing
 def test_rate_limit_holds_the_guest_to_its_rate() -> None:
     import time
 
@@ -112,4 +113,6 @@ def test_progress_counter_lives_in_guest_memory() -> None:
         wait_for(lambda: machine.progress > 1000, what="progress")
         machine.pause()
         assert machine.progress == machine.control(0, ControlBlock.PROGRESS)
-        assert machine.saved_regs(0).r10 == machine.progress  # the register the program counts in
+        # R10 is the register the program counts in; it publishes R10 the instruction after incrementing it,
+        # so a pause may land between the two (seen in 1 of 10 runs here).
+        assert machine.saved_regs(0).r10 - machine.progress in (0, 1)

@@ -12,8 +12,9 @@ from dirtylog.guest.x86 import CODE_ADDR
 from dirtylog.kvm import abi
 from dirtylog.kvm.errors import DirtyLogRangeError, KvmCapabilityError, LoggingNotEnabledError, NoSuchSlotError
 from dirtylog.machine import Machine
+from dirtylog.tracking.base import TrackingError
 from dirtylog.units import PAGE_SIZE
-from tests.guest.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.kvm
 
@@ -131,7 +132,7 @@ def test_only_one_tracker_logs_at_a_time() -> None:
 
 def test_collect_before_enable_says_so() -> None:
     with Machine("32M", vcpus=1, workload="idle") as machine, \
-            pytest.raises(RuntimeError, match="not enabled; call enable"):
+            pytest.raises(TrackingError, match="not enabled; call enable"):
         machine.dirty_log("log").collect()
 
 

@@ -19,6 +19,7 @@ from dirtylog.machine import Machine
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.verify import StampVerifier
 from dirtylog.units import PAGE_SIZE
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.kvm
 
@@ -174,8 +175,10 @@ def test_paused_collections_report_every_changed_page(mode: str) -> None:
             machine.pause()
             tracker.collect()
             before = machine.memory.reshape(-1, PAGE_SIZE).copy()
+            written = machine.progress
             machine.resume()
-            time.sleep(0.03)
+            # Enough writes to mean something, however loaded the host: wait for them, not for a time.
+            wait_for(lambda: machine.progress > written + 2000, what="2000 guest writes")  # noqa: B023
             machine.pause()
             reported = tracker.collect().pages()
             changed = np.flatnonzero((machine.memory.reshape(-1, PAGE_SIZE) != before).any(axis=1))

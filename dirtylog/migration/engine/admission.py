@@ -1,0 +1,196 @@
+"""Who gets in: a destination keeps listening until one migration's streams have all authenticated.
+
+Anything may connect to a listening port: a port scan, an HTTP probe, a peer with another key, a slowloris
+that sends a byte a second. None of them may end or stall the wait for the real source. Every connection
+gets its own handshake thread with a short deadline (HELLO, CHALLENGE, then AUTH and the Header); one that
+fails is told why when the protocol allows (a REJECT), closed, and reported with its address and reason,
+and the listener goes on. The first connection that authenticates names the migration (its id and stream
+count); its other streams must follow within the I/O timeout, each index once. Streams of another migration,
+and a second claim to an index, are refused at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dirtylog.errors import DirtylogError
+from dirtylog.migration.engine.streams import Stream
+from dirtylog.migration.errors import MigrationError
+from dirtylog.migration.protocol.acceptance import HeaderAcceptance
+from dirtylog.migration.protocol.connection import DestinationConnection
+from dirtylog.migration.protocol.errors import ProtocolError
+from dirtylog.migration.protocol.events import AbortCode, Header, Hello
+from dirtylog.migration.transports import Channel, ChannelListener, ListenerExhaustedError
+
+#: Handshakes in progress at once; more connections than this are closed on arrival (and reported).
+MAX_PENDING = 32
+POLL = 0.05  # seconds between looks at the listener while handshakes run
+
+#: Told of every connection refused: ``(peer address, reason)``.
+RefusalCallback = Callable[[str, str], None]
+
+
+@dataclass
+class Admitted:
+    """A stream whose source proved the key and sent an acceptable Header."""
+
+    stream: Stream
+    hello: Hello
+    header: Header
+
+
+@dataclass
+class _Refused:
+    peer: str
+    reason: str
+
+
+class Admission:
+    """Accept connections on ``transport`` until every stream of one migration is in."""
+
+    def __init__(self, transport: ChannelListener, key: bytes, acceptance: HeaderAcceptance, *, io_timeout: float,
+                 handshake_timeout: float, on_refused: RefusalCallback) -> None:
+        self.transport = transport
+        self.key = key
+        self.acceptance = acceptance
+        self.io_timeout = io_timeout
+        self.handshake_timeout = handshake_timeout
+        self.on_refused = on_refused
+        self._results: queue.SimpleQueue[Admitted | _Refused] = queue.SimpleQueue()
+        self._pending: dict[threading.Thread, Channel] = {}  # handshakes under way
+        self._lock = threading.Lock()
+        self._exhausted = False
+        self._last_refusal = ""
+        self.connected_at = 0.0  # when the first admitted stream connected (perf_counter)
+
+    def run(self, accept_timeout: float | None) -> list[Admitted]:
+        """The streams of the first migration to authenticate, by index; MigrationError if none came in time
+        (``accept_timeout``; None waits for ever) or its other streams never came."""
+        waited_since = time.monotonic()
+        admitted: dict[int, Admitted] = {}
+        first: Admitted | None = None
+        first_at = 0.0
+        try:
+            while first is None or len(admitted) < first.hello.stream_count:
+                now = time.monotonic()
+                if first is None and accept_timeout is not None and now - waited_since > accept_timeout:
+                    raise MigrationError(f"no source authenticated within {accept_timeout:g} s")
+                if first is not None and now - first_at > self.io_timeout:
+                    missing = sorted(set(range(first.hello.stream_count)) - set(admitted))
+                    raise MigrationError(f"parallel stream(s) {missing} of the migration never connected")
+                if self._exhausted:
+                    with self._lock:
+                        busy = list(self._pending)
+                    if not busy and self._results.empty():
+                        raise MigrationError(self._last_refusal or "no stream came")
+                    time.sleep(POLL)
+                else:
+                    self._accept_one()
+                while True:
+                    try:
+                        result = self._results.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(result, _Refused):
+                        self._last_refusal = result.reason
+                        self.on_refused(result.peer, result.reason)
+                        continue
+                    reason = self._refusal(result, first, admitted)
+                    if reason is not None:
+                        self._refuse(result.stream, reason)
+                        continue
+                    if first is None:
+                        first, first_at = result, time.monotonic()
+                    admitted[result.hello.stream_index] = result
+        except BaseException:
+            for entry in admitted.values():
+                entry.stream.abort("the destination gave up waiting for the migration's streams", AbortCode.INTERNAL)
+                entry.stream.close()
+            raise
+        finally:
+            self._end_handshakes()
+        return [admitted[index] for index in sorted(admitted)]
+
+    def _end_handshakes(self) -> None:
+        """Close the connections still in their handshake (their threads then end), and wait for the threads."""
+        with self._lock:
+            pending = dict(self._pending)
+        for channel in pending.values():
+            channel.close()
+        for thread in pending:
+            thread.join(1.0)
+
+    def _refusal(self, result: Admitted, first: Admitted | None, admitted: dict[int, Admitted]) -> str | None:
+        """Why an authenticated stream cannot join the migration being received, or None."""
+        if first is None:
+            return None
+        if result.hello.migration_id != first.hello.migration_id:
+            return "another migration is being received here; one at a time"
+        if result.hello.stream_index in admitted:
+            return f"stream {result.hello.stream_index} of this migration is already connected"
+        if result.header != first.header:
+            return f"stream {result.hello.stream_index} sent a different Header than stream {first.hello.stream_index}"
+        return None
+
+    def _refuse(self, stream: Stream, reason: str) -> None:
+        self.on_refused(stream.channel.peer, reason)
+        stream.abort(reason, AbortCode.PROTOCOL)
+        stream.close()
+
+    def _accept_one(self) -> None:
+        try:
+            channel = self.transport.accept(POLL)
+        except TimeoutError:
+            return
+        except ListenerExhaustedError:
+            self._exhausted = True
+            return
+        except OSError as error:
+            raise MigrationError(f"the listener failed: {error.strerror or error}") from None
+        thread = threading.Thread(target=self._handshake, args=(channel, time.perf_counter()), name="handshake",
+                                  daemon=True)
+        with self._lock:
+            crowded = len(self._pending) >= MAX_PENDING
+            if not crowded:
+                self._pending[thread] = channel
+        if crowded:
+            self.on_refused(channel.peer, f"{MAX_PENDING} handshakes already in progress")
+            channel.close()
+            return
+        thread.start()
+
+    def _handshake(self, channel: Channel, connected_at: float) -> None:
+        """HELLO, CHALLENGE, AUTH and the Header within the handshake deadline, on this connection's thread."""
+        deadline = time.monotonic() + self.handshake_timeout
+        conn = DestinationConnection(self.key, acceptance=self.acceptance, nonce=channel.replay_nonce)
+        stream = Stream(-1, channel, conn)
+        try:
+            channel.settimeout(self.handshake_timeout)
+            hello = stream.read_until(Hello, "source", _left(deadline))
+            stream.write_now(conn.accept())
+            header = stream.read_until(Header, "source", _left(deadline))
+            stream.index = hello.stream_index
+            channel.settimeout(self.io_timeout)
+            if not self.connected_at:
+                self.connected_at = connected_at
+            self._results.put(Admitted(stream, hello, header))
+        except ProtocolError as error:  # the connection already told the peer (a REJECT or an Abort)
+            stream.close()
+            self._results.put(_Refused(channel.peer, str(error)))
+        except (DirtylogError, OSError) as error:
+            stream.close()
+            self._results.put(_Refused(channel.peer, str(error) or type(error).__name__))
+        finally:
+            with self._lock:
+                self._pending.pop(threading.current_thread(), None)
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise MigrationError("the handshake took longer than its deadline")
+    return left

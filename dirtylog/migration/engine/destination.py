@@ -1,0 +1,435 @@
+"""The destination side: accept authenticated streams, rebuild guest memory, verify, take the VM over.
+
+A destination never resumes a partial VM. It builds a blank machine from the source's Header, applies
+page batches as they come (a page sent in two rounds on two streams keeps the later round's copy), and
+only when every stream has completed, the memory digest matches the source's, and the source has
+committed does it load the vCPU states and run the guest. Any failure before that discards the copy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dirtylog.errors import DirtylogError
+from dirtylog.guest.machine import State
+from dirtylog.guest.memory import host_memory_bytes, plan_slots
+from dirtylog.guest.x86 import MAX_VCPUS
+from dirtylog.kvm.system import Kvm
+from dirtylog.machine import Machine
+from dirtylog.migration.engine.admission import Admission
+from dirtylog.migration.engine.streams import Stream, close_aborted
+from dirtylog.migration.errors import MigrationError
+from dirtylog.migration.keys import load_key
+from dirtylog.migration.payload.digest import load_kernels
+from dirtylog.migration.payload.memory import DestinationMemory
+from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
+from dirtylog.migration.protocol.acceptance import HeaderAcceptance
+from dirtylog.migration.protocol.errors import ProtocolError
+from dirtylog.migration.protocol.events import (
+    CLOSED,
+    NEED_DATA,
+    Abort,
+    AbortCode,
+    Commit,
+    Complete,
+    Header,
+    PageBatch,
+    Ready,
+    Resumed,
+    RoundEnd,
+    VcpuState,
+    Verified,
+)
+from dirtylog.migration.transports import ChannelListener, Endpoint, listen, parse_endpoint
+from dirtylog.units import PAGE_SIZE
+
+ProgressCallback = Callable[[str, dict[str, Any]], None]
+SCRATCH_BYTES = 4096
+
+
+@dataclass
+class Received:
+    """A migrated VM now running here, and what its migration looked like from this side."""
+
+    machine: Machine
+    stats: MigrationStats
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Listener:
+    """Where incoming migrations arrive: ``host:port`` (loopback unless a host is named), ``unix:PATH``, or
+    ``file:PATH`` (a stream written earlier by ``migrate(..., "file:PATH")``).
+
+    A listener is ready before any source connects: the compiled passes are loaded, and with ``memory`` the
+    VM and its guest memory (prefaulted) exist already, so a source's setup is only its connection and
+    handshake. ``memory`` is then the one size accepted; without it a Header may claim up to ``max_memory``
+    (default half of this host's RAM), and memory is allocated as pages arrive, not before.
+    """
+
+    def __init__(self, address: str, *, memory: int | None = None, max_memory: int | None = None,
+                 prefault: bool = True) -> None:
+        endpoint = parse_endpoint(address)
+        # The compiled fingerprint pass first (0.2 s, or 2-4 s when it compiles on a first run): not in the
+        # first round, and not while a source waits, since the source times its handshake as the round trip
+        # that it subtracts from the downtime.
+        load_kernels()
+        with Kvm() as kvm:  # what this host can run, for the Header's acceptance
+            self.max_vcpus = min(kvm.max_vcpus, MAX_VCPUS)
+        self.memory = memory
+        self.max_memory = max_memory if max_memory is not None else host_memory_bytes()[0] // 2
+        self.prepared: Machine | None = None
+        if memory is not None:
+            self.prepared = Machine(memory, 1, "idle", blank=True, prefault=prefault)
+        try:
+            self.transport: ChannelListener = listen(endpoint)
+        except BaseException:
+            self.close()
+            raise
+        self.address = self.transport.address
+        #: Said to the operator when the address is reachable from other hosts (see exposure_warning).
+        self.warning = exposure_warning(endpoint)
+
+    @property
+    def port(self) -> int:
+        """The TCP port listened on (0 for other transports)."""
+        return int(getattr(self.transport, "port", 0))
+
+    def acceptance(self) -> HeaderAcceptance:
+        """What this listener's destination takes from a source."""
+        return HeaderAcceptance(page_size=PAGE_SIZE, memory_bytes=self.memory, max_memory_bytes=self.max_memory,
+                                max_vcpus=self.max_vcpus, plan_slots=plan_slots)
+
+    def take_machine(self) -> Machine | None:
+        """The prepared VM, once (the migration that takes it owns it)."""
+        machine, self.prepared = self.prepared, None
+        return machine
+
+    def close(self) -> None:
+        if getattr(self, "transport", None) is not None:
+            self.transport.close()
+        if self.prepared is not None:
+            self.prepared.close()
+            self.prepared = None
+
+
+def exposure_warning(endpoint: Endpoint) -> str | None:
+    """A warning for an address other hosts can reach: who may connect, and what they would get."""
+    if endpoint.scheme != "tcp":
+        return None
+    try:
+        loopback = ipaddress.ip_address(endpoint.host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to may be reachable
+        loopback = endpoint.host == "localhost"
+    if loopback:
+        return None
+    return (f"listening on {endpoint}, reachable from other hosts: anyone there can connect, and any host "
+            "holding the key can send this host a VM to run (its memory travels encrypted unless --no-encrypt)")
+
+
+def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = None, max_memory: int | None = None,
+            io_timeout: float = 30.0, accept_timeout: float | None = None, handshake_timeout: float = 5.0,
+            progress: ProgressCallback | None = None,
+            before_resume: Callable[[Machine], None] | None = None) -> Received:
+    """Accept one migration at ``listen_on`` and return the running machine.
+
+    ``memory``, when given, is the only guest memory size accepted, and the VM is prepared before a source
+    connects; ``max_memory`` bounds what a Header may claim otherwise. Connections that do not authenticate
+    within ``handshake_timeout`` (or at all) are refused, reported through ``progress("refused", ...)``, and
+    the listener goes on until a source authenticates or ``accept_timeout`` passes. Raises
+    :class:`MigrationError` if the migration fails; nothing is resumed here then, and the source keeps the VM.
+    ``before_resume`` sees the verified machine after the source committed and before its vCPUs run (to
+    inspect or copy the memory exactly as migrated).
+    """
+    key = load_key(key_file)
+    if isinstance(listen_on, Listener) and (memory is not None or max_memory is not None):
+        raise MigrationError("give memory and max_memory to the Listener, which prepares for them")
+    listener = listen_on if isinstance(listen_on, Listener) else Listener(listen_on, memory=memory,
+                                                                           max_memory=max_memory)
+    try:
+        return DestinationMigration(listener, key, io_timeout=io_timeout, accept_timeout=accept_timeout,
+                                    handshake_timeout=handshake_timeout, progress=progress,
+                                    before_resume=before_resume).run()
+    finally:
+        if not isinstance(listen_on, Listener):
+            listener.close()
+
+
+class DestinationMigration:
+    """One incoming migration."""
+
+    def __init__(self, listener: Listener, key: bytes, *, io_timeout: float, accept_timeout: float | None,
+                 handshake_timeout: float, progress: ProgressCallback | None,
+                 before_resume: Callable[[Machine], None] | None = None) -> None:
+        self.listener = listener
+        self.key = key
+        self.io_timeout = io_timeout
+        self.accept_timeout = accept_timeout
+        self.handshake_timeout = handshake_timeout
+        self.progress = progress or (lambda kind, record: None)
+        self.before_resume = before_resume
+        self.streams: list[Stream] = []
+        self.machine: Machine | None = None
+        self.memory: DestinationMemory | None = None
+        self.header: Header | None = None
+        self.stats = MigrationStats()
+        self.rounds: list[dict[str, Any]] = []
+        self._vcpu_states: dict[int, bytes] = {}
+        self._completes: dict[int, Complete] = {}
+        self._done = threading.Condition()
+        self._failure: str | None = None
+        self._verified = False
+        self._committed = False
+        self._connected_at = time.perf_counter()
+        self._readers: list[threading.Thread] = []
+
+    def run(self) -> Received:
+        start = time.perf_counter()
+        try:
+            admission = Admission(self.listener.transport, self.key, self.listener.acceptance(),
+                                  io_timeout=self.io_timeout, handshake_timeout=self.handshake_timeout,
+                                  on_refused=self._refused)
+            admitted = admission.run(self.accept_timeout)
+            self._connected_at = admission.connected_at
+            self.streams = [entry.stream for entry in admitted]
+            self.header = admitted[0].header
+            phases = {"admission": time.perf_counter()}
+            self._build_machine()
+            phases["build"] = time.perf_counter()
+            if len(self.streams) == 1:  # with several, a later round of a page may land first
+                assert self.memory is not None
+                self.streams[0].conn.place_runs_with(self.memory)
+            for stream in self.streams:
+                stream.send(Ready())
+            phases["ready"] = time.perf_counter()
+            self.stats.setup_time = phases["ready"] - self._connected_at
+            marks = [self._connected_at, *phases.values()]
+            self.stats.setup_phases = {name: end - begin for name, begin, end in zip(phases, marks, marks[1:],
+                                                                                      strict=False)}
+            self.stats.status = MigrationStatus.ACTIVE
+            self.progress("setup", {"setup_time_ms": round(self.stats.setup_time * 1e3, 3),
+                                    "setup_phases_ms": self.stats.as_dict()["setup_phases_ms"]})
+            for stream in self.streams:
+                stream.start(reader=False)
+                reader = threading.Thread(target=self._read, args=(stream,), name=f"recv{stream.index}", daemon=True)
+                reader.start()
+                self._readers.append(reader)
+            self._await_completion()
+            received = self._take_over(start)
+        except BaseException as error:
+            self._discard(error)
+            raise self._as_error(error) from (None if isinstance(error, DirtylogError) else error)
+        return received
+
+    def _refused(self, peer: str, reason: str) -> None:
+        self.progress("refused", {"peer": peer, "reason": reason})
+
+    def _build_machine(self) -> None:
+        """The VM the stream fills: the listener's prepared one, or one made now for the Header's memory (its
+        pages allocated as they arrive: a size the operator did not prepare is not committed up front)."""
+        header = self.header
+        assert header is not None
+        workload = header.workload
+        description = dict(workload=workload.get("name", "idle"), rate=workload.get("rate"),
+                           hot_fraction=workload.get("hot_fraction", 0.1), hot_weight=workload.get("hot_weight", 0.9),
+                           writes_per_iteration=workload.get("writes_per_iteration", 0))
+        try:
+            machine = self.listener.take_machine()
+            if machine is None:
+                machine = Machine(header.memory_bytes, header.vcpus, slots=len(header.slots), blank=True,
+                                  **description)
+            else:
+                machine.assume_workload(vcpus=header.vcpus, **description)
+        except DirtylogError as error:
+            raise MigrationError(f"cannot build the destination VM: {error}") from None
+        self.machine = machine
+        machine.create_vcpus()  # now, not in the downtime
+        self.memory = DestinationMemory(machine.ram.pages)
+        self.stats = MigrationStats(page_size=header.page_size, total_pages=header.total_pages,
+                                    streams=header.streams, compression=header.codec)
+
+    # --- receiving ----------------------------------------------------------------------------------
+
+    def _read(self, stream: Stream) -> None:
+        # Frame headers and small frames land in a scratch buffer; the rest of a page batch is received
+        # straight into the frame's own buffer, sparing a copy of every page.
+        scratch = memoryview(bytearray(SCRATCH_BYTES))
+        conn = stream.conn
+        try:
+            while True:
+                with stream.lock:
+                    target = conn.receive_buffer()
+                if target is not None:
+                    count = stream.channel.recv_into(target)
+                    if count:
+                        with stream.lock:
+                            conn.received(count)
+                else:
+                    count = stream.channel.recv_into(scratch)
+                    with stream.lock:
+                        conn.receive_data(scratch[:count])
+                if count == 0:
+                    with stream.lock:
+                        conn.receive_data(b"")
+                while True:
+                    with stream.lock:  # the main thread may be sending Verified or Resumed on this connection
+                        event = conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if not self._handle(stream, event):
+                        return
+                    if isinstance(event, Complete) and stream.index == 0:
+                        # A live source says nothing more until our Verified; a recorded one (a file) must not
+                        # run ahead of it either, or its Commit would arrive before we had verified.
+                        self._wait(lambda: self._verified)
+                if count == 0:
+                    raise MigrationError(f"stream {stream.index}: the source closed the connection")
+        except TimeoutError:
+            self._fail(f"stream {stream.index}: the source sent nothing for {self.io_timeout:.0f} s")
+        except ProtocolError as error:
+            stream.reply_best_effort(error.reply)
+            self._fail(str(error))
+        except (DirtylogError, OSError) as error:
+            self._fail(str(error))
+        except Exception as error:  # a failing progress callback, say: the migration fails, nothing hangs
+            self._fail(f"{type(error).__name__}: {error}")
+
+    def _handle(self, stream: Stream, event: object) -> bool:
+        """Act on one event; False when this stream has nothing more to say."""
+        if event is CLOSED:
+            return False
+        if isinstance(event, PageBatch):
+            self._apply(event)
+        elif isinstance(event, RoundEnd):
+            if stream.index == 0:
+                # The source's own figures go under their own key: they cannot pass for ours.
+                record = {"round": event.round, "pages": event.pages, "source_stats": dict(event.stats)}
+                self.rounds.append(record)
+                self.progress("round", record)
+        elif isinstance(event, VcpuState):
+            self._vcpu_states[event.index] = event.state
+        elif isinstance(event, Complete):
+            with self._done:
+                self._completes[stream.index] = event
+                self._done.notify_all()
+            return stream.index == 0  # the primary goes on to Verified / Commit
+        elif isinstance(event, Commit):
+            with self._done:
+                self._committed = True
+                self._done.notify_all()
+            return False
+        elif isinstance(event, Abort):
+            self._fail(f"the source aborted the migration: {event.reason}")
+            return False
+        elif event is not None and not isinstance(event, Verified | Resumed):
+            self._fail(f"unexpected {type(event).__name__} from the source")
+            return False
+        return True
+
+    def _apply(self, batch: PageBatch) -> None:
+        """Write a batch into guest memory, keeping for each page the copy of the latest round."""
+        assert self.memory is not None
+        applied = self.memory.apply(batch)
+        self.stats.transferred += applied.wire_bytes
+        self.stats.normal_pages += applied.normal
+        self.stats.duplicate_pages += applied.zero
+
+    def _fail(self, reason: str) -> None:
+        with self._done:
+            if self._failure is None:
+                self._failure = reason
+            self._done.notify_all()
+
+    # --- taking over --------------------------------------------------------------------------------
+
+    def _wait(self, condition: Callable[[], bool]) -> None:
+        """Wait for ``condition``. A silent source is caught by the readers' socket timeouts, and a reader that
+        ends says why (``_fail``); should every reader end without a word, the wait ends too."""
+        with self._done:
+            while not condition():
+                if self._failure is not None:
+                    raise MigrationError(self._failure)
+                if self._readers and not any(reader.is_alive() for reader in self._readers):
+                    raise MigrationError("every stream ended before the migration did")
+                self._done.wait(0.5)
+            if self._failure is not None:
+                raise MigrationError(self._failure)
+
+    def _await_completion(self) -> None:
+        count = len(self.streams)
+        self._wait(lambda: all(i in self._completes for i in range(count)))
+        frames = {c.stream_frames for c in self._completes.values()}
+        if len(frames) != 1:
+            raise MigrationError("the streams disagree on how many frames each carried: frames were lost")
+
+    def _take_over(self, start: float) -> Received:
+        assert self.machine is not None and self.memory is not None
+        primary = next(s for s in self.streams if s.index == 0)
+        digest = self.memory.digest()
+        expected = self._completes[0].digest
+        if digest != expected:
+            raise _VerifyFailedError(f"memory digest mismatch: ours {digest.hex()}, the source's {expected.hex()}; "
+                                "the copy is discarded and the source keeps the VM")
+        # KVM checks the vCPU state now, before we say Verified: a state it refuses fails the migration while the
+        # source still owns the VM, instead of after the commit, when neither side could run it.
+        try:
+            self.machine.load_vcpu_states([self._vcpu_states[i] for i in range(self.machine.spec.vcpus)])
+        except DirtylogError as error:
+            raise _ResumeRefusedError(f"KVM refused the source's vCPU state: {error}") from None
+        primary.send(Verified(digest))
+        with self._done:
+            self._verified = True
+            self._done.notify_all()
+        self._wait(lambda: self._committed)
+        if self.before_resume is not None:
+            self.before_resume(self.machine)
+        try:
+            self.machine.start()
+        except DirtylogError as error:  # after the commit: tell the source, which then resumes its copy
+            raise _ResumeRefusedError(f"the VM could not start here after the commit: {error}") from None
+        primary.send(Resumed())
+        primary.drain(self.io_timeout)
+        self.stats.digest = digest.hex()
+        self.stats.status = MigrationStatus.COMPLETED
+        self.stats.total_time = time.perf_counter() - self._connected_at
+        for stream in self.streams:
+            stream.close()
+        return Received(self.machine, self.stats, self.rounds)
+
+    def _discard(self, error: BaseException) -> None:
+        """Tell the source, drop the streams and the unfinished VM (never resumed)."""
+        code = AbortCode.INTERNAL
+        if isinstance(error, _VerifyFailedError):
+            code = AbortCode.VERIFY_FAILED
+        elif isinstance(error, _ResumeRefusedError):
+            code = AbortCode.RESUME_FAILED
+        elif isinstance(error, ProtocolError):
+            code = AbortCode.PROTOCOL
+        for stream in self.streams:
+            stream.abort(str(error), code)
+        if self.machine is not None and self.machine.state is State.CREATED:
+            self.machine.close()  # never run: the VM is the source's
+        close_aborted(self.streams)
+        self.stats.status = MigrationStatus.FAILED
+        self.stats.error = str(error)
+
+    def _as_error(self, error: BaseException) -> MigrationError:
+        if isinstance(error, MigrationError):
+            why = str(error)
+        elif isinstance(error, ProtocolError):
+            why = f"the migration stream failed: {error}"
+        else:
+            why = f"{type(error).__name__}: {error}"
+        return MigrationError(f"{why} (nothing was resumed here)")
+
+
+class _VerifyFailedError(MigrationError):
+    """The memory digest did not match."""
+
+
+class _ResumeRefusedError(MigrationError):
+    """KVM refused the vCPU state, or the VM did not start."""

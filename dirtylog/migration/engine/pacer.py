@@ -1,0 +1,29 @@
+"""The bandwidth cap of a migration: a token bucket its streams' writes wait on."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class Pacer:
+    """Holds writers to ``rate`` bytes per second in all (None: no limit); safe from several threads."""
+
+    def __init__(self, rate: float | None, burst_seconds: float = 0.05) -> None:
+        self.rate = rate
+        self.burst = (rate or 0) * burst_seconds
+        self._tokens = self.burst
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def wait(self, nbytes: int) -> None:
+        """Sleep until ``nbytes`` may go out."""
+        if self.rate is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= nbytes
+            if self._tokens < 0:
+                time.sleep(-self._tokens / self.rate)

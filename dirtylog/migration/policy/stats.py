@@ -1,0 +1,95 @@
+"""Migration statistics in the words of QEMU's ``query-migrate``, which users already read."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from dirtylog.migration.policy.precopy import RoundStats
+
+
+class MigrationStatus(enum.Enum):
+    """QEMU's MigrationStatus values that dirtylog's migrations go through."""
+
+    SETUP = "setup"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class MigrationStats:
+    """Totals of one migration (times in seconds, sizes in bytes, counts in pages), current while it runs."""
+
+    status: MigrationStatus = MigrationStatus.SETUP
+    page_size: int = 4096
+    total_pages: int = 0
+    setup_time: float = 0.0
+    total_time: float = 0.0
+    downtime: float | None = None
+    expected_downtime: float | None = None
+    transferred: int = 0
+    remaining_pages: int = 0  # still to send in this round (pages dirty since their last send, not yet sent)
+    duplicate_pages: int = 0  # zero pages: elided in round 0, sent as markers later
+    normal_pages: int = 0  # pages sent with their contents
+    dirty_sync_count: int = 0
+    throttle: float = 0.0
+    dirty_limited: bool = False
+    streams: int = 1
+    compression: str = "none"
+    mode: str = "log"
+    digest: str = ""
+    error: str = ""
+    setup_phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the setup
+    switchover: dict[str, float] = field(default_factory=dict)  # ms per phase of the downtime
+    rounds: list[RoundStats] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        """Wire bytes per second after the setup, as QEMU's final ``mbps``: setup (connecting, building the
+        destination VM, loading compiled passes) moves no pages, and on a first run it takes seconds."""
+        transfer_time = self.total_time - self.setup_time
+        return self.transferred / transfer_time if transfer_time > 0 else 0.0
+
+    @property
+    def dirty_pages_rate(self) -> float:
+        """Pages per second the guest dirtied in the last round (QEMU: dirty-pages-rate)."""
+        precopy = [r for r in self.rounds if not r.final]
+        return precopy[-1].dirty_rate if precopy else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The statistics as QEMU's query-migrate would name them (snake_case), plus the rounds."""
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None else round(seconds * 1e3, 3)
+
+        return {
+            "status": self.status.value,
+            "total_time_ms": ms(self.total_time),
+            "setup_time_ms": ms(self.setup_time),
+            "setup_phases_ms": {name: ms(seconds) for name, seconds in self.setup_phases.items()},
+            "expected_downtime_ms": ms(self.expected_downtime),
+            "downtime_ms": ms(self.downtime),
+            "ram": {
+                "transferred": self.transferred,
+                "remaining": self.remaining_pages * self.page_size,
+                "total": self.total_pages * self.page_size,
+                "duplicate": self.duplicate_pages,
+                "normal": self.normal_pages,
+                "normal_bytes": self.normal_pages * self.page_size,
+                "dirty_pages_rate": round(self.dirty_pages_rate),
+                "mbps": round(self.throughput * 8 / 1e6, 1),
+                "dirty_sync_count": self.dirty_sync_count,
+                "page_size": self.page_size,
+            },
+            "cpu_throttle_percentage": round(self.throttle * 100),
+            "dirty_limit_active": self.dirty_limited,
+            "streams": self.streams,
+            "compression": self.compression,
+            "mode": self.mode,
+            "digest": self.digest,
+            "error": self.error,
+            "switchover_ms": self.switchover,
+            "rounds": [r.as_dict(self.page_size) for r in self.rounds],
+        }

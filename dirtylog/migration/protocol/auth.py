@@ -1,0 +1,88 @@
+"""Keys and MACs of the migration stream: BLAKE3 for keys and proofs, AES-256-GMAC for frames.
+
+From the pre-shared key (the key file) both ends derive, with BLAKE3's key-derivation mode and a
+distinct context string per purpose (so no value can be replayed as another):
+
+* a root key, which makes key files of any length usable as a 32-byte BLAKE3 key;
+* the server proof: keyed hash of HELLO ‖ CHALLENGE-without-proof, proving the destination holds the key
+  (over the whole transcript, so a meddler cannot alter the source's HELLO or downgrade anything);
+* the client proof: keyed hash of HELLO ‖ CHALLENGE, proving the source holds the key;
+* one frame key per direction, from the root key and the hash of the handshake (both fresh nonces),
+  so every connection has its own keys and a frame from another session never verifies.
+
+Frames are authenticated with GMAC (AES-256-GCM over the frame as associated data, nothing encrypted):
+16 GB/s here against 4.6 GB/s for keyed BLAKE3 and 1.5 GB/s for HMAC-SHA256, which matters because every
+byte of guest memory is MACed on both ends. GCM's nonce is the frame's sequence number: unique per frame
+within a direction, and each direction of each session has its own key, so no (key, nonce) pair repeats.
+
+Keys never go on the wire. Keys must be random (``dirtylog keygen``), not passwords: a proof is an
+offline guessing oracle for a low-entropy key.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from typing import Final
+
+from blake3 import blake3
+from cryptography.hazmat.primitives.ciphers import Cipher
+from cryptography.hazmat.primitives.ciphers.algorithms import AES
+from cryptography.hazmat.primitives.ciphers.modes import GCM
+
+from dirtylog.migration.protocol.codec import MAC_SIZE
+from dirtylog.migration.protocol.errors import LocalProtocolError
+from dirtylog.migration.protocol.events import BytesLike
+
+MIN_KEY_SIZE: Final = 16
+_CONTEXT: Final = "dirtylog migration stream v1"
+
+
+def _derive(purpose: str, material: bytes) -> bytes:
+    return blake3(material, derive_key_context=f"{_CONTEXT} {purpose}").digest()
+
+
+def root_key(psk: bytes) -> bytes:
+    """The 32-byte root of all keys, from the pre-shared key file's bytes."""
+    if len(psk) < MIN_KEY_SIZE:
+        raise LocalProtocolError(
+            f"the key is {len(psk)} bytes; a key must be at least {MIN_KEY_SIZE} random bytes: "
+            "make one with `dirtylog keygen FILE` and copy it to both hosts"
+        )
+    return _derive("pre-shared key", bytes(psk))
+
+
+def server_proof(root: bytes, transcript: bytes) -> bytes:
+    """The destination's proof over HELLO ‖ CHALLENGE-up-to-the-proof."""
+    return blake3(transcript, key=_derive("server proof", root)).digest()
+
+
+def client_proof(root: bytes, transcript: bytes) -> bytes:
+    """The source's proof over HELLO ‖ CHALLENGE."""
+    return blake3(transcript, key=_derive("client proof", root)).digest()
+
+
+def frame_keys(root: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """(source→destination, destination→source) frame keys of this session."""
+    session = root + blake3(transcript).digest()
+    return _derive("source-to-destination frames", session), _derive("destination-to-source frames", session)
+
+
+def proofs_equal(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison, so timing leaks nothing about a proof or MAC."""
+    return hmac.compare_digest(a, b)
+
+
+@functools.lru_cache(maxsize=64)
+def _aes(key: bytes) -> AES:
+    return AES(key)  # checked once per key, not once per frame
+
+
+def frame_mac(key: bytes, seq: int, *parts: BytesLike) -> bytes:
+    """MAC of frame ``seq``: AES-256-GMAC over its parts (header, payload head, data), read in place."""
+    gmac = Cipher(_aes(key), GCM(seq.to_bytes(12, "little"))).encryptor()
+    for part in parts:
+        gmac.authenticate_additional_data(part)
+    gmac.finalize()
+    tag: bytes = gmac.tag[:MAC_SIZE]
+    return tag
