@@ -205,3 +205,37 @@ def test_quit_during_a_migration_shuts_down_cleanly(monitors: Monitors, key_file
     assert time.monotonic() - started < 20
     assert machine.state is State.STOPPED
     assert monitor.migration.outgoing is not None and monitor.migration.outgoing.status == "cancelled"
+
+
+def test_migrate_to_a_file_and_load_it_elsewhere_as_qemu_users_save_and_restore(monitors: Monitors, key_file: str,
+                                                                               tmp_path: Path) -> None:
+    machine = running_machine()
+    _, source = monitors("source", machine=machine, key_file=key_file)
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    source.cmd("migrate", uri=f"file:{tmp_path / 'vm.state'}")
+    assert wait_status(source, ("completed", "failed"))["status"] == "completed"
+    # A file has no destination to take the VM over: the source is paused, and may go on (QEMU: cont).
+    assert source.cmd("query-status") == {"running": False, "status": "postmigrate"}
+    source.cmd("cont")
+    assert source.cmd("query-status") == {"running": True, "status": "running"}
+    _, destination = monitors("destination", machine=None, incoming=True, key_file=key_file)
+    destination.cmd("migrate-incoming", uri=f"file:{tmp_path / 'vm.state'}")
+    loading = destination.cmd("query-migrate")
+    assert loading["status"] in ("setup", "active", "completed") and "socket-address" not in loading
+    assert wait_status(destination, ("completed", "failed"))["status"] == "completed"
+    assert destination.cmd("query-status") == {"running": True, "status": "running"}
+    first = destination.cmd("x-dirtylog-query-progress")["progress"]
+    wait_for(lambda: destination.cmd("x-dirtylog-query-progress")["progress"] > first, what="the loaded guest to run")
+
+
+def test_migrate_over_a_unix_socket(monitors: Monitors, key_file: str, tmp_path: Path) -> None:
+    machine = running_machine()
+    _, destination = monitors("destination", machine=None, incoming=True, key_file=key_file)
+    path = tmp_path / "migration.sock"
+    destination.cmd("migrate-incoming", uri=f"unix:{path}")
+    assert destination.cmd("query-migrate")["socket-address"] == [{"type": "unix", "path": str(path)}]
+    _, source = monitors("source", machine=machine, key_file=key_file)
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    source.cmd("migrate", uri=f"unix:{path}")
+    assert wait_status(source, ("completed", "failed"))["status"] == "completed"
+    assert destination.cmd("query-status") == {"running": True, "status": "running"}
