@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from dirtylog.cli import main
 from dirtylog.cli.ctl import CtlArgumentError, parse_arguments
 from tests.cli.test_cli_migrate import DIRTYLOG, json_lines
-from tests.control.conftest import Served
+from tests.control.conftest import RawClient, Served
 
 
 def test_key_value_arguments_are_json_when_they_parse() -> None:
@@ -74,3 +75,19 @@ def test_ctl_commands_and_watch_migration_against_two_processes(serve: object, k
     for served in (source, destination):
         assert ctl(served.path, "quit").returncode == 0
         assert served.finish()[-1]["reason"] == "host-qmp-quit"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(("signum", "listen"), [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_signal_ends_a_served_machine_with_shutdown_host_signal(serve: object, key_file: str, signum: int,
+                                                                  listen: bool) -> None:
+    argv = ["receive", "--key-file", key_file] + (["--listen", "127.0.0.1:0"] if listen else [])
+    served: Served = serve("vm", *(argv if listen else ["run", "--memory", "64M"]))  # type: ignore[operator]
+    client = RawClient(served.address)
+    client.negotiate()
+    served.process.send_signal(signum)
+    event = client.read()
+    assert event["event"] == "SHUTDOWN" and event["data"] == {"guest": False, "reason": "host-signal"}
+    summary = served.finish()[-1]
+    assert summary["reason"] == "host-signal" and served.process.returncode == 0
+    assert not Path(served.path).exists()
