@@ -46,8 +46,6 @@ from dirtylog.migration.policy.parameters import MAX_STREAMS
 from dirtylog.migration.transports import parse_endpoint
 from dirtylog.units import PAGE_SIZE
 
-Spawn = Callable[[Callable[[], None], str], None]
-
 MIGRATION_ACTIVE: Final = "There's a migration process in progress"  # QEMU's QERR_MIGRATION_ACTIVE
 MAX_DOWNTIME_MS: Final = 2_000_000  # QEMU's MAX_MIGRATE_DOWNTIME (2000 s)
 
@@ -252,16 +250,12 @@ class _Incoming(_Job):
     exit_on_error: bool = True
 
 
-def _spawn_thread(target: Callable[[], None], name: str) -> None:
-    threading.Thread(target=target, name=name, daemon=True).start()
-
-
 class MigrationControl:
     """The migration commands of one monitor: outgoing on a running VM, or incoming on a waiting one."""
 
     def __init__(self, vm: VmControl, emit: EventSink, *, key_file: str | None = None,
                  incoming_memory: int | None = None, io_timeout: float = 30.0,
-                 on_incoming_failure: Callable[[], None] = lambda: None, spawn: Spawn = _spawn_thread) -> None:
+                 on_incoming_failure: Callable[[], None] = lambda: None) -> None:
         self.vm = vm
         self.emit = emit
         self.parameters = default_parameters(vm.machine)
@@ -271,7 +265,6 @@ class MigrationControl:
         self.incoming_memory = incoming_memory
         self.io_timeout = io_timeout
         self.on_incoming_failure = on_incoming_failure
-        self.spawn = spawn
         self.accepts_incoming = vm.state is RunState.INMIGRATE
         self.outgoing: _Outgoing | None = None
         self.incoming: _Incoming | None = None
@@ -468,7 +461,7 @@ class MigrationControl:
                             exit_on_error=args.get("exit-on-error", True))
             self.incoming = job
             self._status_event("setup")
-            self.spawn(lambda: self._run_incoming(job, key_file), "qmp-incoming")
+            threading.Thread(target=self._run_incoming, args=(job, key_file), name="qmp-incoming", daemon=True).start()
         return {}
 
     def _run_incoming(self, job: _Incoming, key_file: str) -> None:
