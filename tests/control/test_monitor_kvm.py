@@ -239,3 +239,20 @@ def test_migrate_over_a_unix_socket(monitors: Monitors, key_file: str, tmp_path:
     source.cmd("migrate", uri=f"unix:{path}")
     assert wait_status(source, ("completed", "failed"))["status"] == "completed"
     assert destination.cmd("query-status") == {"running": True, "status": "running"}
+
+
+def test_a_failed_incoming_migration_ends_the_destination_unless_told_otherwise(monitors: Monitors,
+                                                                                 key_file: str) -> None:
+    machine = running_machine()
+    destination_monitor, destination = monitors("destination", machine=None, incoming=True, key_file=key_file)
+    destination.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")  # exit-on-error defaults to true, as in QEMU
+    port = destination.cmd("query-migrate")["socket-address"][0]["port"]
+    _, source = monitors("source", machine=machine, key_file=key_file)
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+    source.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    wait_status(source, ("active",))
+    source.cmd("migrate_cancel")
+    assert destination_monitor.wait() == 1 and destination_monitor.cause is None  # no SHUTDOWN: QEMU just exits
+    assert destination_monitor.migration.incoming is not None
+    assert destination_monitor.migration.incoming.status == "failed"
+    assert "cancel" in destination_monitor.migration.incoming.error
