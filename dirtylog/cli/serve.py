@@ -41,7 +41,8 @@ def serve_incoming(args: argparse.Namespace) -> int:
     if args.key_file:
         load_key(args.key_file)
     monitor = Monitor(args.qmp, machine=None, incoming=True, key_file=args.key_file, incoming_memory=args.memory,
-                      io_timeout=args.timeout)
+                      incoming_max_memory=args.max_memory, io_timeout=args.timeout,
+                      handshake_timeout=args.handshake_timeout)
     try:
         if args.listen:
             # QEMU's -incoming tcp:...: listening starts with the process, before any client connects.

@@ -254,7 +254,8 @@ class MigrationControl:
     """The migration commands of one monitor: outgoing on a running VM, or incoming on a waiting one."""
 
     def __init__(self, vm: VmControl, emit: EventSink, *, key_file: str | None = None,
-                 incoming_memory: int | None = None, io_timeout: float = 30.0,
+                 incoming_memory: int | None = None, incoming_max_memory: int | None = None,
+                 io_timeout: float = 30.0, handshake_timeout: float = 5.0,
                  on_incoming_failure: Callable[[], None] = lambda: None) -> None:
         self.vm = vm
         self.emit = emit
@@ -263,7 +264,9 @@ class MigrationControl:
             self.parameters = check_parameters(self.parameters, {"x-dirtylog-key-file": key_file})
         self.capabilities = dict.fromkeys(CAPABILITIES, False)
         self.incoming_memory = incoming_memory
+        self.incoming_max_memory = incoming_max_memory
         self.io_timeout = io_timeout
+        self.handshake_timeout = handshake_timeout
         self.on_incoming_failure = on_incoming_failure
         self.accepts_incoming = vm.state is RunState.INMIGRATE
         self.outgoing: _Outgoing | None = None
@@ -454,7 +457,7 @@ class MigrationControl:
                 raise QmpError("migrate-incoming needs dirtylog's pre-shared key: start with --key-file FILE, or run "
                                "migrate-set-parameters x-dirtylog-key-file=FILE first")
             try:
-                listener = Listener(address, memory=self.incoming_memory)
+                listener = Listener(address, memory=self.incoming_memory, max_memory=self.incoming_max_memory)
             except DirtylogError as error:
                 raise QmpError(str(error)) from None
             job = _Incoming(listener=listener, socket_address=socket_address(parse_endpoint(listener.address)),
@@ -476,7 +479,8 @@ class MigrationControl:
                 job.rounds.append(qmp_keys(record))
 
         try:
-            received = receive(job.listener, key_file=key_file, io_timeout=self.io_timeout, progress=progress)
+            received = receive(job.listener, key_file=key_file, io_timeout=self.io_timeout,
+                               handshake_timeout=self.handshake_timeout, progress=progress)
         except MigrationError as failure:
             with self._lock:
                 job.ended = time.perf_counter()

@@ -31,8 +31,8 @@ class Monitor:
     """QMP for one machine; see the module docstring for the lifecycle."""
 
     def __init__(self, address: str, *, machine: Machine | None, incoming: bool = False, key_file: str | None = None,
-                 incoming_memory: int | None = None, io_timeout: float = 30.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 incoming_memory: int | None = None, incoming_max_memory: int | None = None, io_timeout: float = 30.0,
+                 handshake_timeout: float = 5.0, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         if incoming and threading.current_thread() is threading.main_thread():
             # The incoming VM is built on the incoming thread; vCPU kicks need their signal handler, which
             # only the main thread may install (a Machine built here would do it too).
@@ -44,7 +44,8 @@ class Monitor:
         self.vm.on_shutdown = self.request_shutdown
         self.server.on_tick = self.vm.poll
         self.migration = MigrationControl(self.vm, self.server.broadcast, key_file=key_file,
-                                          incoming_memory=incoming_memory, io_timeout=io_timeout,
+                                          incoming_memory=incoming_memory, incoming_max_memory=incoming_max_memory,
+                                          io_timeout=io_timeout, handshake_timeout=handshake_timeout,
                                           on_incoming_failure=lambda: self.request_shutdown(None, exit_code=1))
         self.vm.register(self.table)
         self.migration.register(self.table)
