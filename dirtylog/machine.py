@@ -6,12 +6,20 @@ users get one object: ``with Machine(...) as m: t = m.dirty_log("clear")``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
 from dirtylog.guest import machine as guest
-from dirtylog.tracking.base import TRACKING_MODES, Tracker, TrackingError, TrackingMode
+from dirtylog.tracking.base import DIRTY_LOG_MODES, TRACKING_MODES, DirtyLogMode, Tracker, TrackingError, TrackingMode
+from dirtylog.tracking.guest_uffd import GuestUffdTracker
 from dirtylog.tracking.kvm_log import DEFAULT_CLEAR_CHUNK_PAGES, ClearTracker, LogTracker
 from dirtylog.tracking.kvm_ring import RingTracker
 
-__all__ = ["TRACKING_MODES", "Machine", "TrackingMode"]
+if TYPE_CHECKING:
+    from dirtylog.rate import DirtyRate
+    from dirtylog.rate.limit import DirtyLimitController
+
+__all__ = ["DIRTY_LOG_MODES", "TRACKING_MODES", "DirtyLogMode", "Machine", "TrackingMode"]
 
 
 class Machine(guest.Machine):
@@ -20,7 +28,7 @@ class Machine(guest.Machine):
     See :class:`dirtylog.guest.machine.Machine` for the arguments and the lifecycle.
     """
 
-    def dirty_log(self, mode: TrackingMode = "log", *, slots: list[int] | None = None, initially_set: bool = False,
+    def dirty_log(self, mode: DirtyLogMode = "log", *, slots: list[int] | None = None, initially_set: bool = False,
                   clear_chunk_pages: int = DEFAULT_CLEAR_CHUNK_PAGES,
                   ring_entries: int | None = None) -> Tracker:
         """A dirty-page tracker for this machine (not yet enabled).
@@ -29,7 +37,9 @@ class Machine(guest.Machine):
         ``clear_chunk_pages``); ``ring``: per-vCPU dirty rings of ``ring_entries`` (default: the largest the
         host allows, up to 65536) — choose it before
         :meth:`start`, since KVM only allows rings before vCPUs exist. ``slots`` limits logging to those
-        memory slots (default: all).
+        memory slots (default: all). ``uffd``: userfaultfd write-protect of the host memory behind guest RAM
+        (Linux 6.7): it also sees writes the host makes, which KVM's log never does; it touches no slot, so
+        it may run beside a KVM mode.
         """
         if mode == "log":
             return LogTracker(self, slots)
@@ -37,4 +47,59 @@ class Machine(guest.Machine):
             return ClearTracker(self, slots, initially_set=initially_set, chunk_pages=clear_chunk_pages)
         if mode == "ring":
             return RingTracker(self, slots, entries=ring_entries)
-        raise TrackingError(f"unknown dirty-log mode {mode!r}; choose one of {', '.join(TRACKING_MODES)}")
+        if mode == "uffd":
+            if slots is not None:
+                raise TrackingError("the uffd mode watches all of guest RAM; it takes no slots")
+            return GuestUffdTracker(self)
+        raise TrackingError(f"unknown dirty-log mode {mode!r}; choose one of {', '.join(DIRTY_LOG_MODES)}")
+
+    # --- dirty rate and dirty limit (dirtylog.rate; imported on first use) --------------------------------
+
+    def dirty_rate(self, window: str | float = "1s", method: str = "sampling", sample_pages: int = 512,
+                   **options: Any) -> DirtyRate:
+        """The dirty rate over one window of 10 ms to 60 s: distinct pages dirtied / window length.
+
+        ``method``: ``sampling`` (hash ``sample_pages`` per GiB at both ends; no cost to the guest; a
+        confidence interval), ``bitmap`` (the dirty log), ``ring`` (per-vCPU rings: per-vCPU rates; needs
+        ``dirty_ring=True``) or ``auto`` (the cheapest meeting ``accuracy=``, default 0.05). Options:
+        ``confidence``, ``accuracy``, ``bitmap_mode`` ("log" or "clear"), ``seed``. See docs/dirty-rate.md.
+        """
+        from dirtylog import rate
+
+        return rate.measure(self, window, method, sample_pages=sample_pages, **options)
+
+    def dirty_rates(self, window: str | float = "1s", method: str = "sampling", sample_pages: int = 512,
+                    count: int | None = None, **options: Any) -> Iterator[DirtyRate]:
+        """Consecutive windows of :meth:`dirty_rate` (``count`` of them, or as long as you iterate)."""
+        from dirtylog import rate
+
+        return rate.windows(self, window, method, sample_pages=sample_pages, count=count, **options)
+
+    def dirty_limit(self, pages_per_s: float | None, vcpu: int | None = None) -> DirtyLimitController:
+        """Cap ``vcpu`` (every vCPU when None) at ``pages_per_s`` dirtied pages per second, as QEMU's
+        ``set-vcpu-dirty-limit``; None lifts the cap (``cancel-vcpu-dirty-limit``). Needs the dirty ring
+        (``Machine(..., dirty_ring=True)``). Returns the controller: ``.query()`` gives each vCPU's limit
+        and measured rate."""
+        from dirtylog.rate import ring_tracker
+        from dirtylog.rate.limit import DirtyLimitController
+
+        controller: DirtyLimitController | None = getattr(self, "_limit_controller", None)
+        if controller is None:
+            if pages_per_s is None:
+                from dirtylog.rate.limit import DirtyLimiter
+
+                DirtyLimiter(self.spec.vcpus).set_limit(None, vcpu)  # checks the vCPU number
+                raise guest.MachineError("no dirty limit is set on this machine")
+            controller = DirtyLimitController(self, ring_tracker(self))
+            self._limit_controller = controller
+        controller.set_limit(pages_per_s, vcpu)
+        if not controller.limiter.active:
+            controller.stop()
+            controller.tracker.disable()  # no write protection (and no cost to the guest) left behind
+        return controller
+
+    def stop(self) -> None:
+        controller = getattr(self, "_limit_controller", None)
+        if controller is not None:
+            controller.stop()
+        super().stop()

@@ -11,8 +11,8 @@ from typing import Literal
 
 from dirtylog.errors import DirtylogError
 
-WorkloadName = Literal["sequential", "random", "hotset", "stamp", "idle"]
-WORKLOADS: tuple[WorkloadName, ...] = ("sequential", "random", "hotset", "stamp", "idle")
+WorkloadName = Literal["sequential", "random", "hotset", "stamp", "idle", "trace"]
+WORKLOADS: tuple[WorkloadName, ...] = ("sequential", "random", "hotset", "stamp", "idle", "trace")
 
 WORKLOAD_HELP: dict[WorkloadName, str] = {
     "sequential": "writes every page of its share in order, again and again",
@@ -20,6 +20,7 @@ WORKLOAD_HELP: dict[WorkloadName, str] = {
     "hotset": "sends most writes (hot_weight) to a small hot fraction (hot_fraction) of its share",
     "stamp": "writes the iteration number into the first 8 bytes of random pages; reports each iteration",
     "idle": "writes nothing; spins reading the clock",
+    "trace": "replays a recorded program's dirty pages (--trace FILE, from `track --record`) at the recorded pace",
 }
 
 

@@ -37,9 +37,13 @@ Words: TypeAlias = NDArray[np.uint64]
 def _runs_kernel() -> ModuleType:
     """The compiled runs kernel, imported on first use: importing Numba costs 0.3 s that most commands
     (``dirtylog info``, the model) never need."""
-    from dirtylog.bitmap import _runs as module
+    try:
+        from dirtylog.bitmap import _runs
+    except ImportError:  # no Numba (the arm64 lab): the whole-array NumPy path
+        from dirtylog.bitmap import _runs_numpy
 
-    return module
+        return _runs_numpy
+    return _runs
 
 
 def load_kernels() -> None:

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from dirtylog.cli.options import whole_number
 from dirtylog.cli.output import console, emit_json, key_value_table
+from dirtylog.guest.arch import ArchitectureError
 from dirtylog.stage2.checker import CheckConfig, CheckResult, check
 from dirtylog.stage2.mutants import MUTANTS, PATCH, variant_named
 
@@ -75,6 +76,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mutants_parser = actions.add_parser("mutants", help="list the mutants --mutant can select")
     mutants_parser.add_argument("--json", action="store_true", help="print one JSON object")
     mutants_parser.set_defaults(func=run_mutants)
+
+    compare_parser = actions.add_parser(
+        "compare", help="run one schedule of writes and collections on the model and on this arm64 host's KVM",
+        description="Run a schedule of guest writes and KVM_GET_DIRTY_LOG calls on the real arm64 kernel (with "
+        "ftrace counting its functions) and on the stage-2 model; exit 1 if the dirty sets differ. Needs an "
+        "arm64 KVM host: run it as `dirtylog arm64 -- dirtylog model compare`.")
+    compare_parser.add_argument("--json", action="store_true", help="print one JSON object")
+    compare_parser.set_defaults(func=run_compare)
 
     def help_and_fail(args: argparse.Namespace) -> int:
         parser.print_help()
@@ -153,3 +162,35 @@ def run_mutants(args: argparse.Namespace) -> int:
         table.add_row(mutant.name, mutant.summary)
     console.print(table)
     return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``dirtylog model compare``."""
+    from dirtylog.guest.arch import host_machine
+
+    if host_machine() != "aarch64":
+        raise ArchitectureError("model compare runs the seed's own architecture: it needs an arm64 KVM host; "
+                                "run `dirtylog arm64 -- dirtylog model compare`")
+    from dirtylog.lab.schedule import compare
+
+    result = compare()
+    totals = result.totals()
+    if args.json:
+        emit_json({"kernel": result.kernel_release, "hugepages": result.hugepages,
+                   "same_dirty_sets": result.same_dirty_sets, "kernel_dirty": result.kernel.dirty,
+                   "model_dirty": result.model.dirty, "totals": totals, "notes": result.kernel.notes,
+                   "rows": result.rows()})
+        return 0 if result.same_dirty_sets else 1
+    table = Table(title=f"model against kernel {result.kernel_release} (huge-page backed: {result.hugepages})",
+                  title_justify="left")
+    for column in ("count", "model", "kernel"):
+        table.add_column(column)
+    for what, (model, kernel) in totals.items():
+        table.add_row(what, str(model), "not traceable" if kernel is None else str(kernel))
+    console.print(table)
+    for index, (kernel_set, model_set) in enumerate(zip(result.kernel.dirty, result.model.dirty, strict=True)):
+        verdict = "[green]same[/green]" if kernel_set == model_set else f"[red]model {model_set}[/red]"
+        console.print(f"collection {index + 1}: kernel {kernel_set} {verdict}")
+    for note in result.kernel.notes:
+        console.print(note)
+    return 0 if result.same_dirty_sets else 1

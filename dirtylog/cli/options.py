@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
+from dirtylog.errors import DirtylogError
 from dirtylog.machine import Machine
 from dirtylog.units import UnitError, parse_duration, parse_rate, parse_size
 from dirtylog.workload import WORKLOAD_HELP, WORKLOADS
@@ -84,11 +85,17 @@ def add_machine_arguments(parser: argparse.ArgumentParser, *, memory: str = "1G"
                        help="hotset: fraction of pages that are hot (default 0.1)")
     group.add_argument("--hot-weight", type=float, default=0.9,
                        help="hotset: fraction of writes that go to hot pages (default 0.9)")
+    group.add_argument("--trace", metavar="FILE",
+                       help="trace: the recorded dirty-page trace to replay (from `dirtylog track --record FILE`)")
 
 
 def machine_from_args(args: argparse.Namespace, *, dirty_ring: bool = False) -> Machine:
     """A new (not started) machine from :func:`add_machine_arguments`'s options; the one place the CLI
     builds machines. ``dirty_ring`` gives its vCPUs dirty rings (they must exist before the vCPUs)."""
+    trace = getattr(args, "trace", None)
+    if trace and args.workload != "trace":
+        raise DirtylogError(f"--trace FILE is replayed by the trace workload; add --workload trace "
+                            f"(not {args.workload})")
     return Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots,
                    hot_fraction=args.hot_fraction, hot_weight=args.hot_weight, prefault=args.prefault,
-                   dirty_ring=dirty_ring)
+                   dirty_ring=dirty_ring, trace=trace)

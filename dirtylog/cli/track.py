@@ -15,18 +15,21 @@ from dirtylog.cli.options import (
 )
 from dirtylog.cli.output import RowPrinter, console, emit_json
 from dirtylog.cli.plots import plot_series
+from dirtylog.cli.track_process import add_process_arguments, run_process, wants_process
 from dirtylog.errors import DirtylogError
-from dirtylog.machine import TRACKING_MODES, Machine
+from dirtylog.machine import DIRTY_LOG_MODES, Machine
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.verify import StampVerifier
 from dirtylog.units import PAGE_SIZE, format_size
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("track", help="collect a running guest's dirty log every interval")
-    parser.add_argument("--mode", choices=TRACKING_MODES, default="log",
+    parser = subparsers.add_parser("track", help="collect the dirty pages of a running guest, or of any process "
+                                   "(--pid PID, -- COMMAND), every interval")
+    parser.add_argument("--mode", choices=DIRTY_LOG_MODES, default="log",
                         help="log: KVM_GET_DIRTY_LOG; clear: + KVM_CLEAR_DIRTY_LOG (manual protect); "
-                             "ring: per-vCPU dirty rings (default log)")
+                             "ring: per-vCPU dirty rings; uffd: userfaultfd write-protect of guest RAM in the "
+                             "host, which also sees host writes (default log)")
     parser.add_argument("--backend", choices=("kvm", "stage2"), default="kvm",
                         help="kvm: a real VM; stage2: the ARM stage-2 model of the seed patch (no /dev/kvm needed)")
     add_machine_arguments(parser, workload="hotset")
@@ -40,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--ring-entries", type=positive_int, default=None,
                         help="ring mode: entries per vCPU (default: the host's largest, up to 65536)")
     parser.add_argument("--json", action="store_true", help="JSON lines: one per collection, then a summary")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw dirty pages and collection time per interval")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw dirty pages and collection time per interval "
+                        "(for a process: a heatmap by mapping and time)")
+    add_process_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,6 +59,8 @@ class Timeline:
 
 
 def run(args: argparse.Namespace) -> int:
+    if wants_process(args):
+        return run_process(args)
     if args.verify and args.workload not in (None, "stamp"):
         raise DirtylogError(f"--verify checks the stamp workload's page stamps; drop --workload {args.workload} "
                             "or use --workload stamp")

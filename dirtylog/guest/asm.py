@@ -22,7 +22,7 @@ from iced_x86 import (
     Register,
 )
 
-from dirtylog.errors import DirtylogError
+from dirtylog.guest.arch import AsmError
 
 if TYPE_CHECKING:
     from iced_x86._iced_x86_py import Code as CodeId
@@ -40,9 +40,7 @@ EAX, R11D, DX, AL = Register.EAX, Register.R11D, Register.DX, Register.AL
 # instruction uses, and BlockEncoder rewrites them to the final layout.
 _LABEL_BASE = 0x7FFF_0000_0000
 
-
-class AsmError(DirtylogError, ValueError):
-    """An instruction form the assembler does not support, a label problem, or a program that cannot be built."""
+__all__ = ["AsmError", "Assembler", "Mem", "disassemble"]
 
 
 @dataclass(frozen=True)
@@ -202,6 +200,14 @@ class Assembler:
     def mul(self, operand: Operand) -> None:
         """``rdx:rax = rax * operand`` (unsigned)."""
         self._unary(Code.MUL_RM64, operand)
+
+    def div(self, operand: Operand) -> None:
+        """``rax = rdx:rax / operand``, ``rdx`` = the remainder (unsigned; faults if the quotient overflows)."""
+        self._unary(Code.DIV_RM64, operand)
+
+    def load32(self, dst: Reg, src: Mem) -> None:
+        """``mov r32, dword [src]``: a 32-bit load, zero-extended (pass the 32-bit register name)."""
+        self._emit(Instruction.create_reg_mem(Code.MOV_R32_RM32, dst, src.operand()))
 
     # --- system ------------------------------------------------------------------------------------
 

@@ -1,60 +1,57 @@
 """A runnable machine: guest RAM, a workload program, its vCPUs, and its lifecycle.
 
-The machine loads the guest (page tables, program, control blocks), answers the guest's calls to the host
-(``out`` to a port), saves and loads vCPU state, and moves through its states::
+The machine loads the guest (boot memory such as page tables, program, control blocks), answers the guest's
+calls to the host, saves and loads vCPU state, and moves through its states::
 
     CREATED --start()--> RUNNING <--pause()/resume()--> PAUSED --hand_off()--> HANDED_OFF
         any state --stop()--> STOPPED
 
 HANDED_OFF is a paused machine whose VM now runs elsewhere (a migration committed): it can only be
 stopped, never resumed, so the VM never runs twice. The threads that run the vCPUs, and the protocol that
-pauses and throttles them, are :mod:`dirtylog.guest.vcpus`.
+pauses and throttles them, are :mod:`dirtylog.guest.vcpus`; what differs between x86-64 and arm64 (layout,
+vCPU set-up and state, how the guest calls the host, its programs) is :mod:`dirtylog.guest.arch`, chosen
+from the host.
 """
 
 from __future__ import annotations
 
 import ctypes
 import enum
-import struct
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from dirtylog.errors import DirtylogError
-from dirtylog.guest.asm import disassemble
-from dirtylog.guest.memory import GuestMemory
-from dirtylog.guest.programs import ControlBlock, GuestProgram, Port, build_program
-from dirtylog.guest.vcpus import VcpuThreads, install_kick_handler
-from dirtylog.guest.x86 import (
-    CODE_ADDR,
-    MAX_VCPUS,
-    WORKLOAD_ADDR,
-    HugePage,
-    check_memory_size,
-    control_block_addr,
-    entry_regs,
-    long_mode_sregs,
-    page_tables,
-    supports_1g_pages,
+from dirtylog.guest.arch import (
+    Architecture,
+    ArchitectureError,
+    ControlBlock,
+    GuestCall,
+    GuestProgram,
+    host_architecture,
 )
+from dirtylog.guest.memory import GuestMemory
+from dirtylog.guest.trace_tables import TraceTables
+from dirtylog.guest.vcpus import VcpuThreads, install_kick_handler
 from dirtylog.kvm import abi
-from dirtylog.kvm.errors import VcpuError
-from dirtylog.kvm.exits import DirtyRingFull, IoOut, VcpuExit
+from dirtylog.kvm.exits import DirtyRingFull, IoOut, Mmio, VcpuExit
 from dirtylog.kvm.system import Kvm, Vm
 from dirtylog.kvm.vcpu import Vcpu
+from dirtylog.trace import DirtyTrace
 from dirtylog.units import PAGE_SIZE, parse_size
 from dirtylog.workload import WorkloadName, WorkloadSpec
 
 SLEEP_THRESHOLD_SECONDS = 0.001  # a rate-limited guest further ahead than this sleeps in the host
 MAX_LAG_SECONDS = 0.05  # a guest further behind than this restarts its schedule instead of bursting
 DEFAULT_RING_ENTRIES = 65536  # 1 MiB per vCPU: the host maximum here (QEMU defaults to 4096)
-_REGS_FORMAT = "<18Q"
+HugePage = Literal["2M", "1G"]
 
 
 class MachineError(DirtylogError):
@@ -68,12 +65,13 @@ class GuestCrash:
     vcpu: int
     exit: str
     registers: dict[str, int]
-    cr2: int
+    cr2: int  # the faulting address: CR2 on x86, FAR_EL1 on arm64
     code: tuple[str, ...]
+    fault_name: str = "cr2"
 
     def describe(self) -> str:
         regs = " ".join(f"{name}={value:#x}" for name, value in self.registers.items())
-        lines = [f"vCPU {self.vcpu} stopped with {self.exit}; registers: {regs}; cr2={self.cr2:#x}"]
+        lines = [f"vCPU {self.vcpu} stopped with {self.exit}; registers: {regs}; {self.fault_name}={self.cr2:#x}"]
         lines += [f"  {line}" for line in self.code]
         return "\n".join(lines)
 
@@ -101,7 +99,10 @@ class Machine:
     ``dirty_ring`` gives each vCPU a dirty ring (True: the default size, or a number of entries; KVM
     allows rings only before vCPUs exist, and ``dirty_log("ring")`` before :meth:`start` does the same);
     ``prefault`` allocates host memory up front (a first guest touch then costs ~3 us instead of ~24 us
-    here; see docs/performance.md). The
+    here; see docs/performance.md); ``huge_aligned`` puts guest RAM on a 2 MiB host boundary so KVM may map
+    it with 2 MiB stage-2 blocks where the host backs it with huge pages; ``arch`` overrides the host's
+    guest architecture (:mod:`dirtylog.guest.arch`); ``trace`` (with ``workload="trace"``) is a recorded trace or
+    its file, replayed by every vCPU from tables at the top of guest RAM (see :mod:`dirtylog.trace`). The
     machine is created stopped; :meth:`start` runs it. Use it as a context manager so that everything
     is freed even when an exception escapes.
     """
@@ -123,11 +124,16 @@ class Machine:
         blank: bool = False,
         dirty_ring: int | bool = False,
         kvm_device: str | None = None,
+        arch: Architecture | None = None,
+        huge_aligned: bool = False,
+        trace: DirtyTrace | str | os.PathLike[str] | None = None,
     ) -> None:
         size = parse_size(memory)
-        check_memory_size(size)
-        if not 1 <= vcpus <= MAX_VCPUS:
-            raise MachineError(f"vcpus must be between 1 and {MAX_VCPUS}, got {vcpus}")
+        self.arch = arch or host_architecture()
+        layout = self.arch.layout
+        self.arch.check_memory_size(size)
+        if not 1 <= vcpus <= layout.max_vcpus:
+            raise MachineError(f"vcpus must be between 1 and {layout.max_vcpus}, got {vcpus}")
         install_kick_handler()
         self.blank = blank
         self.state = State.CREATED
@@ -140,20 +146,28 @@ class Machine:
         try:
             self._check_vcpus(vcpus)
             self.vm: Vm = self.kvm.create_vm()
-            self.ram = GuestMemory(size, slots)
+            self.ram = GuestMemory(size, slots, huge_aligned=huge_aligned)
             if prefault:
                 self.ram.prefault()
             self.ram.register(self.vm)
             if dirty_ring:
                 self.enable_dirty_ring(None if dirty_ring is True else int(dirty_ring))
-            first = WORKLOAD_ADDR // PAGE_SIZE
+            # A blank machine (a migration destination) gets the trace's tables with the rest of memory.
+            if not blank and (workload == "trace") != (trace is not None):
+                raise MachineError("the trace workload replays a recorded trace: give both workload='trace' and "
+                                   "trace=FILE (record one with `dirtylog track --record FILE`)")
+            self.trace = TraceTables.plan(trace, vcpus, size) if trace is not None else None
+            first = layout.workload_addr // PAGE_SIZE
             self.spec = WorkloadSpec(
-                workload, first, self.ram.npages - first, vcpus, rate, hot_fraction, hot_weight,
-                writes_per_iteration)
-            self.program = program or build_program(workload)
-            if page_size == "1G" and not supports_1g_pages(self.kvm.supported_cpuid()):
-                raise MachineError(f"this KVM ({self.kvm.host_type}) does not offer 1 GiB pages to guests "
-                                   "(CPUID Page1GB); use page_size='2M'")
+                workload, first, self.ram.npages - first - (self.trace.npages if self.trace else 0), vcpus, rate,
+                hot_fraction, hot_weight, writes_per_iteration)
+            if self.trace:
+                self.trace.check_fits(self.spec)
+            self.program = program or self.arch.build_program(workload)
+            try:
+                self.arch.check_page_size(self.kvm, page_size)
+            except ArchitectureError as error:
+                raise MachineError(str(error)) from None
             self.page_size: HugePage = page_size
             if not blank:  # a migration destination gets every byte from the stream instead
                 self._load()
@@ -167,20 +181,27 @@ class Machine:
         self.done_at: dict[int, float] = {}
 
     def _check_vcpus(self, vcpus: int) -> None:
-        if not 1 <= vcpus <= min(MAX_VCPUS, self.kvm.max_vcpus):
-            raise MachineError(f"vcpus must be between 1 and {min(MAX_VCPUS, self.kvm.max_vcpus)} (this layout's and "
-                               f"this KVM's limit), got {vcpus}")
+        limit = min(self.arch.layout.max_vcpus, self.kvm.max_vcpus)
+        if not 1 <= vcpus <= limit:
+            raise MachineError(f"vcpus must be between 1 and {limit} (this layout's and this KVM's limit), got {vcpus}")
 
     # --- what the guest sees -----------------------------------------------------------------------
 
     def _load(self) -> None:
-        """Page tables, program and control blocks, written the way any host write is: tracked."""
-        _, tables = page_tables(self.ram.bytes, self.page_size)
-        for address, entries in tables.items():
-            self.ram.write(address, entries.view(np.uint8))
-        self.ram.write(CODE_ADDR, self.program.code)
+        """Boot memory (x86: page tables), program and control blocks, written the way any host write is:
+        tracked."""
+        for address, data in self.arch.boot_memory(self.ram.size, self.page_size).items():
+            self.ram.write(address, data)
+        self.ram.write(self.arch.layout.code_addr, self.program.code)
         for index in range(self.spec.vcpus):
-            self.ram.write(control_block_addr(index), self._control_block(index).view(np.uint8))
+            self.ram.write(self.control_block_addr(index), self._control_block(index).view(np.uint8))
+        if self.trace:
+            for address, table in zip(self.trace.addresses, self.trace.tables, strict=True):
+                self.ram.write(address, table)
+
+    def control_block_addr(self, vcpu: int) -> int:
+        """Guest-physical address of ``vcpu``'s control block."""
+        return self.arch.layout.control_block_addr(vcpu)
 
     def _control_block(self, index: int, tsc_khz: int = 0) -> npt.NDArray[np.uint64]:
         spec = self.spec
@@ -193,12 +214,16 @@ class Machine:
             ControlBlock.HOT_NPAGES: max(1, int(len(share) * spec.hot_fraction)),
             ControlBlock.HOT_THRESHOLD: int(spec.hot_weight * 2**32),
             ControlBlock.WRITES_PER_ITERATION: spec.writes_per_iteration or len(share),
+            ControlBlock.RATE: spec.rate or 0,
         }
         if tsc_khz and spec.rate:
             fields[ControlBlock.TICKS_PER_PAGE] = max(1, tsc_khz * 1000 // spec.rate)
         if tsc_khz:
             fields[ControlBlock.SLEEP_THRESHOLD] = int(tsc_khz * 1000 * SLEEP_THRESHOLD_SECONDS)
             fields[ControlBlock.MAX_LAG] = int(tsc_khz * 1000 * MAX_LAG_SECONDS)
+            fields[ControlBlock.TSC_KHZ] = tsc_khz
+        if self.trace:
+            fields.update(self.trace.control_fields(index))
         for offset, value in fields.items():
             block[offset // 8] = value
         return block
@@ -212,15 +237,15 @@ class Machine:
         self._check_vcpus(vcpus)
         self.spec = WorkloadSpec(workload, self.spec.first_page, self.spec.npages, vcpus, rate, hot_fraction,
                                  hot_weight, writes_per_iteration)
-        self.program = build_program(workload)
+        self.program = self.arch.build_program(workload)
 
     def set_control(self, vcpu: int, offset: ControlBlock, value: int) -> None:
         """Set a control-block field of ``vcpu`` (before start, or for fields the guest rereads)."""
-        self.ram.write(control_block_addr(vcpu) + offset, np.array([value], dtype=np.uint64).view(np.uint8))
+        self.ram.write(self.control_block_addr(vcpu) + offset, np.array([value], dtype=np.uint64).view(np.uint8))
 
     def control(self, vcpu: int, offset: ControlBlock) -> int:
         """A control-block field of ``vcpu``, read from guest memory while the guest runs."""
-        return int(self.ram.words[(control_block_addr(vcpu) + offset) // 8])
+        return int(self.ram.words[(self.control_block_addr(vcpu) + offset) // 8])
 
     @property
     def memory(self) -> npt.NDArray[np.uint8]:
@@ -295,22 +320,24 @@ class Machine:
             return
         if self.state is not State.CREATED:
             raise MachineError(f"vCPUs are created before start(); this machine is {self.state.value}")
-        cpuid = self.kvm.supported_cpuid()
         vcpus: list[Vcpu] = []
         for index in range(self.spec.vcpus):
             vcpu = self.vm.create_vcpu(index)
-            vcpu.set_cpuid(cpuid)
-            vcpu.set_sregs(long_mode_sregs(vcpu.get_sregs()))
-            vcpu.set_regs(entry_regs(control_block_addr(index), index))
+            self.arch.setup_vcpu(self.kvm, self.vm, vcpu, index)
             vcpus.append(vcpu)
-        self._runner = VcpuThreads(vcpus, self._handle_exit, self._record_crash, lambda: self.crash is not None)
-        self.tsc_hz = vcpus[0].tsc_khz * 1000
+        self._runner = VcpuThreads(vcpus, self._handle_exit, self._record_crash, lambda: self.crash is not None,
+                                   self.arch.registers)
+        self.tsc_hz = self.arch.counter_hz(vcpus[0])  # 0: the guest reads its counter's frequency itself
 
     def _write_timing(self) -> None:
-        """Control-block fields in TSC ticks, now that the vCPUs' TSC frequency is known."""
+        """Control-block fields in counter ticks, now that the counter's frequency is known (x86's TSC; an
+        arm64 guest computes these from ``RATE`` and its own ``cntfrq_el0``)."""
+        if not self.tsc_hz:
+            return
         for index in range(self.spec.vcpus):
             block = self._control_block(index, self.tsc_hz // 1000)
-            for offset in (ControlBlock.TICKS_PER_PAGE, ControlBlock.SLEEP_THRESHOLD, ControlBlock.MAX_LAG):
+            for offset in (ControlBlock.TICKS_PER_PAGE, ControlBlock.SLEEP_THRESHOLD, ControlBlock.MAX_LAG,
+                           ControlBlock.TSC_KHZ):
                 self.set_control(index, offset, int(block[offset // 8]))
 
     def load_vcpu_states(self, vcpu_states: list[bytes]) -> None:
@@ -409,34 +436,22 @@ class Machine:
 
     # --- vCPU state --------------------------------------------------------------------------------
 
-    def saved_regs(self, vcpu: int) -> abi.kvm_regs:
-        """Registers of a paused vCPU, as saved when it parked."""
+    def saved_regs(self, vcpu: int) -> Any:
+        """Registers of a paused vCPU, as saved when it parked (x86: ``kvm_regs``; arm64: by name, ``regs.pc``)."""
         regs = self._threads().saved_regs(vcpu)
         if self.state is not State.PAUSED or regs is None:
             raise MachineError("registers are saved only while the machine is paused")
         return regs
 
     def vcpu_state(self, vcpu: int) -> bytes:
-        """A paused vCPU's architectural state (registers, segment registers, TSC) as bytes."""
-        regs = self.saved_regs(vcpu)
-        target = self.vcpus[vcpu]
-        sregs = target.get_sregs()
-        tsc = target.get_msrs([abi.MSR_IA32_TSC])[abi.MSR_IA32_TSC]
-        return bytes(regs) + bytes(sregs) + struct.pack("<Q", tsc)
+        """A paused vCPU's architectural state (x86: registers, segment registers, TSC; arm64: core registers
+        and the virtual counter) as bytes."""
+        return self.arch.save_state(self.vcpus[vcpu], self.saved_regs(vcpu))
 
     def load_vcpu_state(self, vcpu: int, state: bytes) -> None:
         """Load state from :meth:`vcpu_state` into a paused or new vCPU."""
-        regs_size, sregs_size = struct.calcsize(_REGS_FORMAT), len(bytes(abi.kvm_sregs()))
-        if len(state) != regs_size + sregs_size + 8:
-            raise VcpuError(f"vCPU state of {len(state)} bytes is not the {regs_size + sregs_size + 8} expected")
         target = self._threads().vcpus[vcpu]
-        regs = abi.kvm_regs.from_buffer_copy(state[:regs_size])
-        sregs = abi.kvm_sregs.from_buffer_copy(state[regs_size:regs_size + sregs_size])
-        (tsc,) = struct.unpack("<Q", state[regs_size + sregs_size:])
-        target.set_sregs(sregs)
-        target.set_regs(regs)
-        target.set_msrs({abi.MSR_IA32_TSC: tsc})
-        self._threads().set_saved_regs(vcpu, regs)
+        self._threads().set_saved_regs(vcpu, self.arch.load_state(target, state))
 
     # --- running the vCPUs -------------------------------------------------------------------------
 
@@ -459,45 +474,51 @@ class Machine:
 
     def _handle_exit(self, index: int, exit_: VcpuExit) -> bool:
         """React to a guest exit, on the vCPU's thread; False when the vCPU must end (crash)."""
-        if isinstance(exit_, IoOut):
-            if exit_.port == Port.ITERATION:
+        call = self.arch.guest_call(exit_, self.vcpus[index]) if isinstance(exit_, IoOut | Mmio) else None
+        if call is not None:
+            kind, argument = call
+            if kind is GuestCall.ITERATION:
                 if self.on_iteration is not None:
                     self.on_iteration(index, self.control(index, ControlBlock.ITERATION))
                 return True
-            if exit_.port == Port.SLEEP:
-                ticks = self.vcpus[index].get_regs().rcx
-                self._threads().sleep(index, min(ticks / self.tsc_hz, 0.05))
+            if kind is GuestCall.SLEEP:
+                hz = self.tsc_hz or self.control(index, ControlBlock.COUNTER_HZ) or 1
+                self._threads().sleep(index, min(argument / hz, 0.05))
                 return True
-            if exit_.port in (Port.IDLE, Port.DONE):
-                if exit_.port == Port.DONE:
-                    self.done_at[index] = time.perf_counter()
-                self._threads().sleep(index, 0.5)
-                return True
+            if kind is GuestCall.DONE:
+                self.done_at[index] = time.perf_counter()
+            self._threads().sleep(index, 0.5)  # IDLE or DONE
+            return True
         if isinstance(exit_, DirtyRingFull):
             if self.on_dirty_ring_full is None:
                 self._record_crash(index, "DIRTY_RING_FULL with no tracker to harvest the ring")
                 return False
             self.on_dirty_ring_full(index)
             return True
-        self._record_crash(index, exit_.name if not isinstance(exit_, IoOut) else f"unexpected out to port "
-                           f"{exit_.port:#x}")
+        if isinstance(exit_, IoOut):
+            what = f"unexpected out to port {exit_.port:#x}"
+        elif isinstance(exit_, Mmio):
+            what = f"unexpected MMIO {'write' if exit_.is_write else 'read'} at {exit_.phys_addr:#x}"
+        else:
+            what = exit_.name
+        self._record_crash(index, what)
         return False
 
     def _record_crash(self, index: int, what: str) -> None:
         vcpu = self.vcpus[index]
         try:
-            regs = vcpu.get_regs()
-            registers = {field[0]: getattr(regs, field[0]) for field in abi.kvm_regs._fields_}
-            cr2 = vcpu.get_sregs().cr2
+            registers = self.arch.register_values(self.arch.registers(vcpu))
+            fault = self.arch.fault_address(vcpu)
         except DirtylogError:
-            registers, cr2 = {}, 0
-        rip = registers.get("rip", 0)
+            registers, fault = {}, 0
+        pc = registers.get(self.arch.pc_register, 0)
         code: tuple[str, ...] = ()
-        if 0 <= rip < self.ram.size - 16:
-            code = tuple(disassemble(self.ram.bytes[rip:rip + 32].tobytes(), rip, count=3))
+        if 0 <= pc < self.ram.size - 16:
+            code = self.arch.disassemble(self.program, self.ram.bytes[pc:pc + 32].tobytes(), pc, pc)
         with self._crash_lock:
             if self.crash is None:
-                self.crash = GuestCrash(index, what, registers, cr2, code)
+                self.crash = GuestCrash(index, what, registers, fault, code,
+                                        "cr2" if self.arch.pc_register == "rip" else "far_el1")
         self._threads().notify()
 
     def _raise_if_crashed(self) -> None:

@@ -24,6 +24,7 @@ from dirtylog.kvm.system import Vm
 from dirtylog.units import PAGE_SIZE, format_size
 
 SLOT_ALIGNMENT = 64 * PAGE_SIZE  # one dirty-bitmap word per 64 pages
+HUGE_ALIGNMENT = 2 << 20
 MADV_POPULATE_WRITE = 23  # Linux 5.14; not yet in Python 3.11's mmap module
 
 
@@ -56,7 +57,7 @@ def host_memory_bytes() -> tuple[int, int]:
 class GuestMemory:
     """Anonymous host memory that backs guest-physical ``[0, size)``, viewed as bytes and as pages."""
 
-    def __init__(self, size: int, nslots: int = 1) -> None:
+    def __init__(self, size: int, nslots: int = 1, *, huge_aligned: bool = False) -> None:
         if size <= 0 or size % SLOT_ALIGNMENT:
             raise GuestMemoryError(
                 f"guest memory of {size} bytes is not a positive multiple of {format_size(SLOT_ALIGNMENT)} "
@@ -71,7 +72,11 @@ class GuestMemory:
         try:
             # Not MAP_NORESERVE: the kernel's overcommit check then refuses what it cannot back now,
             # instead of the OOM killer taking the process in the middle of a migration.
-            self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            # huge_aligned: 2 MiB more, so guest address 0 can sit on a 2 MiB host boundary; KVM maps a
+            # guest block with one stage-2 block (or EPT huge page) only where host and guest addresses
+            # agree modulo 2 MiB.
+            self._map = mmap.mmap(-1, size + (HUGE_ALIGNMENT if huge_aligned else 0),
+                                  mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError as error:
             if error.errno == errno.ENOMEM:
                 raise GuestMemoryError(
@@ -85,10 +90,12 @@ class GuestMemory:
         with contextlib.suppress(OSError):  # EINVAL: a kernel without THP
             self._map.madvise(mmap.MADV_HUGEPAGE)
         self.size = size
-        self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        offset = -base % HUGE_ALIGNMENT if huge_aligned else 0
+        self.bytes: npt.NDArray[np.uint8] = np.frombuffer(self._map, dtype=np.uint8, count=size, offset=offset)
         self.words: npt.NDArray[np.uint64] = self.bytes.view(np.uint64)
         self.pages: npt.NDArray[np.uint8] = self.bytes.reshape(-1, PAGE_SIZE)
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self.address = base + offset
         self.host_dirty = DirtyBitmap.empty(self.npages)
 
     @property

@@ -15,11 +15,10 @@ leaves host CPUs to the collector and the migration stream.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dirtylog.guest.arch import ControlBlock, GuestCall, GuestProgram
 from dirtylog.guest.asm import (
     EAX,
     R8,
@@ -32,10 +31,12 @@ from dirtylog.guest.asm import (
     R14,
     R15,
     RAX,
+    RBP,
     RBX,
     RCX,
     RDI,
     RDX,
+    RSI,
     AsmError,
     Assembler,
     Mem,
@@ -46,43 +47,16 @@ from dirtylog.workload import WorkloadName
 if TYPE_CHECKING:
     from iced_x86._iced_x86_py import Register as Reg
 
-
-class ControlBlock(enum.IntEnum):
-    """Byte offsets of the u64 fields in a vCPU's control block."""
-
-    PROGRESS = 0  # pages written so far (guest writes)
-    ITERATION = 8  # completed iterations: passes for sequential, stamp rounds for stamp (guest writes)
-    AREA_BASE = 16  # guest address of the first page of this vCPU's share
-    AREA_NPAGES = 24  # pages in the share
-    TICKS_PER_PAGE = 32  # TSC ticks between writes; 0 = as fast as possible
-    PRNG_SEED = 40  # xorshift64 seed, never 0
-    HOT_NPAGES = 48  # hotset: pages in the hot set (the first pages of the share)
-    HOT_THRESHOLD = 56  # hotset: a write goes to the hot set when the PRNG's low 32 bits are below this
-    WRITES_PER_ITERATION = 64  # stamp: pages per iteration
-    SLEEP_THRESHOLD = 72  # ticks ahead of schedule above which the guest asks the host to sleep
-    MAX_LAG = 80  # ticks behind schedule beyond which the guest forgets the debt (no catch-up burst)
-    COUNT = 88  # count loop: iterations to run
+__all__ = ["ControlBlock", "GuestProgram", "Port", "build_program"]
 
 
-class Port(enum.IntEnum):
-    """I/O ports of the guest→host calls (``out dx, al``)."""
-
-    ITERATION = 0xD1  # a stamp iteration finished; ITERATION in the control block is its number
-    SLEEP = 0xD2  # sleep RCX TSC ticks
-    IDLE = 0xD3  # nothing to do: park until the host wants the vCPU
-    DONE = 0xD4  # a finite program finished
+Port = GuestCall  # the x86 programs call the host with ``out dx, al``, the call number as the port
 
 
-@dataclass(frozen=True)
-class GuestProgram:
-    """Machine code to load at :data:`CODE_ADDR`, and what it is."""
-
-    name: str
-    code: bytes
-
-    def __post_init__(self) -> None:
-        if len(self.code) > MAX_CODE_BYTES:
-            raise AsmError(f"program {self.name} is {len(self.code)} bytes; at most {MAX_CODE_BYTES} fit")
+def _checked(program: GuestProgram) -> GuestProgram:
+    if len(program.code) > MAX_CODE_BYTES:
+        raise AsmError(f"program {program.name} is {len(program.code)} bytes; at most {MAX_CODE_BYTES} fit")
+    return program
 
 
 def _prologue(a: Assembler) -> None:
@@ -212,6 +186,76 @@ def _stamp(a: Assembler) -> None:
     a.jmp("iteration")
 
 
+def _trace(a: Assembler) -> None:
+    """Replay a recorded trace: each window's pages are written once its recorded time has come.
+
+    The table (see ``DirtyTrace.guest_table``) holds the window count, then (end in microseconds, page
+    count) per window, then the u32 page numbers. Registers: RSI the next window's entry, RDI the next
+    page number, R8 windows left, R14 the TSC when this replay began, RBP TSC kHz, R13 the current
+    window's deadline in ticks, R9 the stamp (replay number), RCX pages left in the window. After the
+    last window the replay reports an iteration and starts again, on a new clock.
+    """
+    a.mov(RBP, Mem(R15, ControlBlock.TSC_KHZ))
+    a.mov(R9, Mem(R15, ControlBlock.ITERATION))
+    a.inc(R9)
+    a.label("replay")
+    a.mov(RSI, Mem(R15, ControlBlock.TRACE_TABLE))
+    a.mov(R8, Mem(RSI))
+    a.mov(RDI, R8)
+    a.shl(RDI, 4)
+    a.add(RDI, RSI)
+    a.add(RDI, imm=8)  # the page numbers follow the header and the window entries
+    a.add(RSI, imm=8)
+    _read_tsc(a)
+    a.mov(R14, RAX)
+    a.test(R8, R8)
+    a.jz("replayed")
+    a.label("window")
+    a.mov(RAX, Mem(RSI))  # the window's end, microseconds since the replay began
+    a.mul(RBP)
+    a.mov_imm(RCX, 1000)
+    a.div(RCX)  # ticks = us * kHz / 1000
+    a.add(RAX, R14)
+    a.mov(R13, RAX)
+    a.label("wait")
+    _read_tsc(a)
+    a.mov(RCX, R13)
+    a.sub(RCX, RAX)  # ticks until the window's time; <= 0 once it has come
+    a.jle("due")
+    a.cmp(RCX, Mem(R15, ControlBlock.SLEEP_THRESHOLD))
+    a.jb("spin")
+    a.mov_imm(RDX, Port.SLEEP)
+    a.out_dx_al()
+    a.jmp("wait")
+    a.label("spin")
+    a.pause()
+    a.jmp("wait")
+    a.label("due")
+    a.mov(RCX, Mem(RSI, 8))
+    a.label("page")
+    a.test(RCX, RCX)
+    a.jz("window_done")
+    a.load32(EAX, Mem(RDI))
+    a.shl(RAX, 12)
+    a.add(RAX, RBX)
+    a.mov(Mem(RAX), R9)
+    a.inc(R10)
+    a.mov(Mem(R15, ControlBlock.PROGRESS), R10)
+    a.add(RDI, imm=4)
+    a.dec(RCX)
+    a.jmp("page")
+    a.label("window_done")
+    a.add(RSI, imm=16)
+    a.dec(R8)
+    a.jnz("window")
+    a.label("replayed")
+    a.mov(Mem(R15, ControlBlock.ITERATION), R9)
+    a.inc(R9)
+    a.mov_imm(RDX, Port.ITERATION)
+    a.out_dx_al()
+    a.jmp("replay")
+
+
 def _idle(a: Assembler) -> None:
     a.label("idle")
     a.mov_imm(RDX, Port.IDLE)
@@ -237,6 +281,7 @@ _BODIES: dict[str, Callable[[Assembler], None]] = {
     "stamp": _stamp,
     "idle": _idle,
     "count": _count,
+    "trace": _trace,
 }
 
 
@@ -252,4 +297,4 @@ def build_program(name: WorkloadName | str) -> GuestProgram:
     else:
         _prologue(a)
     body(a)
-    return GuestProgram(name, a.assemble(CODE_ADDR))
+    return _checked(GuestProgram(name, a.assemble(CODE_ADDR)))

@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dirtylog.errors import DirtylogError
-from dirtylog.kvm import abi
 from dirtylog.kvm.exits import Interrupted, VcpuExit
 from dirtylog.kvm.vcpu import Vcpu
 
@@ -33,6 +33,8 @@ THROTTLE_TIMESLICE = 0.01  # seconds of guest time between throttle sleeps, as Q
 ExitHandler = Callable[[int, VcpuExit], bool]
 #: Called on a vCPU's thread when it ends abnormally: ``(vcpu index, what happened)``.
 FailureHandler = Callable[[int, str], None]
+#: Reads a parked vCPU's registers (the architecture's: ``KVM_GET_REGS`` on x86, ``ONE_REG`` on arm64).
+RegisterReader = Callable[[Vcpu], Any]
 
 
 class VcpuThreadError(DirtylogError):
@@ -51,7 +53,7 @@ class _VcpuThread:
     thread: threading.Thread | None = None
     ident: int = 0
     parked: bool = False
-    regs: abi.kvm_regs | None = None
+    regs: Any = None
     wake: threading.Event = field(default_factory=threading.Event)
     delay: float = 0.0  # seconds to spend outside the guest at the next chance (throttling)
     done: threading.Event = field(default_factory=threading.Event)
@@ -75,11 +77,12 @@ class VcpuThreads:
     """
 
     def __init__(self, vcpus: list[Vcpu], on_exit: ExitHandler, on_failure: FailureHandler,
-                 stopped: Callable[[], bool]) -> None:
+                 stopped: Callable[[], bool], read_regs: RegisterReader = Vcpu.get_regs) -> None:
         self._threads = [_VcpuThread(vcpu) for vcpu in vcpus]
         self._on_exit = on_exit
         self._on_failure = on_failure
         self._stopped = stopped
+        self._read_regs = read_regs
         self._request = _Request.RUN
         self._control = threading.Condition()
         self.throttle = 0.0
@@ -117,11 +120,11 @@ class VcpuThreads:
             if entry.thread is not None:
                 entry.thread.join(PAUSE_TIMEOUT)
 
-    def saved_regs(self, index: int) -> abi.kvm_regs | None:
+    def saved_regs(self, index: int) -> Any:
         """Registers vCPU ``index`` saved when it last parked (or were loaded into it)."""
         return self._threads[index].regs
 
-    def set_saved_regs(self, index: int, regs: abi.kvm_regs) -> None:
+    def set_saved_regs(self, index: int, regs: Any) -> None:
         self._threads[index].regs = regs
 
     def sleep(self, index: int, seconds: float) -> None:
@@ -224,7 +227,7 @@ class VcpuThreads:
         vcpu = entry.vcpu
         vcpu.immediate_exit = True
         vcpu.run()  # completes a pending `out`; returns at once because of immediate_exit
-        entry.regs = vcpu.get_regs()
+        entry.regs = self._read_regs(vcpu)
         with self._control:
             entry.parked = True
             self._control.notify_all()

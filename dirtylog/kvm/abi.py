@@ -1,6 +1,7 @@
 """The KVM userspace ABI: ctypes structures, ioctl numbers, capabilities and exit reasons.
 
-Mirrors ``include/uapi/linux/kvm.h`` and ``arch/x86/include/uapi/asm/kvm.h`` (x86-64), nothing more:
+Mirrors ``include/uapi/linux/kvm.h``, ``arch/x86/include/uapi/asm/kvm.h`` (x86-64) and
+``arch/arm64/include/uapi/asm/kvm.h`` (arm64; its names carry ``arm64`` where x86 has the same one), nothing more:
 no behaviour lives here. Ioctl numbers are computed from ``ctypes.sizeof`` of the structure they carry,
 as the kernel's ``_IOW``/``_IOR`` macros do, so a wrong field layout shows up as a wrong number in
 ``tests/kvm/test_abi.py`` rather than as memory corruption.
@@ -269,6 +270,79 @@ EXIT_REASON_NAMES = {
     for name, value in globals().items()
     if name.startswith("KVM_EXIT_") and not name.startswith("KVM_EXIT_IO_")
 }
+
+# --- arm64 (arch/arm64/include/uapi/asm/kvm.h) -------------------------------------------------------
+
+
+class kvm_vcpu_init(ctypes.Structure):
+    """``KVM_ARM_VCPU_INIT``'s argument: the target CPU type and feature bits."""
+
+    _fields_ = [("target", u32), ("features", u32 * 7)]
+
+
+class kvm_one_reg(ctypes.Structure):
+    """``KVM_GET/SET_ONE_REG``'s argument: a register id and the address of its value."""
+
+    _fields_ = [("id", u64), ("addr", u64)]
+
+
+class user_pt_regs(ctypes.Structure):
+    _fields_ = [("regs", u64 * 31), ("sp", u64), ("pc", u64), ("pstate", u64)]
+
+
+class user_fpsimd_state(ctypes.Structure):
+    _fields_ = [("vregs", u64 * 64), ("fpsr", u32), ("fpcr", u32), ("reserved", u32 * 2)]
+
+
+class kvm_regs_arm64(ctypes.Structure):
+    """arm64's ``struct kvm_regs``: never passed whole (arm64 has no KVM_GET_REGS); its field offsets are the
+    ids of the core registers for ``ONE_REG``."""
+
+    _fields_ = [("regs", user_pt_regs), ("sp_el1", u64), ("elr_el1", u64), ("spsr", u64 * 5),
+                ("pad", u64),  # fp_regs holds __uint128_t vregs: C aligns it to 16 bytes
+                ("fp_regs", user_fpsimd_state)]
+
+
+KVM_REG_ARM64 = 0x6000_0000_0000_0000
+KVM_REG_SIZE_U64 = 0x0030_0000_0000_0000
+KVM_REG_ARM_CORE = 0x0010 << 16
+KVM_REG_ARM64_SYSREG = 0x0013 << 16
+
+
+def arm64_core_reg(offset: int) -> int:
+    """ONE_REG id of the 64-bit core register at byte ``offset`` of arm64's ``struct kvm_regs``."""
+    return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | offset // 4
+
+
+def arm64_sysreg(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
+    """ONE_REG id of a system register, by its encoding (``ARM64_SYS_REG``)."""
+    return (KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG
+            | op0 << 14 | op1 << 11 | crn << 7 | crm << 3 | op2)
+
+
+_PT_REGS = kvm_regs_arm64.regs.offset
+ARM64_REG_X = [arm64_core_reg(_PT_REGS + 8 * n) for n in range(31)]
+ARM64_REG_SP = arm64_core_reg(_PT_REGS + user_pt_regs.sp.offset)
+ARM64_REG_PC = arm64_core_reg(_PT_REGS + user_pt_regs.pc.offset)
+ARM64_REG_PSTATE = arm64_core_reg(_PT_REGS + user_pt_regs.pstate.offset)
+ARM64_REG_SP_EL1 = arm64_core_reg(kvm_regs_arm64.sp_el1.offset)
+ARM64_REG_ELR_EL1 = arm64_core_reg(kvm_regs_arm64.elr_el1.offset)
+ARM64_REG_SPSR_EL1 = arm64_core_reg(kvm_regs_arm64.spsr.offset)
+ARM64_REG_ESR_EL1 = arm64_sysreg(3, 0, 5, 2, 0)
+ARM64_REG_FAR_EL1 = arm64_sysreg(3, 0, 6, 0, 0)
+ARM64_REG_VBAR_EL1 = arm64_sysreg(3, 0, 12, 0, 0)
+KVM_REG_ARM_TIMER_CNT = arm64_sysreg(3, 3, 14, 3, 2)  # the guest's virtual counter (CNTVCT_EL0)
+
+# PSTATE: EL1 using SP_EL1, with debug, SError, IRQ and FIQ masked.
+PSR_MODE_EL1H = 0x5
+PSR_DAIF_MASKED = 0xF << 6
+
+KVM_ARM_VCPU_PSCI_0_2 = 2
+
+KVM_ARM_VCPU_INIT = _iow(0xAE, kvm_vcpu_init)
+KVM_ARM_PREFERRED_TARGET = _ior(0xAF, kvm_vcpu_init)
+KVM_GET_ONE_REG = _iow(0xAB, kvm_one_reg)
+KVM_SET_ONE_REG = _iow(0xAC, kvm_one_reg)
 
 # --- x86 MSRs ---------------------------------------------------------------------------------------
 

@@ -101,6 +101,25 @@ class Vcpu:
         """``KVM_SET_CPUID2`` with a ``kvm_cpuid2`` buffer (e.g. :meth:`Kvm.supported_cpuid`)."""
         self._call(abi.KVM_SET_CPUID2, bytearray(cpuid), "KVM_SET_CPUID2")
 
+    # --- arm64 ---------------------------------------------------------------------------------------
+
+    def arm_vcpu_init(self, init: abi.kvm_vcpu_init) -> None:
+        """``KVM_ARM_VCPU_INIT``: reset the vCPU to ``init.target`` with its features (arm64)."""
+        self._call(abi.KVM_ARM_VCPU_INIT, init, "KVM_ARM_VCPU_INIT")
+
+    def get_one_reg(self, reg_id: int) -> int:
+        """``KVM_GET_ONE_REG`` of a 64-bit register."""
+        value = ctypes.c_uint64()
+        self._call(abi.KVM_GET_ONE_REG, abi.kvm_one_reg(reg_id, ctypes.addressof(value)),
+                   f"KVM_GET_ONE_REG {reg_id:#x}")
+        return value.value
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        """``KVM_SET_ONE_REG`` of a 64-bit register."""
+        holder = ctypes.c_uint64(value)
+        self._call(abi.KVM_SET_ONE_REG, abi.kvm_one_reg(reg_id, ctypes.addressof(holder)),
+                   f"KVM_SET_ONE_REG {reg_id:#x}")
+
     @property
     def tsc_khz(self) -> int:
         """The guest's TSC frequency in kHz (``KVM_GET_TSC_KHZ``)."""

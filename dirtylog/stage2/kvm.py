@@ -6,6 +6,7 @@ and per vCPU the TLB of the CPU it runs on.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from dirtylog.stage2.memslot import BITS_PER_LONG, KvmMemorySlot
@@ -32,6 +33,9 @@ class Kvm:
     pgt: Stage2PageTable = field(default_factory=Stage2PageTable)
     memslots: dict[int, KvmMemorySlot] = field(default_factory=dict)
     vcpus: list[KvmVcpu] = field(default_factory=list)
+    #: How often each kernel function of the model ran, by its name (as ftrace counts them in the kernel).
+    #: Not part of :meth:`save`: the checker's states are the VM's, not its history.
+    stat: Counter[str] = field(default_factory=Counter)
 
     def save(self) -> KvmSaved:
         """Everything mutable, as one hashable value: tables, every TLB, every slot's flags and bitmap."""
@@ -83,4 +87,5 @@ def mark_page_dirty(kvm: Kvm, gfn: int) -> bool:
         return False
     rel = gfn - slot.base_gfn
     slot.dirty_bitmap[rel // BITS_PER_LONG] |= 1 << (rel % BITS_PER_LONG)
+    kvm.stat["mark_page_dirty"] += 1
     return True

@@ -60,6 +60,7 @@ class NoMemslotError(Stage2Error, LookupError):
 # -- TLB maintenance ---------------------------------------------------------------------------------------
 def kvm_tlb_flush_vmid(kvm: Kvm) -> int:
     """__kvm_tlb_flush_vmid: invalidate every stage-2 entry of the VM's VMID on every CPU (broadcast TLBI)."""
+    kvm.stat["kvm_tlb_flush_vmid"] += 1
     return sum(vcpu.tlb.invalidate_vmid(kvm.vmid) for vcpu in kvm.vcpus)
 
 
@@ -68,6 +69,7 @@ kvm_flush_remote_tlbs = kvm_tlb_flush_vmid
 
 def kvm_tlb_flush_vmid_ipa(kvm: Kvm, ipa: int) -> int:
     """__kvm_tlb_flush_vmid_ipa: invalidate the entries translating ``ipa`` on every CPU."""
+    kvm.stat["kvm_tlb_flush_vmid_ipa"] += 1
     gfn = ipa >> PAGE_SHIFT
     return sum(vcpu.tlb.invalidate_ipa(kvm.vmid, gfn) for vcpu in kvm.vcpus)
 
@@ -91,6 +93,7 @@ def stage2_dissolve_pmd(kvm: Kvm, addr: int, pmd: tuple[int, int]) -> bool:
     table, index = pmd
     if not pmd_huge(kvm.pgt.read(table, index)):
         return False
+    kvm.stat["stage2_dissolve_pmd"] += 1
     kvm.pgt.write(table, index, 0)
     kvm_tlb_flush_vmid_ipa(kvm, addr)
     return True
@@ -195,6 +198,7 @@ def stage2_wp_pmds(kvm: Kvm, pgd_desc: int, addr: int, end: int) -> None:
 
 def stage2_wp_range(kvm: Kvm, addr: int, end: int) -> None:
     """Write-protect the stage-2 mappings of ``[addr, end)``; flushing TLBs is the caller's job."""
+    kvm.stat["stage2_wp_range"] += 1
     pgt = kvm.pgt
     while addr != end:
         next_addr = min((addr | ((1 << PGDIR_SHIFT) - 1)) + 1, end)
@@ -215,6 +219,7 @@ def kvm_mmu_wp_memory_region(kvm: Kvm, slot_id: int) -> None:
 
 def kvm_mmu_write_protect_pt_masked(kvm: Kvm, memslot: KvmMemorySlot, gfn_offset: int, mask: int) -> None:
     """Write-protect the pages of one bitmap word: from its lowest to its highest set bit (__ffs.. __fls)."""
+    kvm.stat["kvm_mmu_write_protect_pt_masked"] += 1
     base_gfn = memslot.base_gfn + gfn_offset
     start = (base_gfn + ((mask & -mask).bit_length() - 1)) << PAGE_SHIFT
     end = (base_gfn + mask.bit_length()) << PAGE_SHIFT
@@ -260,6 +265,7 @@ def user_mem_abort(kvm: Kvm, memslot: KvmMemorySlot, fault_ipa: int, write_fault
     set is at worst reported one collection late, never lost. The checker's ``mark-before-map`` mutant
     shows the other order losing a write.
     """
+    kvm.stat["user_mem_abort"] += 1
     resolution = stage2_map_fault(kvm, memslot, fault_ipa, write_fault)
     if resolution.dirty_gfn is not None:
         mark_page_dirty(kvm, resolution.dirty_gfn)

@@ -1,9 +1,14 @@
 """The one interface every dirty-tracking backend offers: enable, collect, disable.
 
-A collection returns the guest pages written since the previous collection (or since ``enable``), as a
-:class:`DirtyBitmap` over guest-physical page frame numbers. After ``collect()`` returns, the reported pages
-are write-protected again, so a consumer that reads their contents *after* collect cannot miss a later
-write: it will be in the next collection. That is the contract migration and snapshots rely on.
+A collection returns the pages written since the previous collection (or since ``enable``). After
+``collect()`` returns, the reported pages are write-protected again, so a consumer that reads their
+contents *after* collect cannot miss a later write: it will be in the next collection. That is the
+contract migration and snapshots rely on.
+
+What a collection returns depends on the memory: a guest's RAM is one dense range of guest-physical
+pages, so its trackers (:class:`Tracker`) return a :class:`DirtyBitmap` over page frame numbers; a
+process's address space is sparse and made of mappings, so :class:`~dirtylog.tracking.process.ProcessTracker`
+returns per-mapping results. Both are a :class:`TrackerBase` over a result that can at least ``count()``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, Self
+from typing import Generic, Literal, Protocol, Self, TypeVar
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.errors import DirtylogError
@@ -20,10 +25,23 @@ from dirtylog.errors import DirtylogError
 #: The KVM dirty-log modes a machine offers (``Machine.dirty_log``).
 TrackingMode = Literal["log", "clear", "ring"]
 TRACKING_MODES: tuple[TrackingMode, ...] = ("log", "clear", "ring")
+#: All of ``Machine.dirty_log``'s modes: KVM's, and ``uffd``, which watches guest RAM from the host side
+#: (userfaultfd write-protect) and so also sees the host's own writes.
+DirtyLogMode = Literal["log", "clear", "ring", "uffd"]
+DIRTY_LOG_MODES: tuple[DirtyLogMode, ...] = (*TRACKING_MODES, "uffd")
 
 
 class TrackingError(DirtylogError):
     """A tracker asked to do what it cannot: not enabled, an unknown slot, a bad setting."""
+
+
+class DirtySet(Protocol):
+    """What any collection returns: a set of dirty pages that can say how many it holds."""
+
+    def count(self) -> int: ...
+
+
+ResultT = TypeVar("ResultT", bound=DirtySet)
 
 
 @dataclass
@@ -44,13 +62,12 @@ class TrackerStats:
         self.total_collect_seconds += seconds
 
 
-class Tracker(ABC):
-    """A dirty-page tracker over a guest-physical page range ``[0, npages)``."""
+class TrackerBase(ABC, Generic[ResultT]):
+    """A dirty-page tracker whose collections return ``ResultT``."""
 
     mode: str = "?"
 
-    def __init__(self, npages: int) -> None:
-        self.npages = npages
+    def __init__(self) -> None:
         self.stats = TrackerStats()
         self.enabled = False
 
@@ -61,14 +78,14 @@ class Tracker(ABC):
         self.enabled = True
         self.stats.enable_seconds = time.perf_counter() - start
 
-    def collect(self) -> DirtyBitmap:
+    def collect(self) -> ResultT:
         """Pages written since the last collection; they are write-protected again on return."""
         if not self.enabled:
             raise TrackingError(f"{self.mode} tracker is not enabled; call enable() first")
         start = time.perf_counter()
-        bitmap = self._collect()
-        self.stats.record_collect(time.perf_counter() - start, bitmap.count())
-        return bitmap
+        result = self._collect()
+        self.stats.record_collect(time.perf_counter() - start, result.count())
+        return result
 
     def disable(self) -> None:
         """Stop tracking and release what tracking holds."""
@@ -92,7 +109,15 @@ class Tracker(ABC):
     def _enable(self) -> None: ...
 
     @abstractmethod
-    def _collect(self) -> DirtyBitmap: ...
+    def _collect(self) -> ResultT: ...
 
     @abstractmethod
     def _disable(self) -> None: ...
+
+
+class Tracker(TrackerBase[DirtyBitmap]):
+    """A dirty-page tracker over a guest-physical page range ``[0, npages)``."""
+
+    def __init__(self, npages: int) -> None:
+        super().__init__()
+        self.npages = npages

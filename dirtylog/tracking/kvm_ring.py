@@ -9,7 +9,12 @@ may be trusted only after that reset, so ``collect()`` resets before returning.
 The harvest is vectorized: the DIRTY prefix of the ring (from the fetch index) is found with one NumPy
 pass over ``flags``, and only then are ``slot``/``offset`` read. On x86 loads are not reordered with
 other loads, so reading flags first and entries second gives the acquire order the API document asks
-for; a port to a weaker memory model would need a fence between the two reads.
+for on x86 by itself; on arm64 :func:`~dirtylog.kvm.fence.load_acquire_fence` (a ``dmb ishld``) sits
+between the two reads.
+
+On arm64 the rings come with per-slot bitmaps (``KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP``, see
+:meth:`~dirtylog.kvm.system.Vm.enable_dirty_ring`), for pages dirtied outside any vCPU: each collection
+reads them with ``KVM_GET_DIRTY_LOG`` and ORs them in.
 
 A vCPU whose ring is full exits with KVM_EXIT_DIRTY_RING_FULL; its thread harvests and resets right
 there (under the same lock as ``collect()``), keeping what it harvested for the next collection, so no
@@ -26,6 +31,7 @@ import numpy.typing as npt
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
 from dirtylog.kvm import abi
+from dirtylog.kvm.fence import load_acquire_fence
 from dirtylog.tracking.kvm_log import KvmBitmapTracker
 
 _FIRST_SCAN_BLOCK = 4096  # entries of a ring's flags looked at first when harvesting
@@ -64,6 +70,11 @@ class RingTracker(KvmBitmapTracker):
             bitmap = self._pending
             self._pending = DirtyBitmap.empty(self.npages)
         bitmap.set_pages(gfns)
+        if self.machine.vm.dirty_ring_with_bitmap:
+            words = np.zeros((self.npages + 63) // 64, dtype=np.uint64)
+            for slot in self.slots:
+                self.machine.vm.get_dirty_log(slot, self._slot_words(words, slot))
+            bitmap |= DirtyBitmap(words, self.npages)
         bitmap |= self.machine.ram.take_host_dirty()
         return bitmap
 
@@ -103,7 +114,7 @@ class RingTracker(KvmBitmapTracker):
         if count == 0:
             return np.zeros(0, dtype=np.uint64)
         taken = [ring[fetch:fetch + head], ring[:tail]] if tail else [ring[fetch:fetch + head]]
-        # read after flags: see the module docstring on ordering
+        load_acquire_fence()  # slot and offset are read after flags: see the module docstring on ordering
         gfns = np.concatenate([self._slot_base[entries["slot"] & 0xFFFF] + entries["offset"] for entries in taken])
         for entries in taken:
             entries["flags"] = abi.KVM_DIRTY_GFN_F_RESET

@@ -84,6 +84,9 @@ class Stage2Machine:
                 f"{memory_bytes} bytes of RAM cannot hold {memslots} slot(s) of at least {BITS_PER_LONG} pages; "
                 f"give at least {BITS_PER_LONG * memslots * PAGE_SIZE} bytes"
             )
+        if spec.name == "trace":
+            raise Stage2MachineError("the stage-2 model has no trace replay; run the trace workload on KVM "
+                                     "(drop --backend stage2)")
         if spec.name != "idle" and (spec.first_page < 0 or spec.first_page + spec.npages > self.npages):
             raise Stage2MachineError(
                 f"workload pages {spec.first_page}..{spec.first_page + spec.npages - 1} fall outside the "

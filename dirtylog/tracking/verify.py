@@ -35,7 +35,6 @@ import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
-from dirtylog.guest.x86 import control_block_addr
 from dirtylog.tracking.base import Tracker, TrackingError
 from dirtylog.units import PAGE_SIZE
 
@@ -93,7 +92,7 @@ class StampVerifier:
         self.area = self.owner >= 0
         self.allowed_outside = np.zeros(npages, dtype=bool)
         for vcpu in range(machine.spec.vcpus):
-            self.allowed_outside[control_block_addr(vcpu) // PAGE_SIZE] = True
+            self.allowed_outside[machine.control_block_addr(vcpu) // PAGE_SIZE] = True
         self._outside = np.flatnonzero(~self.area & ~self.allowed_outside)  # the system area, in practice
         self._outside_bytes = self._outside_pages()
         self.report = VerifyReport()

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dirtylog.errors import DirtylogError
+from dirtylog.guest.arch import host_architecture
 from dirtylog.guest.machine import State
 from dirtylog.guest.memory import host_memory_bytes, plan_slots
-from dirtylog.guest.x86 import MAX_VCPUS
 from dirtylog.kvm.system import Kvm
 from dirtylog.machine import Machine
 from dirtylog.migration.engine.admission import Admission
@@ -79,7 +79,7 @@ class Listener:
         # that it subtracts from the downtime.
         load_kernels()
         with Kvm() as kvm:  # what this host can run, for the Header's acceptance
-            self.max_vcpus = min(kvm.max_vcpus, MAX_VCPUS)
+            self.max_vcpus = min(kvm.max_vcpus, host_architecture().layout.max_vcpus)
         self.memory = memory
         self.max_memory = max_memory if max_memory is not None else host_memory_bytes()[0] // 2
         self.prepared: Machine | None = None

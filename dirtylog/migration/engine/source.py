@@ -35,7 +35,7 @@ from dirtylog.migration.payload.digest import PageDigest, gather
 from dirtylog.migration.payload.digest import load_kernels as load_digest_kernels
 from dirtylog.migration.payload.pages import make_page_batch, pfns_from_runs
 from dirtylog.migration.policy.parameters import MigrationParameters
-from dirtylog.migration.policy.precopy import Action, DirtyLimiter, PrecopyController, RoundStats
+from dirtylog.migration.policy.precopy import Action, PrecopyController, RoundStats
 from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
 from dirtylog.migration.protocol.connection import SourceConnection
 from dirtylog.migration.protocol.errors import ProtocolError
@@ -55,12 +55,12 @@ from dirtylog.migration.protocol.events import (
 )
 from dirtylog.migration.transports import Channel, connect, parse_endpoint
 from dirtylog.migration.transports.files import FileWriter
+from dirtylog.rate.limit import DirtyLimitController
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.kvm_ring import RingTracker
 from dirtylog.units import PAGE_SIZE
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
-DIRTY_LIMIT_PERIOD = 0.02  # seconds between dirty-limit samples of the rings
 
 
 def migrate(machine: Machine, to: str, *, key_file: str, parameters: MigrationParameters | None = None,
@@ -107,8 +107,7 @@ class SourceMigration:
         self.committed = False
         self.refused_after_commit = False
         self.paused_by_us = False
-        self._limiter_stop = threading.Event()
-        self._limiter: threading.Thread | None = None
+        self._limiter: DirtyLimitController | None = None
         self._cancel = threading.Event()  # [control hook] set by cancel() from another thread
         self._next_stream = self._last_stream = 0
         # One stream is written from this thread, several by a sender thread each (see streams.py).
@@ -323,27 +322,16 @@ class SourceMigration:
             self.machine.set_throttle(throttle)
             self.stats.throttle = throttle
         if dirty_limited and self._limiter is None:
+            # The dirty limit of dirtylog.rate, on the migration's own ring tracker: a second tracker on the
+            # same rings would find them already harvested.
+            assert isinstance(self.tracker, RingTracker) and self.params.dirty_limit
             self.stats.dirty_limited = True
-            self._limiter = threading.Thread(target=self._dirty_limit_loop, name="dirty-limit", daemon=True)
-            self._limiter.start()
-
-    def _dirty_limit_loop(self) -> None:
-        """Every period: harvest the rings, and make each vCPU sleep off what it dirtied above the limit."""
-        tracker = self.tracker
-        assert isinstance(tracker, RingTracker) and self.params.dirty_limit
-        limiter = DirtyLimiter(self.params.dirty_limit)
-        last, last_time = tracker.sample(), time.perf_counter()
-        while not self._limiter_stop.wait(DIRTY_LIMIT_PERIOD):
-            counts, now = tracker.sample(), time.perf_counter()
-            dirtied = {vcpu: counts.get(vcpu, 0) - last.get(vcpu, 0) for vcpu in counts}
-            for vcpu, seconds in limiter.sleep_for(dirtied, now - last_time).items():
-                self.machine.delay_vcpu(vcpu, seconds)
-            last, last_time = counts, now
+            self._limiter = DirtyLimitController(self.machine, self.tracker)
+            self._limiter.set_limit(self.params.dirty_limit)
 
     def _stop_helpers(self) -> None:
-        self._limiter_stop.set()
         if self._limiter is not None:
-            self._limiter.join(1.0)
+            self._limiter.stop()
         if self.machine.throttle:
             self.machine.set_throttle(0.0)
 

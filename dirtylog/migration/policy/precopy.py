@@ -15,7 +15,8 @@ The rules, and where they come from:
   what the round sent, throttle vCPUs: first ``throttle_initial``, then ``+throttle_increment`` each
   time, up to ``throttle_max``.
 * **Dirty limit** (QEMU's ``dirty-limit`` capability): the same trigger switches on a per-vCPU cap on
-  the dirty rate, measured from the dirty ring; vCPUs that dirty faster sleep off the excess.
+  the dirty rate, measured from the dirty ring; vCPUs that dirty faster sleep off the excess (the engine uses
+  ``dirtylog.rate.limit``, as ``Machine.dirty_limit`` does).
 * **Time limit**: past ``max_time`` the migration is cancelled (the source keeps running) or forced to
   switch over whatever the downtime, as the user chose.
 """
@@ -178,19 +179,3 @@ class PrecopyController:
 
     def _decide(self, action: Action, expected: float, reason: str) -> Decision:
         return Decision(action, self.throttle, self.dirty_limited, expected, reason)
-
-
-@dataclass
-class DirtyLimiter:
-    """Per-vCPU dirty-rate cap: given pages each vCPU dirtied in an interval, how long it must sleep.
-
-    A vCPU that dirtied ``n`` pages in ``dt`` seconds under a limit of ``L`` pages/s is owed
-    ``n / L - dt`` seconds outside the guest (never negative; a quiet interval does not bank credit).
-    """
-
-    limit: float
-
-    def sleep_for(self, dirtied: dict[int, int], seconds: float) -> dict[int, float]:
-        """Seconds each vCPU must sleep to keep to the limit."""
-        return {vcpu: max(0.0, count / self.limit - seconds) for vcpu, count in dirtied.items()
-                if count / self.limit > seconds}

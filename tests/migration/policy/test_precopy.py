@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dirtylog.migration.errors import MigrationError
-from dirtylog.migration.policy.precopy import Action, DirtyLimiter, PrecopyController, PrecopyPolicy, RoundStats
+from dirtylog.migration.policy.precopy import Action, PrecopyController, PrecopyPolicy, RoundStats
 from dirtylog.migration.policy.stats import MigrationStats
 
 
@@ -69,12 +69,6 @@ def test_a_bandwidth_cap_bounds_the_expected_downtime() -> None:
     decision = controller.after_round(round_of(0, 100_000, 100, seconds=1.0), elapsed=1.0)
     assert decision.expected_downtime == pytest.approx(0.1)
     assert decision.action is Action.CONTINUE
-
-
-def test_dirty_limiter_charges_only_the_excess() -> None:
-    limiter = DirtyLimiter(limit=1000)
-    sleeps = limiter.sleep_for({0: 100, 1: 500, 2: 20}, seconds=0.1)
-    assert sleeps == {1: pytest.approx(0.4)}
 
 
 @pytest.mark.parametrize(("options", "message"), [

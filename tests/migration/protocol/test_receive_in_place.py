@@ -85,6 +85,8 @@ class IntoArray:
         self.placed = 0
 
     def place_run(self, round: int, first: int, npages: int) -> memoryview | None:
+        if not 0 <= first < first + npages <= self.memory.shape[0]:  # a mutated head: as the destination does
+            return None
         self.placed += 1
         return self.memory[first:first + npages].data.cast("B")
 
