@@ -352,6 +352,9 @@ class MigrationControl:
             machine = self.vm.machine
             if self.vm.state is not RunState.RUNNING or machine is None or machine.state is not State.RUNNING:
                 raise QmpError(f"dirtylog migrates running VMs only (live); this one is {self.vm.state}: cont first")
+            if machine.tracker is not None:
+                raise QmpError("the VM's dirty log is in use (a vCPU dirty limit, or a dirty-rate measurement): "
+                               "cancel-vcpu-dirty-limit, or wait for query-dirty-rate to say measured, then migrate")
             job = _Outgoing(multifd=self.capabilities["multifd"],
                             downtime_limit=self.parameters["downtime-limit"] / 1e3)
             try:

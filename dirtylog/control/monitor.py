@@ -7,8 +7,8 @@ monitor calls :meth:`Monitor.wait` on its main thread: it returns when a client 
 signal arrived (SIGINT, SIGTERM: QEMU's ``host-signal``) or an incoming migration failed with
 ``exit-on-error``; then :meth:`Monitor.close` cancels what runs, says SHUTDOWN and stops the machine.
 
-Future tools add their commands with one ``table.add(...)`` each in :meth:`Monitor.__init__` (dirty rate:
-``calc-dirty-rate``, ``query-dirty-rate``, the ``*-vcpu-dirty-limit`` family; snapshots).
+Each tool adds its commands with one ``table.add(...)`` each (``vm``, ``migration``, ``rate``; snapshots
+will be one more ``register``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dirtylog.control.commands import CommandTable, Dispatcher
 from dirtylog.control.json_stream import MAX_MESSAGE_BYTES
 from dirtylog.control.migration import MigrationControl
 from dirtylog.control.protocol import Event
+from dirtylog.control.rate import RateControl
 from dirtylog.control.server import QmpServer
 from dirtylog.control.vm import ShutdownCause, VmControl, version_info
 from dirtylog.guest.vcpus import install_kick_handler
@@ -47,8 +48,10 @@ class Monitor:
                                           incoming_memory=incoming_memory, incoming_max_memory=incoming_max_memory,
                                           io_timeout=io_timeout, handshake_timeout=handshake_timeout,
                                           on_incoming_failure=lambda: self.request_shutdown(None, exit_code=1))
+        self.rate = RateControl(self.vm, self.migration)
         self.vm.register(self.table)
         self.migration.register(self.table)
+        self.rate.register(self.table)
         self.cause: ShutdownCause | None = None
         self.exit_code = 0
         self._shutdown = threading.Event()
@@ -89,6 +92,7 @@ class Monitor:
     def close(self) -> None:
         """Cancel migrations, finish the server (SHUTDOWN delivered), and stop the machine."""
         self.migration.close()
+        self.rate.close()
         if not self._shutdown.is_set():
             self.request_shutdown(None)
         self.server.closed.wait(5.0)

@@ -4,60 +4,20 @@ source running, capabilities that need a dirty ring, and quit in the middle of a
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from dirtylog.control.monitor import Monitor
 from dirtylog.control.vm import ShutdownCause
 from dirtylog.guest.machine import State
-from dirtylog.machine import Machine
+from tests.control.conftest import Monitors, error_of, running_machine
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.kvm
-
-Monitors = Callable[..., tuple[Monitor, QEMUMonitorProtocol]]
-
-
-@pytest.fixture
-def monitors(tmp_path: Path) -> Iterator[Monitors]:
-    """``monitors(name, machine=..., ...)``: a started Monitor and a connected, negotiated client."""
-    opened: list[tuple[Monitor, QEMUMonitorProtocol]] = []
-
-    def open_(name: str, **kwargs: Any) -> tuple[Monitor, QEMUMonitorProtocol]:
-        monitor = Monitor(f"unix:{tmp_path / (name + '.sock')}", **kwargs)
-        monitor.start()
-        client = QEMUMonitorProtocol(str(tmp_path / (name + ".sock")))
-        client.connect()
-        opened.append((monitor, client))
-        return monitor, client
-
-    yield open_
-    for monitor, client in opened:
-        with contextlib.suppress(EOFError, OSError):  # the monitor may have ended the session (quit)
-            client.close()
-        monitor.close()
-
-
-def running_machine(memory: str = "128M", rate: int | None = 20000, workload: str = "random",
-                    ring: bool = False) -> Machine:
-    machine = Machine(memory, vcpus=2, workload=workload, rate=rate, dirty_ring=ring)  # type: ignore[arg-type]
-    machine.start()
-    wait_for(lambda: machine.progress > 2000, what="the guest to write")
-    return machine
-
-
-def error_of(client: QEMUMonitorProtocol, command: str, **arguments: Any) -> str:
-    with pytest.raises(ExecuteError) as failure:
-        client.cmd(command, **arguments)
-    return str(failure.value)
-
 
 def events(client: QEMUMonitorProtocol, wait: float = 0.2) -> list[dict[str, Any]]:
     time.sleep(wait)
