@@ -32,6 +32,7 @@ from typing import Any, Final
 MAX_MESSAGE_BYTES: Final = 64 << 20  # QEMU's MAX_TOKEN_SIZE: token text per message
 MAX_TOKENS: Final = 2 << 20  # QEMU's MAX_TOKEN_COUNT
 MAX_DEPTH: Final = 1 << 10  # QEMU's MAX_NESTING
+PARSE_MESSAGE_BYTES: Final = 1024  # QEMU's parse_error() buffer
 
 JsonValue = Any  # dict | list | str | int | float | bool | None, as json.loads returns
 
@@ -287,7 +288,9 @@ class JsonStreamer:
         try:
             value: JsonValue | JsonError = _Parser(tokens).parse()
         except _ParseError as error:
-            value = JsonError(f"JSON parse error, {error}")
+            # QEMU formats the parser's message into a 1024-byte buffer: longer ones are cut.
+            message = str(error).encode()[:PARSE_MESSAGE_BYTES - 1].decode(errors="replace")
+            value = JsonError(f"JSON parse error, {message}")
         return self._reset(value)
 
     def _reset(self, message: JsonValue | JsonError) -> JsonValue | JsonError:
@@ -312,7 +315,6 @@ _VALUE_STARTS: Final = frozenset({Token.LCURLY, Token.LSQUARE, Token.INTEGER, To
 _ESCAPE: Final = re.compile(rb"\\(u[0-9A-Fa-f]{4}|u.{0,4}|.)", re.DOTALL)
 _SIMPLE_ESCAPES: Final = {b'"': '"', b"'": "'", b"\\": "\\", b"/": "/", b"b": "\b", b"f": "\f", b"n": "\n",
                           b"r": "\r", b"t": "\t"}
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _INT64_MIN: Final = -(1 << 63)
 _UINT64_END: Final = 1 << 64
 
@@ -434,36 +436,47 @@ _OPENED: Final = object()
 
 
 def _decode_string(token: bytes) -> str:
-    """A string token's value: QEMU's escapes (``\\'`` included), surrogate pairs, strict UTF-8."""
+    """A string token's value: QEMU's escapes (an escaped apostrophe too), surrogate pairs, strict UTF-8."""
     body = token[1:-1]
     if b"\\" not in body:
         return _utf8(body)
     parts: list[str] = []
     last = 0
-    for match in _ESCAPE.finditer(body):
+    matches = list(_ESCAPE.finditer(body))
+    joined = False
+    for index, match in enumerate(matches):
+        if joined:  # the low half of a surrogate pair, already taken
+            joined = False
+            last = match.end()
+            continue
         parts.append(_utf8(body[last:match.start()]))
         last = match.end()
         escape = match.group(1)
         if escape in _SIMPLE_ESCAPES:
             parts.append(_SIMPLE_ESCAPES[escape])
-        elif escape[:1] == b"u":
-            if len(escape) != 5:
-                raise _ParseError(f"{_show(match.group(0))} is not a valid Unicode character")
-            parts.append(chr(int(escape[1:], 16)))
-        else:
+            continue
+        if escape[:1] != b"u":
             raise _ParseError("invalid escape sequence in string")
+        bad = _ParseError(f"{_show(match.group(0))} is not a valid Unicode character")  # QEMU echoes the escape
+        code = int(escape[1:], 16) if len(escape) == 5 else -1
+        if code < 0 or 0xDC00 <= code <= 0xDFFF:
+            raise bad
+        if 0xD800 <= code <= 0xDBFF:
+            following = matches[index + 1] if index + 1 < len(matches) else None
+            low = _unicode_escape(following) if following is not None and following.start() == match.end() else -1
+            if not 0xDC00 <= low <= 0xDFFF:
+                raise bad
+            code = 0x10000 + ((code & 0x3FF) << 10) + (low & 0x3FF)
+            joined = True
+        parts.append(chr(code))
     parts.append(_utf8(body[last:]))
-    text = "".join(parts)
-    return _join_surrogates(text) if _SURROGATE.search(text) else text
+    return "".join(parts)
 
 
-def _join_surrogates(text: str) -> str:
-    try:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16")
-    except UnicodeDecodeError:
-        bad = _SURROGATE.search(text)
-        assert bad is not None
-        raise _ParseError(f"\\u{ord(bad.group()):04X} is not a valid Unicode character") from None
+def _unicode_escape(match: re.Match[bytes]) -> int:
+    """The code unit of a ``\\uXXXX`` escape, or -1 for any other escape."""
+    escape = match.group(1)
+    return int(escape[1:], 16) if len(escape) == 5 and escape[:1] == b"u" else -1
 
 
 def _utf8(data: bytes) -> str:

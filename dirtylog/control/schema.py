@@ -7,7 +7,7 @@ matches QEMU's messages keeps working:
 
 * wrong type: ``Invalid parameter type for 'uri', expected: string``
 * missing: ``Parameter 'uri' is missing``; unknown: ``Parameter 'urk' is unexpected``
-* unsigned out of range or not a number: ``Parameter 'multifd-channels' expects uint8``
+* unsigned: ``Parameter 'max-bandwidth' expects uint64`` (not a number), ``... expects uint8_t`` (too big)
 * enum: ``Parameter 'capability' does not accept value 'warp-drive'``
 
 Members are visited in declaration order and the first problem wins, as in QEMU; nested names read
@@ -101,7 +101,8 @@ class UInt(Type):
             raise QmpError(f"Parameter '{path}' expects uint64")
         number = int(value) % (1 << 64)
         if number >= 1 << self.bits:
-            raise QmpError(f"Parameter '{name or 'null'}' expects {self.name}")
+            # QEMU names the C type here (visit_type_uintN): "expects uint8_t".
+            raise QmpError(f"Parameter '{name or 'null'}' expects uint{self.bits}_t")
         return number
 
 

@@ -58,7 +58,7 @@ def test_numbers_are_int64_or_uint64_else_float_as_qemu_qnum() -> None:
     (b"{1: 2}", "JSON parse error, key is not a string in object"),
     (b"[tru]", "JSON parse error, invalid keyword 'tru'"),
     (b'["\\x"]', "JSON parse error, invalid escape sequence in string"),
-    (b'["\\ud800"]', "JSON parse error, \\uD800 is not a valid Unicode character"),
+    (b'["\\ud800"]', "JSON parse error, \\ud800 is not a valid Unicode character"),
     (b'["\xc3\x28"]', "JSON parse error, invalid UTF-8 sequence in string"),
     (b"}", "JSON parse error, expecting value"),
 ])
