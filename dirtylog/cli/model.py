@@ -166,7 +166,7 @@ def run_mutants(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     """``dirtylog model compare``."""
-    from dirtylog.guest.arch import host_machine
+    from dirtylog.guest.host import host_machine
 
     if host_machine() != "aarch64":
         raise ArchitectureError("model compare runs the seed's own architecture: it needs an arm64 KVM host; "

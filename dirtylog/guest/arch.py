@@ -14,7 +14,6 @@ time — is shared: both architectures' programs use the same offsets.
 from __future__ import annotations
 
 import enum
-import platform
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -164,24 +163,3 @@ class Architecture(ABC):
     @abstractmethod
     def disassemble(self, program: GuestProgram, memory: bytes, address: int, pc: int) -> tuple[str, ...]:
         """A few instructions at ``pc`` (``memory`` is guest RAM from ``address``), for crash reports."""
-
-
-def host_machine() -> str:
-    """The host's machine name as the architectures know it (``x86_64``, ``aarch64``)."""
-    machine = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-
-
-def host_architecture() -> Architecture:
-    """The guest architecture of this host: KVM runs guests of the host's own architecture."""
-    machine = host_machine()
-    if machine == "x86_64":
-        from dirtylog.guest.x86 import X86_64
-
-        return X86_64()
-    if machine == "aarch64":
-        from dirtylog.guest.arm64 import Arm64
-
-        return Arm64()
-    raise ArchitectureError(f"dirtylog has guest programs for x86_64 and aarch64 hosts, not {machine}; "
-                            "run on one of those (or try `dirtylog arm64` to boot an emulated arm64 host)")

@@ -35,8 +35,8 @@ from dirtylog.guest.arch import (
     ControlBlock,
     GuestCall,
     GuestProgram,
-    host_architecture,
 )
+from dirtylog.guest.host import host_architecture
 from dirtylog.guest.memory import GuestMemory
 from dirtylog.guest.trace_tables import TraceTables
 from dirtylog.guest.vcpus import VcpuThreads, install_kick_handler

@@ -14,6 +14,9 @@ from __future__ import annotations
 import functools
 import time
 
+from dirtylog.guest.machine import Machine
+from dirtylog.tracking.kvm_log import LogTracker
+
 CALIBRATION_MEMORY = "16M"
 CALIBRATION_SECONDS = 0.03
 FIRST_PASS_TIMEOUT = 2.0
@@ -23,12 +26,10 @@ FIRST_PASS_TIMEOUT = 2.0
 def fault_cost() -> float:
     """Seconds of vCPU time one guest write to a write-protected page costs on this host (0.0 if the
     calibration could not measure it)."""
-    from dirtylog.machine import Machine
-
     with Machine(CALIBRATION_MEMORY, 1, "sequential", prefault=True) as machine:
         npages = len(machine.workload_pages)
         machine.start()
-        tracker = machine.dirty_log("log")
+        tracker = LogTracker(machine)
         tracker.enable()
         deadline = time.perf_counter() + FIRST_PASS_TIMEOUT
         first = machine.progress

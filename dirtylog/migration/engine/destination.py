@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dirtylog.errors import DirtylogError
-from dirtylog.guest.arch import host_architecture
+from dirtylog.guest.host import host_architecture
 from dirtylog.guest.machine import State
 from dirtylog.guest.memory import host_memory_bytes, plan_slots
 from dirtylog.kvm.system import Kvm
