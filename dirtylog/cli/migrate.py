@@ -21,10 +21,11 @@ from dirtylog.cli.options import (
 )
 from dirtylog.cli.output import RowPrinter, console, emit_json, error_console, key_value_table
 from dirtylog.cli.plots import plot_series
+from dirtylog.cli.serve import add_qmp_argument, serve_incoming
 from dirtylog.guest.machine import State
 from dirtylog.machine import TRACKING_MODES, Machine
 from dirtylog.migration import Listener, MigrationError, MigrationParameters, MigrationStats, migrate, receive
-from dirtylog.migration.keys import generate_key_file, load_key
+from dirtylog.migration.keys import KeyFileError, generate_key_file, load_key
 from dirtylog.migration.policy.parameters import MAX_STREAMS
 from dirtylog.migration.transports import parse_endpoint
 from dirtylog.units import PAGE_SIZE, format_duration, format_size
@@ -38,10 +39,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     keygen.set_defaults(func=run_keygen)
 
     recv = subparsers.add_parser("receive", help="wait for one live migration, verify it, and run the VM")
-    recv.add_argument("--listen", default="127.0.0.1:7000",
+    recv.add_argument("--listen", default=None,
                       help="where: host:port (default 127.0.0.1:7000; loopback unless you name another host), "
-                           "unix:PATH, or file:PATH to load a stream `migrate --to file:PATH` wrote")
-    recv.add_argument("--key-file", required=True, help="pre-shared key file (dirtylog keygen)")
+                           "unix:PATH, or file:PATH to load a stream `migrate --to file:PATH` wrote; with --qmp the "
+                           "default is to wait for QMP's migrate-incoming (QEMU's -incoming defer)")
+    recv.add_argument("--key-file", help="pre-shared key file (dirtylog keygen); required unless --qmp, where "
+                      "migrate-set-parameters x-dirtylog-key-file can give it")
     recv.add_argument("--memory", type=size_arg, default=None,
                       help="accept only guests of this memory size, and prepare their VM before any source connects")
     recv.add_argument("--max-memory", type=size_arg, default=None,
@@ -55,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     recv.add_argument("--accept-timeout", type=positive_duration_arg, default=None,
                       help="give up if no source connects")
     recv.add_argument("--json", action="store_true", help="JSON lines for machines")
+    add_qmp_argument(recv, "run the received VM (--duration does not apply)")
     recv.set_defaults(func=run_receive)
 
     mig = subparsers.add_parser("migrate", help="start a VM with a workload and live-migrate it to `dirtylog receive`")
@@ -115,7 +119,12 @@ def parameters_from_args(args: argparse.Namespace) -> MigrationParameters:
         dirty_limit=args.dirty_limit, encrypt=args.encrypt)
 
 
-def _round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
+ROUND_COLUMNS = [("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
+                 ("exp. downtime ms", 16), ("throttle", 8)]
+
+
+def round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
+    """One row of the live migration view (also ``dirtylog ctl SOCKET watch-migration``)."""
     rows.row(record["round"], f"{record['pages']:,}", f"{record['bytes'] / 1e6:,.1f}",
              f"{record['mbps'] / 8:,.0f}", f"{record['dirty_pages']:,}", f"{record['dirty_pages_rate']:,}",
              f"{record.get('expected_downtime_ms', 0):,.1f}", f"{record['throttle_percentage']}%")
@@ -149,14 +158,13 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> MigrationStats | None:
     """Run the migration with live rows (or JSON lines); None when it failed (already reported)."""
-    rows = RowPrinter([("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
-                       ("exp. downtime ms", 16), ("throttle", 8)])
+    rows = RowPrinter(ROUND_COLUMNS)
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
             emit_json({**record, "event": kind})
         elif kind == "round":
-            _round_row(rows, record)
+            round_row(rows, record)
         elif kind == "switchover":
             console.print(f"switch-over: paused, final {record['pages']:,} pages "
                           f"({record['bytes'] / 1e6:,.1f} MB) sent in {record['paused_ms']:.1f} ms")
@@ -213,8 +221,12 @@ def plot_migration(path: str, stats: MigrationStats) -> None:
 
 
 def run_receive(args: argparse.Namespace) -> int:
+    if args.qmp:
+        return serve_incoming(args)
+    if not args.key_file:
+        raise KeyFileError("receive needs --key-file (the pre-shared key both sides hold; dirtylog keygen makes one)")
     load_key(args.key_file)  # a bad key file fails before anything listens
-    listener = Listener(args.listen, memory=args.memory, max_memory=args.max_memory)
+    listener = Listener(args.listen or "127.0.0.1:7000", memory=args.memory, max_memory=args.max_memory)
     where = listener.address
     if args.json:
         emit_json({"event": "listening", "address": where, "prepared": listener.prepared is not None,

@@ -7,6 +7,7 @@ import time
 
 from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args, positive_duration_arg
 from dirtylog.cli.output import RowPrinter, console, emit_json
+from dirtylog.cli.serve import add_qmp_argument, serve_machine
 from dirtylog.units import PAGE_SIZE, format_size
 
 
@@ -16,10 +17,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--duration", type=duration_arg, default=5.0, help="how long, e.g. 500ms or 5s (default 5s)")
     parser.add_argument("--interval", type=positive_duration_arg, default=1.0, help="time between rows (default 1s)")
     parser.add_argument("--json", action="store_true", help="JSON lines: one per interval, then a summary")
+    add_qmp_argument(parser, "keep the VM running (--duration and --interval do not apply)")
+    parser.add_argument("--key-file", help="with --qmp: the pre-shared key QMP's migrate uses (dirtylog keygen)")
+    parser.add_argument("--dirty-ring", action="store_true",
+                        help="with --qmp: give vCPUs dirty rings (QEMU's dirty-ring-size), which the dirty-limit "
+                        "migration capability needs")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.qmp:
+        return serve_machine(args)
     with machine_from_args(args) as machine:
         vcpus = machine.spec.vcpus
         if not args.json:

@@ -11,9 +11,11 @@ destination to take the VM over: the machine stays paused, and may be resumed or
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -106,6 +108,7 @@ class SourceMigration:
         self.refused_after_commit = False
         self.paused_by_us = False
         self._limiter: DirtyLimitController | None = None
+        self._cancel = threading.Event()  # [control hook] set by cancel() from another thread
         self._next_stream = self._last_stream = 0
         # One stream is written from this thread, several by a sender thread each (see streams.py).
         self._sender_threads = params.streams > 1
@@ -149,7 +152,7 @@ class SourceMigration:
         header = self._header()
         migration_id = os.urandom(16)
         count = self.params.streams
-        pace = self.pacer.wait if self.params.bandwidth else None
+        pace = self._pace if self.params.bandwidth else None
         for index in range(count):
             channel: Channel = connect(self.endpoint, self.params.connect_timeout)
             if isinstance(channel, FileWriter):
@@ -218,6 +221,7 @@ class SourceMigration:
                                      "limit, or use --auto-converge")
             if decision.action is Action.SWITCHOVER:
                 return dirty
+            self._raise_if_cancelled()
             pending = dirty
             round_ += 1
 
@@ -226,6 +230,7 @@ class SourceMigration:
         """Send ``pending`` as round ``round_``; returns pages, zero pages, wire bytes, and the pages left unsent
         because ``stop_at`` (a ``perf_counter`` time) came first (None when the round was whole)."""
         sent_before = sum(s.bytes_sent for s in self.streams)  # every queue is drained between rounds
+        transferred_before = self.stats.transferred
         pages_total = zero_total = 0
         per_stream = [0] * len(self.streams)
         unsent: DirtyBitmap | None = None
@@ -234,6 +239,7 @@ class SourceMigration:
             if stop_at is not None and time.perf_counter() >= stop_at:
                 unsent = self._rest_of(pending, int(starts[0]))
                 break
+            self._raise_if_cancelled()
             buffer = self._buffers.get()
             sent, zeros, covered = self._send_batch(round_, starts, lengths.astype(np.uint32, copy=False), buffer)
             if sent:
@@ -241,6 +247,8 @@ class SourceMigration:
             pages_total += sent
             zero_total += zeros
             self.stats.remaining_pages -= covered
+            # [control hook] live for query-migrate: a round of a GiB takes a second or more.
+            self.stats.transferred = transferred_before + sum(s.bytes_sent for s in self.streams) - sent_before
         stats = {"final": final}
         for stream, count in zip(self.streams, per_stream, strict=True):
             stream.send(RoundEnd(round_, count, stats))
@@ -250,7 +258,7 @@ class SourceMigration:
             stream.drain(self.params.io_timeout)
         self.stats.duplicate_pages += zero_total
         wire = sum(s.bytes_sent for s in self.streams) - sent_before
-        self.stats.transferred += wire
+        self.stats.transferred = transferred_before + wire
         return pages_total, zero_total, wire, unsent
 
     @staticmethod
@@ -330,6 +338,35 @@ class SourceMigration:
         if self.machine.throttle:
             self.machine.set_throttle(0.0)
 
+    # --- [control hooks] cancelling and retuning from another thread (QMP's migrate_cancel, and
+    # migrate-set-parameters during a migration, as QEMU allows for downtime-limit and max-bandwidth) --------
+
+    def cancel(self) -> None:
+        """Stop at the next batch (or before the commit): the migration then fails with status CANCELLED and
+        the source keeps running. Too late once Commit is sent (the destination owns the VM): no effect."""
+        self._cancel.set()
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancel.is_set():
+            self.stats.status = MigrationStatus.CANCELLED
+            raise MigrationError("migration cancelled on request")
+
+    def set_downtime_limit(self, seconds: float) -> None:
+        """A new downtime limit for this migration, used from the next round's decision."""
+        self.params = dataclasses.replace(self.params, downtime_limit=seconds)
+        self.controller.policy = self.params
+
+    def set_bandwidth(self, bytes_per_second: float | None) -> None:
+        """A new bandwidth cap (None: none) for this migration, from the next write on."""
+        self.params = dataclasses.replace(self.params, bandwidth=bytes_per_second)
+        self.controller.policy = self.params
+        self.pacer = Pacer(bytes_per_second)  # a write sleeping on the old bucket finishes there
+        for stream in self.streams:
+            stream.pace = self._pace
+
+    def _pace(self, nbytes: int) -> None:
+        self.pacer.wait(nbytes)
+
     # --- switch-over --------------------------------------------------------------------------------
 
     def _switchover(self, pending: DirtyBitmap, start: float) -> None:
@@ -382,6 +419,7 @@ class SourceMigration:
         if not isinstance(verified, Verified) or verified.digest != digest:
             raise MigrationError(f"the destination answered {type(verified).__name__} instead of verifying the digest")
         phases["verify"] = time.perf_counter()
+        self._raise_if_cancelled()  # the last moment a cancel can still leave the VM here
         primary.send(Commit())
         primary.drain(self._left(deadline))
         self.committed = True
