@@ -108,7 +108,7 @@ class SourceMigration:
         self.refused_after_commit = False
         self.paused_by_us = False
         self._limiter: DirtyLimitController | None = None
-        self._cancel = threading.Event()  # [control hook] set by cancel() from another thread
+        self._cancel = threading.Event()  # set by cancel() from another thread
         self._next_stream = self._last_stream = 0
         # One stream is written from this thread, several by a sender thread each (see streams.py).
         self._sender_threads = params.streams > 1
@@ -247,7 +247,7 @@ class SourceMigration:
             pages_total += sent
             zero_total += zeros
             self.stats.remaining_pages -= covered
-            # [control hook] live for query-migrate: a round of a GiB takes a second or more.
+            # Live for query-migrate: a round of a GiB takes a second or more.
             self.stats.transferred = transferred_before + sum(s.bytes_sent for s in self.streams) - sent_before
         stats = {"final": final}
         for stream, count in zip(self.streams, per_stream, strict=True):
@@ -338,7 +338,7 @@ class SourceMigration:
         if self.machine.throttle:
             self.machine.set_throttle(0.0)
 
-    # --- [control hooks] cancelling and retuning from another thread (QMP's migrate_cancel, and
+    # --- cancelling and retuning from another thread (QMP's migrate_cancel, and
     # migrate-set-parameters during a migration, as QEMU allows for downtime-limit and max-bandwidth) --------
 
     def cancel(self) -> None:
