@@ -102,7 +102,8 @@ def worker(memory: int, key: str, ready: bool) -> dict[str, Any]:
         "rounds": len(stats["rounds"]),
         "cpu_s_per_gb": {"source": (cpu1 - cpu0) / gigabytes, "destination": (dest1 - dest0) / gigabytes},
         "busy": {"source": (cpu1 - cpu0) / (wall1 - wall0), "destination": (dest1 - dest0) / (wall1 - wall0)},
-        "destination_completed": any('"event": "completed"' in line for line in out.splitlines()),
+        "destination_completed": any(json.loads(line).get("event") == "completed"
+                                     for line in out.splitlines() if line.startswith("{")),
     }
 
 
@@ -200,7 +201,7 @@ def main() -> None:
         return
     if args.trees is None:
         parser.error("give --trees A B")
-    trees = [tree.resolve() for tree in args.trees]
+    trees = [tree.absolute() for tree in args.trees]
     for tree in trees:
         if not (tree / "dirtylog" / "__init__.py").is_file():
             parser.error(f"{tree} is not a dirtylog source tree (no dirtylog/__init__.py)")

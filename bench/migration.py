@@ -1,8 +1,19 @@
 """Live migration throughput, downtime and convergence against the bounds measured in the same run.
 
-    python bench/migration.py [--sizes 1G,4G] [--quick] [--json]
+    python bench/migration.py [--sizes 1G,4G] [--quick] [--json] [--sections throughput,...,qemu,encryption]
 
 Each migration goes to a separate `dirtylog receive` process over loopback. Measures:
+  * qemu (not run by default): dirtylog against QEMU on the same 1 GiB, one-vCPU guest (bench/qemu_guest.py),
+    in turn, QEMU first in even repeats: an idle guest whose memory the host filled, and a filled guest
+    rewriting a 256 MiB working set (uniformly random page writes over the first 256 MiB of its workload area,
+    ``--qemu-rate`` pages/s). QEMU to QEMU: the destination waits with ``-incoming defer`` and preallocated
+    memory; over QMP ``migrate-incoming``, ``migrate-set-parameters`` (downtime-limit 300 ms, max-bandwidth 0,
+    which is no limit in QEMU 7.2) and ``migrate``, polled with ``query-migrate`` until completed. dirtylog to
+    a ready `dirtylog receive --memory 1G`, the source running and ``preload()``ed before the timed migration,
+    limit 300 ms. Totals, setup (dirtylog's phases on both sides), downtime against the limit, CPU per GB;
+    ratios within a repeat;
+  * encryption (not run by default): round 0 of a filled idle 1 GiB guest, one stream, to a ready destination,
+    with encrypt=False and True in turn: throughput and CPU per GB;
   * throughput of round 0 of a guest whose memory is fully written (no zero pages) and then idles,
     against a raw memory->socket copy of the same size to another process (goal >= 0.8x, one stream),
     and with 2 streams; beside it, the same copy making only the engine's passes (gather with
