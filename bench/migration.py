@@ -524,7 +524,7 @@ SETUP_GOAL_MS = 50.0
 def summarize_against_qemu(shape: GuestShape, runs: list[dict[str, Any]]) -> dict[str, Any]:
     ours = {r["repeat"]: r for r in runs if r["system"] == "dirtylog" and r["status"] == "completed"}
     theirs = {r["repeat"]: r for r in runs if r["system"] == "qemu" and r["status"] == "completed"}
-    pairs = sorted(set(ours) & set(theirs))
+    pairs = sorted(i for i in set(ours) & set(theirs) if theirs[i]["total_ms"])
     ratios = [ours[i]["total_ms"] / theirs[i]["total_ms"] for i in pairs]
 
     def median(values: list[float]) -> float | None:

@@ -651,6 +651,12 @@ def migrate(source: QemuGuest, destination: QemuGuest, *, downtime_limit_ms: int
     if info["status"] != "completed":
         raise QemuError(f"QEMU's migration {info['status']}: {info.get('error-desc', '')}; "
                         f"destination log: {destination.log()[-400:]}")
+    # QEMU says "completed" before its migration thread has computed total-time and downtime (0 until then).
+    while not info.get("total-time"):
+        if time.monotonic() > deadline:
+            raise QemuError(f"QEMU's completed migration never reported its total time: {info}")
+        time.sleep(0.01)
+        info = source.qmp("query-migrate")
     while destination.qmp("query-status")["status"] != "running":
         destination._check_alive()
         if time.monotonic() > deadline:
