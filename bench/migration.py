@@ -432,12 +432,14 @@ def dirtylog_vs_ready(key: str, memory: int, shape: GuestShape) -> dict[str, Any
         preload()
         time.sleep(WARMUP_S)
         began = (time.thread_time(), process_cpu(destination.process.pid))
+        written, started = machine.progress, time.perf_counter()
         try:
             stats = migrate(machine, destination.address, key_file=key, progress=mark_cpu,
                             downtime_limit=QEMU_LIMIT_MS / 1e3).as_dict()
         except MigrationError as error:
             stats = {**(error.stats.as_dict() if error.stats else {}), "status": "failed", "error": str(error)}
         cpu = (time.thread_time() - began[0], process_cpu(destination.process.pid) - began[1])
+        guest_rate = (machine.progress - written) / (time.perf_counter() - started)  # paused at the switch-over
     received = destination.finish()
     gigabytes = stats.get("ram", {}).get("transferred", 0) / 1e9 or float("nan")
     rounds = stats.get("rounds", [])
@@ -456,6 +458,7 @@ def dirtylog_vs_ready(key: str, memory: int, shape: GuestShape) -> dict[str, Any
         "transferred_mb": stats.get("ram", {}).get("transferred", 0) / 1e6, "round0_busy": busy,
         # the migration's thread here (its vCPU threads apart) and the whole destination process
         "cpu_s_per_gb": {"source": cpu[0] / gigabytes, "destination": cpu[1] / gigabytes},
+        "guest_pages_per_s": guest_rate,
     }
 
 
@@ -474,15 +477,18 @@ def qemu_vs_qemu(memory: int, shape: GuestShape, idle_halts: bool = True) -> dic
             assert source.process is not None and destination.process is not None
             pids = (source.process.pid, destination.process.pid)
             before = [non_vcpu_cpu(pid) for pid in pids]
+            written, started = source.progress, time.perf_counter()
             try:
                 result = qemu_migrate(source, destination, downtime_limit_ms=QEMU_LIMIT_MS, max_bandwidth=0)
             except QemuError as error:
                 return {"status": "failed", "error": str(error)[:300]}
             cpu = [non_vcpu_cpu(pid) - was for pid, was in zip(pids, before, strict=True)]
+            guest_rate = (source.progress - written) / (time.perf_counter() - started)  # stopped at the switch-over
     ram = result.info["ram"]
     gigabytes = ram["transferred"] / 1e9
     return {"status": result.info["status"], "error": "", "total_ms": result.total_ms, "setup_ms": result.setup_ms,
             "cpu_s_per_gb": {"source": cpu[0] / gigabytes, "destination": cpu[1] / gigabytes},
+            "guest_pages_per_s": guest_rate,
             "downtime_ms": result.downtime_ms, "stop_to_resume_ms": result.stop_to_resume_ms,
             "dirty_sync_count": ram["dirty-sync-count"], "downtime_mb": ram.get("downtime-bytes", 0) / 1e6,
             "transferred_mb": ram["transferred"] / 1e6, "mbps": ram["mbps"],
@@ -547,6 +553,8 @@ def summarize_against_qemu(shape: GuestShape, runs: list[dict[str, Any]]) -> dic
         **{f"{system}_cpu_s_per_gb": {side: median([r["cpu_s_per_gb"][side] for r in chosen.values()])
                                       for side in ("source", "destination")}
            for system, chosen in (("dirtylog", ours), ("qemu", theirs))},
+        **{f"{system}_guest_pages_per_s": median([r["guest_pages_per_s"] for r in chosen.values()])
+           for system, chosen in (("dirtylog", ours), ("qemu", theirs))},
         "goals": {
             "setup": bool(ours) and all(r["setup_ms"] <= SETUP_GOAL_MS for r in ours.values()),
             "total": goal is not None and bool(ratios) and max(ratios) <= goal,
@@ -595,7 +603,8 @@ def _ms(value: float | None) -> str:
 
 def _cpu(run: dict[str, Any]) -> str:
     cpu = run["cpu_s_per_gb"]
-    return f"source {cpu['source']:.2f} + destination {cpu['destination']:.2f}"
+    return (f"source {cpu['source']:.2f} + destination {cpu['destination']:.2f}; guest wrote "
+            f"{run['guest_pages_per_s']:,.0f} pages/s")
 
 
 def print_against_qemu(result: dict[str, Any]) -> None:

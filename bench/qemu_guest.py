@@ -449,6 +449,7 @@ class QemuGuest:
         return [self.binary, "-accel", accel, "-machine", f"pc,memory-backend=ram,max-ram-below-4g={MAX_RAM_BELOW_4G}",
                 "-m", f"{self.size >> 20}M", "-smp", str(self.vcpus), "-object", backend,
                 "-kernel", str(kernel), "-nodefaults", "-display", "none", "-no-reboot",
+                "-name", "dirtylog-guest,debug-threads=on",  # vCPU threads named "CPU n/KVM", to tell them apart
                 "-qmp", f"unix:{self._dir}/qmp.sock,server=on,wait=off",
                 *(("-incoming", "defer") if self.options.incoming else ()), *self.options.extra_args]
 
