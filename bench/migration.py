@@ -2,7 +2,7 @@
 
     python bench/migration.py [--sizes 1G,4G] [--quick] [--json] [--sections throughput,...,qemu,encryption]
 
-Each migration goes to a separate `dirtylog receive` process over loopback. Measures:
+Each migration goes to a separate, ready `dirtylog receive --memory` process over loopback. Measures:
   * qemu (not run by default): dirtylog against QEMU on the same 1 GiB, one-vCPU guest (bench/qemu_guest.py),
     in turn, QEMU first in even repeats: an idle guest whose memory the host filled, and a filled guest
     rewriting a 256 MiB working set (uniformly random page writes over the first 256 MiB of its workload area,
@@ -240,8 +240,12 @@ def fill(machine: Machine, compressible: bool) -> None:
 
 
 def run_migration(key: str, memory: int, *, workload: str = "idle", rate: int | None = None,
-                  filled: bool = True, compressible: bool = False, warmup: float = 0.5, ready: bool = False,
+                  filled: bool = True, compressible: bool = False, warmup: float = 0.5, ready: bool = True,
                   **options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One migration of a fresh machine to a `dirtylog receive` process; (source stats, destination's word).
+    The destination is ready (``--memory``: its guest memory allocated before the source connects) unless
+    ``ready`` is False: without it, memory is allocated as pages arrive, inside round 0, and round 0 measures
+    this host's page allocation (bench/compare_trees.py shows both)."""
     destination = Destination(key, memory if ready else None)
     marks: list[tuple[float, float, float]] = []
 
@@ -574,7 +578,7 @@ def encryption(key: str, memory: int, repeat: int) -> dict[str, Any]:
     runs = []
     for index in range(repeat):
         for encrypt in (False, True) if index % 2 == 0 else (True, False):
-            stats, _ = run_migration(key, memory, streams=1, downtime_limit="50ms", encrypt=encrypt, ready=True)
+            stats, _ = run_migration(key, memory, streams=1, downtime_limit="50ms", encrypt=encrypt)
             runs.append({"repeat": index, "encrypt": encrypt, "encrypted": stats.get("encrypted"),
                          "status": stats["status"], "round0_gbps": round0_rate(stats) / 1e9,
                          "total_ms": stats["total_time_ms"], "downtime_ms": stats["downtime_ms"],
