@@ -99,6 +99,7 @@ def worker(memory: int, key: str, ready: bool) -> dict[str, Any]:
         "dirtylog": dirtylog.__file__, "status": stats["status"],
         "round0_gbps": first_round["bytes"] / first_round["seconds"] / 1e9,
         "total_ms": stats["total_time_ms"], "setup_ms": stats["setup_time_ms"], "downtime_ms": stats["downtime_ms"],
+        "setup_phases_ms": stats.get("setup_phases_ms", {}),  # trees that break setup down
         "rounds": len(stats["rounds"]),
         "cpu_s_per_gb": {"source": (cpu1 - cpu0) / gigabytes, "destination": (dest1 - dest0) / gigabytes},
         "busy": {"source": (cpu1 - cpu0) / (wall1 - wall0), "destination": (dest1 - dest0) / (wall1 - wall0)},
