@@ -165,6 +165,11 @@ class Machine(guest.Machine):
             raise self._restoring.error
         super().check()
 
+    def start(self, vcpu_states: list[bytes] | None = None) -> None:
+        if self._restoring is not None and self._restoring.error is not None:
+            raise self._restoring.error
+        super().start(vcpu_states)
+
     def resume(self) -> None:
         if self._restoring is not None and self._restoring.error is not None:
             raise self._restoring.error

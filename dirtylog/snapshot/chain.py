@@ -24,9 +24,10 @@ import xxhash
 from dirtylog.migration.payload.digest import MULTIPLIERS
 from dirtylog.migration.protocol.events import Header
 from dirtylog.snapshot import _kernels
-from dirtylog.snapshot.errors import SnapshotChainError, SnapshotFormatError
-from dirtylog.snapshot.format import MAGIC, MAX_CHAIN, SUFFIX, chunk_count, nwords, short
+from dirtylog.snapshot.errors import SnapshotChainError, SnapshotCorruptError, SnapshotError, SnapshotFormatError
+from dirtylog.snapshot.format import CHUNK_PAGES, MAGIC, MAX_CHAIN, SUFFIX, chunk_count, nwords, short
 from dirtylog.snapshot.layer import Layer
+from dirtylog.units import PAGE_SIZE
 
 
 def check_chain(layers: Sequence[Layer]) -> None:
@@ -203,3 +204,22 @@ class ChainArrays:
         assert checks.shape == (count, chunks)
         return cls(held, ranks, zero_addresses, fps_addresses, np.array([layer.fd for layer in chain], np.int64),
                    checks, np.zeros((count, chunks), dtype=np.uint8), _keep=keep)
+
+
+def loop_failure(chain: Chain, stats: npt.NDArray[np.int64], status: int) -> SnapshotError:
+    """The error for a compiled loop that read ``chain`` and ended with ``status`` (see ``_kernels``)."""
+    page, layer = int(stats[_kernels.S_PAGE]), int(stats[_kernels.S_LAYER])
+    name = chain.layers[layer].name if 0 <= layer < len(chain) else "the output file"
+    code = int(stats[_kernels.S_ERRNO])
+    if status == _kernels.CORRUPT_PAGE:
+        return SnapshotCorruptError(f"{name}: guest page {page} (address {page * PAGE_SIZE:#x}) is corrupt: its "
+                                    "fingerprint does not match")
+    if status == _kernels.CORRUPT_INDEX:
+        return SnapshotCorruptError(f"{name}: the index of guest pages {page}-{page + CHUNK_PAGES - 1} is corrupt")
+    if status == _kernels.SHORT_READ:
+        return SnapshotFormatError(f"{name} ends before guest page {page}: the file was cut short while in use")
+    if status == _kernels.IO_ERROR:
+        return SnapshotError(f"{'writing' if layer < 0 else 'reading'} {name} failed: {os.strerror(code)}")
+    if status == _kernels.UFFD_ERROR:
+        return SnapshotError(f"the userfaultfd serving guest memory failed: {os.strerror(code)}")
+    return SnapshotError(f"stopped before the end (status {status})")

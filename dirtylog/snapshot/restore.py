@@ -32,8 +32,8 @@ from dirtylog.guest.memory import plan_slots
 from dirtylog.linux.userfaultfd import Userfaultfd
 from dirtylog.migration.protocol.acceptance import HeaderAcceptance
 from dirtylog.snapshot import _kernels
-from dirtylog.snapshot.chain import Chain, ChainArrays, open_chain
-from dirtylog.snapshot.errors import SnapshotCorruptError, SnapshotError, SnapshotFormatError
+from dirtylog.snapshot.chain import Chain, ChainArrays, loop_failure, open_chain
+from dirtylog.snapshot.errors import SnapshotError
 from dirtylog.snapshot.format import BLOCK_PAGES
 from dirtylog.snapshot.session import SnapshotChain
 from dirtylog.snapshot.vm import machine_arguments
@@ -145,7 +145,9 @@ class Restoring:
                 self.chain.check_digest(fingerprints)
                 self.fingerprints = fingerprints
             elif status != _kernels.STOPPED:
-                raise self._failure(status)
+                failure = loop_failure(self.chain, self.stats, status)
+                raise type(failure)(f"{failure}. It was never installed: the guest did not see it, and the restored "
+                                    "machine will not run")
         except SnapshotError as error:
             self._fail(error)
         except Exception as error:  # a failure on this thread must reach the user, not vanish
@@ -154,22 +156,6 @@ class Restoring:
             if status != _kernels.STOPPED:
                 self.chain.close()
             self.done.set()
-
-    def _failure(self, status: int) -> SnapshotError:
-        stats = self.stats
-        page, layer = int(stats[_kernels.S_PAGE]), int(stats[_kernels.S_LAYER])
-        name = self.chain.layers[layer].name if 0 <= layer < len(self.chain) else "?"
-        if status == _kernels.CORRUPT_PAGE:
-            return SnapshotCorruptError(f"{name}: guest page {page} (address {page * PAGE_SIZE:#x}) is corrupt (its "
-                                        "fingerprint does not match); the guest never saw it")
-        if status == _kernels.CORRUPT_INDEX:
-            return SnapshotCorruptError(f"{name}: the index of guest pages {page}-{page + 4095} is corrupt; the guest "
-                                        "never saw those pages")
-        if status == _kernels.SHORT_READ:
-            return SnapshotFormatError(f"{name} ended before guest page {page}: the file was cut short while restoring")
-        if status == _kernels.IO_ERROR:
-            return SnapshotError(f"reading {name} failed: {os.strerror(int(stats[_kernels.S_ERRNO]))}")
-        return SnapshotError(f"the restore's userfaultfd failed: {os.strerror(int(stats[_kernels.S_ERRNO]))}")
 
     def _fail(self, error: SnapshotError) -> None:
         """Stop the guest before it can see what failed, and keep it from running again."""
