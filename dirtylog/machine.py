@@ -154,6 +154,12 @@ class Machine(guest.Machine):
         """Wait until a restored machine's memory is all in and checked; its statistics (None: not restored)."""
         return self._restoring.wait(timeout) if self._restoring is not None else None
 
+    @property
+    def restore_stats(self) -> RestoreStats | None:
+        """How the restore of this machine is going, without waiting (``resident_seconds`` is set once all of
+        memory is in); None for a machine that was not restored."""
+        return self._restoring.result() if self._restoring is not None else None
+
     def end_snapshots(self) -> None:
         """Stop the dirty log kept for incremental snapshots (the next snapshot is a full one)."""
         if self._snapshots is not None:

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dirtylog.errors import DirtylogError
+from dirtylog.guest.host import host_architecture
 from dirtylog.guest.machine import State
 from dirtylog.guest.memory import plan_slots
 from dirtylog.linux.userfaultfd import Userfaultfd
@@ -216,6 +217,7 @@ def restore(cls: type[Machine], path: str | os.PathLike[str], *, lazy: bool = Tr
     The compiled loops are loaded first, once per process (from Numba's cache: ~0.1-0.3 s); the restore's
     timings count from after that."""
     _kernels.load_kernels()
+    host_architecture()  # imports the guest's assembler: code loaded once per process, like the loops
     began = time.monotonic_ns()
     if track is not None and track not in DIRTY_LOG_MODES:
         raise SnapshotError(f"unknown dirty-log mode {track!r}; choose one of {', '.join(DIRTY_LOG_MODES)}")

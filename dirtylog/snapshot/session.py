@@ -147,19 +147,21 @@ class SnapshotChain:
             raise SnapshotError("a live snapshot write-protects guest RAM with a userfaultfd of its own, and the "
                                 "'uffd' dirty-log mode holds guest RAM's: keep this chain in mode log, clear or ring")
         began = time.perf_counter()
+        if not self.tracker.enabled:
+            # Before the pause, not in it (write-protecting all of guest RAM takes a while); the collection in
+            # the pause below then starts the count from the snapshot.
+            self.tracker.enable()
         running = machine.state is State.RUNNING
         if running:
             machine.pause()
+        paused_at = time.perf_counter()
         resumed_at: float | None = None
         collected: DirtyBitmap | None = None
         writer: LayerWriter | None = None
         uffd: Userfaultfd | None = None
         try:
-            if self.tracker.enabled:
-                collected = self.tracker.collect()
-            else:
-                self.tracker.enable()  # while paused: no write falls between this and the copy
-            held = None if parent is None else (self.owed | collected if collected is not None else self.owed)
+            collected = self.tracker.collect()
+            held = None if parent is None else self.owed | collected
             states = tuple(machine.vcpu_state(index) for index in range(machine.spec.vcpus))
             progress = machine.vcpu_progress
             writer = LayerWriter(path, machine.ram.npages, None if held is None else held.words)
@@ -192,7 +194,7 @@ class SnapshotChain:
             info = {"created": time.time(), "sequence": 0 if parent is None else self.sequence + 1,
                     "mode": self.mode, "live": live, "parent": parent_name,
                     "vcpu_progress": progress, "pages": writer.count, "zero_pages": int(stats[_kernels.S_ZERO_PAGES]),
-                    "pause_ms": round(((resumed_at or began) - began) * 1e3, 3)}
+                    "pause_ms": round(((resumed_at or paused_at) - paused_at) * 1e3, 3)}
             head = writer.finish(header_of(machine), states, digest, info, parent_identity)
             writer.commit()
         except BaseException as error:
@@ -214,7 +216,7 @@ class SnapshotChain:
         status_ = os.stat(path)
         return Snapshot(path, head.identity, parent_identity, live, self.mode, writer.count,
                         int(stats[_kernels.S_ZERO_PAGES]), status_.st_size, status_.st_blocks * 512,
-                        (resumed_at or done) - began if running else 0.0, done - began, write_seconds,
+                        (resumed_at or done) - paused_at if running else 0.0, done - began, write_seconds,
                         int(stats[_kernels.S_FAULTS]), float(stats[_kernels.S_FAULT_NS]) / 1e9,
                         float(stats[_kernels.S_FAULT_MAX_NS]) / 1e9)
 
