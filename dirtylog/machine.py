@@ -137,18 +137,19 @@ class Machine(guest.Machine):
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str], *, lazy: bool = True, track: DirtyLogMode | None = None,
-                resume: bool = True) -> Self:
+                resume: bool = True, into: Self | None = None) -> Self:
         """A running machine restored from the snapshot ``path`` (and its parents), continuing where it was saved.
 
         Memory arrives on first touch and in the background (``lazy``; ``wait_restored()`` waits for all of it),
         every page checked before the guest sees it; ``lazy=False`` brings and checks it all before the guest
         runs. ``track`` keeps a dirty log from the start, so that ``snapshot(p, parent=path)`` continues the chain.
         ``resume=False`` returns it with its vCPUs loaded but not running (``start()`` runs it), as Firecracker's
-        snapshot load without ``resume_vm``.
+        snapshot load without ``resume_vm``. ``into`` is a blank machine of the snapshot's memory size and slot
+        count built beforehand (``Machine(size, blank=True)``), which spares the restore building one.
         """
         from dirtylog.snapshot.restore import restore
 
-        return cast(Self, restore(cls, path, lazy=lazy, track=track, resume=resume))
+        return cast(Self, restore(cls, path, lazy=lazy, track=track, resume=resume, into=into))
 
     def wait_restored(self, timeout: float | None = None) -> RestoreStats | None:
         """Wait until a restored machine's memory is all in and checked; its statistics (None: not restored)."""

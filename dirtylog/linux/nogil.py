@@ -32,7 +32,7 @@ llvmlite.binding.initialize_native_asmparser()
 
 _MACHINE: Final = platform.machine()
 #: System call numbers: (x86-64, arm64's generic table).
-_NUMBERS: Final = {"read": (0, 63), "pread64": (17, 67), "pwrite64": (18, 68), "ioctl": (16, 29),
+_NUMBERS: Final = {"read": (0, 63), "pread64": (17, 67), "pwrite64": (18, 68), "pwritev": (296, 70), "ioctl": (16, 29),
                    "ppoll": (271, 73), "getpid": (39, 172), "clock_gettime": (228, 113)}
 _ARM64: Final = _MACHINE in ("aarch64", "arm64")
 if _MACHINE not in ("x86_64", "aarch64", "arm64"):  # pragma: no cover - the hosts dirtylog runs on
@@ -41,6 +41,7 @@ if _MACHINE not in ("x86_64", "aarch64", "arm64"):  # pragma: no cover - the hos
 SYS_READ: Final = _NUMBERS["read"][_ARM64]
 SYS_PREAD64: Final = _NUMBERS["pread64"][_ARM64]
 SYS_PWRITE64: Final = _NUMBERS["pwrite64"][_ARM64]
+SYS_PWRITEV: Final = _NUMBERS["pwritev"][_ARM64]
 SYS_IOCTL: Final = _NUMBERS["ioctl"][_ARM64]
 SYS_PPOLL: Final = _NUMBERS["ppoll"][_ARM64]
 SYS_GETPID: Final = _NUMBERS["getpid"][_ARM64]
@@ -141,6 +142,29 @@ def pwrite(fd: int, address: int, count: int, offset: int) -> int:
             return put
         done += put
     return done
+
+
+@njit(cache=True, nogil=True)
+def pwritev(fd: int, iovecs: np.ndarray, count: int, offset: int) -> int:
+    """Write the ``count`` buffers of ``iovecs`` (int64 pairs: address, length, as ``struct iovec``) one after
+    the other at file ``offset``, retrying short writes and EINTR; returns the bytes written or -errno. The
+    entries are consumed (adjusted in place) as they are written."""
+    total = 0
+    first = 0
+    while first < count:
+        put = syscall6(SYS_PWRITEV, fd, iovecs.ctypes.data + 16 * first, count - first, offset + total, 0, 0)
+        if put == -EINTR:
+            continue
+        if put < 0:
+            return put
+        total += put
+        while first < count and put >= iovecs[2 * first + 1]:  # skip the buffers written whole
+            put -= iovecs[2 * first + 1]
+            first += 1
+        if first < count and put:
+            iovecs[2 * first] += put
+            iovecs[2 * first + 1] -= put
+    return total
 
 
 @njit(cache=True, nogil=True)

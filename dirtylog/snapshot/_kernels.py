@@ -38,7 +38,9 @@ BLOCK: Final = 64  # pages in a block
 CHUNK_WORDS: Final = 64  # bitmap words in an index chunk (4096 pages)
 DATA_OFFSET: Final = 4096
 _GOLDEN: Final = np.uint64(0x9E3779B97F4A7C15)
-_BACKGROUND_BLOCKS: Final = 8  # blocks a loop handles between two looks at the fault queue
+_BACKGROUND_BLOCKS: Final = 16  # most blocks a loop handles in order between two looks at the fault queue
+_LIVE_FLUSH_BYTES: Final = 1 << 20  # pending bytes a live save loop writes out at most at once
+_PAUSED_FLUSH_BYTES: Final = 16 << 20
 _IDLE_NS: Final = 20_000_000  # how long a loop with only faults left waits for one before checking `control`
 
 # control[] (set by Python)
@@ -138,16 +140,60 @@ def _fail(stats: I64, status: int, errno: int, page: int, layer: int) -> int:
     return status
 
 
+# The pending write of the save loop: pages consecutive in the file (consecutive ranks), wherever they are in
+# memory, go out in one pwritev. W[0] entries, W[1] their file offset, W[2] their bytes; then (address, length)
+# pairs, as struct iovec.
+IOV_MAX: Final = 1024
+W_ENTRIES: Final = 3
+WRITER_SIZE: Final = W_ENTRIES + 2 * IOV_MAX
+
+
 @njit(cache=True, nogil=True)
-def _save_block(b: int, memory: U64, held: U64, ranks: I64, out_fd: int, fps: U64, zero: U64, multipliers: U64,
-                stats: I64) -> int:
-    """Fingerprint and write the held pages of block ``b`` from guest memory (which must not change meanwhile);
-    returns a status (RUNNING: fine)."""
+def _flush(writer: I64, out_fd: int) -> int:
+    """Write what is pending; 0 or -errno."""
+    if writer[0] == 0:
+        return 0
+    written = nogil.pwritev(out_fd, writer[W_ENTRIES:], writer[0], writer[1])
+    writer[0] = 0
+    writer[2] = 0
+    return written if written < 0 else 0
+
+
+@njit(cache=True, nogil=True)
+def _queue(writer: I64, out_fd: int, address: int, length: int, offset: int, flush_bytes: int) -> int:
+    """Add ``length`` bytes at ``address`` for file ``offset`` to the pending write; 0 or -errno."""
+    count = writer[0]
+    if count and (writer[1] + writer[2] != offset or count == IOV_MAX or writer[2] >= flush_bytes):
+        result = _flush(writer, out_fd)
+        if result < 0:
+            return result
+        count = 0
+    if count == 0:
+        writer[1] = offset
+    else:
+        last = W_ENTRIES + 2 * (count - 1)
+        if writer[last] + writer[last + 1] == address:  # contiguous in memory too: one longer buffer
+            writer[last + 1] += length
+            writer[2] += length
+            return 0
+    writer[W_ENTRIES + 2 * count] = address
+    writer[W_ENTRIES + 2 * count + 1] = length
+    writer[0] = count + 1
+    writer[2] += length
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _save_block(b: int, source: U64, row: int, held: U64, ranks: I64, writer: I64, out_fd: int, flush_bytes: int,
+                fps: U64, zero: U64, multipliers: U64, stats: I64) -> int:
+    """Fingerprint the held pages of block ``b``, whose page ``64 * b + i`` is row ``row + i`` of ``source``
+    (guest memory that must not change until the pending write is flushed, or a copy of the block), and queue
+    the non-zero ones on ``writer``; returns a status (RUNNING: fine)."""
     word = held[b]
     if word == 0:
         return RUNNING
     first = b * BLOCK
-    base = memory.ctypes.data
+    base = source.ctypes.data
     i = 0
     while i < BLOCK:
         if not (word >> np.uint64(i)) & np.uint64(1):
@@ -158,16 +204,15 @@ def _save_block(b: int, memory: U64, held: U64, ranks: I64, out_fd: int, fps: U6
         while j < BLOCK and (word >> np.uint64(j)) & np.uint64(1):
             j += 1
         rank = ranks[b] + popcount(word & ((np.uint64(1) << np.uint64(i)) - np.uint64(1)))
-        fingerprint_rows(memory[first + i:first + j], multipliers, fps[rank:rank + j - i])
+        fingerprint_rows(source[row + i:row + j], multipliers, fps[rank:rank + j - i])
         # Write the non-zero pages of the run, in runs of their own; zero pages stay holes.
         k = i
         while k < j:
-            p = first + k
             is_zero = False
             if fps[rank + k - i] == 0:  # a zero page's fingerprint is 0; confirm by looking
                 is_zero = True
                 for w in range(WORDS):
-                    if memory[p, w] != 0:
+                    if source[row + k, w] != 0:
                         is_zero = False
                         break
             if is_zero:
@@ -178,9 +223,10 @@ def _save_block(b: int, memory: U64, held: U64, ranks: I64, out_fd: int, fps: U6
             m = k + 1
             while m < j and fps[rank + m - i] != 0:
                 m += 1
-            written = nogil.pwrite(out_fd, base + p * PAGE, (m - k) * PAGE, DATA_OFFSET + (rank + k - i) * PAGE)
-            if written < 0:
-                return _fail(stats, IO_ERROR, -written, p, -1)
+            result = _queue(writer, out_fd, base + (row + k) * PAGE, (m - k) * PAGE,
+                            DATA_OFFSET + (rank + k - i) * PAGE, flush_bytes)
+            if result < 0:
+                return _fail(stats, IO_ERROR, -result, first + k, -1)
             stats[S_PAGES_WRITTEN] += m - k
             k = m
         i = j
@@ -205,6 +251,10 @@ def save_layer(uffd: int, memory: U64, held: U64, ranks: I64, out_fd: int, fps: 
     scratch = np.zeros(8, dtype=np.int64)
     clock = np.zeros(2, dtype=np.int64)
     messages = np.zeros(64 * nogil.UFFD_MSG_WORDS, dtype=np.uint64)
+    copy = np.zeros((BLOCK, WORDS), dtype=np.uint64)
+    writer = np.zeros(WRITER_SIZE, dtype=np.int64)
+    # Live, writes go out before protection is lifted, so keep them short; paused, let them grow.
+    flush_bytes = _LIVE_FLUSH_BYTES if uffd >= 0 else _PAUSED_FLUSH_BYTES
     next_block = 0
     if uffd >= 0:
         result = nogil.uffd_writeprotect(uffd, base, nblocks * BLOCK * PAGE, True, scratch)
@@ -217,6 +267,9 @@ def save_layer(uffd: int, memory: U64, held: U64, ranks: I64, out_fd: int, fps: 
         while next_block < nblocks and saved[next_block]:
             next_block += 1
         if next_block >= nblocks:
+            result = _flush(writer, out_fd)
+            if result < 0:
+                return _fail(stats, IO_ERROR, -result, -1, -1)
             stats[S_DONE_NS] = nogil.monotonic_ns(clock)
             stats[S_STATUS] = DONE
             return DONE
@@ -233,10 +286,13 @@ def save_layer(uffd: int, memory: U64, held: U64, ranks: I64, out_fd: int, fps: 
                 b = int((messages[m * nogil.UFFD_MSG_WORDS + 2] - np.uint64(base)) // np.uint64(PAGE * BLOCK))
                 if b < 0 or b >= nblocks:
                     continue
-                if not saved[b]:
-                    status = _save_block(b, memory, held, ranks, out_fd, fps, zero, multipliers, stats)
-                    if status != RUNNING:
-                        return status
+                # A writer waits: copy the block's pages as they are, let it go, then write the copy.
+                was_saved = saved[b] != 0
+                if not was_saved:
+                    word = held[b]
+                    for i in range(BLOCK):
+                        if (word >> np.uint64(i)) & np.uint64(1):
+                            copy[i, :] = memory[b * BLOCK + i, :]
                     saved[b] = 1
                 result = nogil.uffd_writeprotect(uffd, base + b * BLOCK * PAGE, BLOCK * PAGE, False, scratch)
                 if result < 0:
@@ -245,17 +301,33 @@ def save_layer(uffd: int, memory: U64, held: U64, ranks: I64, out_fd: int, fps: 
                 stats[S_FAULTS] += 1
                 stats[S_FAULT_NS] += spent
                 stats[S_FAULT_MAX_NS] = max(stats[S_FAULT_MAX_NS], spent)
+                if not was_saved:
+                    status = _save_block(b, copy, 0, held, ranks, writer, out_fd, flush_bytes, fps, zero, multipliers,
+                                         stats)
+                    result = _flush(writer, out_fd)  # before the copy is used again
+                    if status != RUNNING:
+                        return status
+                    if result < 0:
+                        return _fail(stats, IO_ERROR, -result, b * BLOCK, -1)
             continue
-        # In order: a few blocks, then one ioctl lifting their protection, then a look at the faults again.
+        # In order, straight from guest memory (still protected), a block at a time until a fault is pending;
+        # then one ioctl lifts the protection of the blocks done.
         start = next_block
-        end = min(nblocks, start + _BACKGROUND_BLOCKS)
-        for b in range(start, end):
-            if not saved[b]:
-                status = _save_block(b, memory, held, ranks, out_fd, fps, zero, multipliers, stats)
+        end = start
+        while end < nblocks and end < start + _BACKGROUND_BLOCKS:
+            if not saved[end]:
+                status = _save_block(end, memory, end * BLOCK, held, ranks, writer, out_fd, flush_bytes, fps, zero,
+                                     multipliers, stats)
                 if status != RUNNING:
                     return status
-                saved[b] = 1
+                saved[end] = 1
+            end += 1
+            if uffd >= 0 and nogil.poll_in(uffd, 0, scratch) > 0:
+                break
         if uffd >= 0:
+            result = _flush(writer, out_fd)  # the pages are in the file: now they may change
+            if result < 0:
+                return _fail(stats, IO_ERROR, -result, start * BLOCK, -1)
             result = nogil.uffd_writeprotect(uffd, base + start * BLOCK * PAGE, (end - start) * BLOCK * PAGE, False,
                                              scratch)
             if result < 0:
@@ -416,7 +488,8 @@ def serve_restore(uffd: int, base: int, held: U64, ranks: I64, zero_addresses: I
                 return status
             present[b] = 1
             remaining -= 1
-        next_block = end
+            if nogil.poll_in(uffd, 0, scratch) > 0:
+                break  # a fault waits: serve it before the next block in order
 
 
 @njit(cache=True, nogil=True)

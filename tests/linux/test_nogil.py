@@ -38,6 +38,19 @@ def test_pread_and_pwrite_round_trip_and_report_errno(tmp_path: Path) -> None:
     assert nogil.pwrite(fd, back.ctypes.data, 8, 0) == -errno.EBADF
 
 
+def test_pwritev_gathers_buffers_into_one_stretch_of_the_file(tmp_path: Path) -> None:
+    parts = [np.full(size, value, dtype=np.uint8) for size, value in ((4096, 1), (100, 2), (70000, 3))]
+    iovecs = np.array([[part.ctypes.data, part.size] for part in parts], dtype=np.int64).ravel()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert nogil.pwritev(fd, iovecs, len(parts), 8192) == sum(part.size for part in parts)
+        assert os.pread(fd, 80000, 8192) == b"".join(part.tobytes() for part in parts)
+        assert os.pread(fd, 8192, 0) == bytes(8192)  # a hole before it
+    finally:
+        os.close(fd)
+    assert nogil.pwritev(fd, iovecs, 1, 0) == -errno.EBADF
+
+
 def test_poll_sees_a_readable_pipe_and_a_timeout() -> None:
     scratch = np.zeros(4, dtype=np.int64)
     reader, writer = os.pipe()
@@ -115,9 +128,9 @@ def test_uffd_helpers_report_errno_for_a_closed_fd() -> None:
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
 def test_system_call_numbers_are_the_kernels(machine: str) -> None:
     # Pinned from arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h.
-    expected = {"x86_64": {"read": 0, "pread64": 17, "pwrite64": 18, "ioctl": 16, "ppoll": 271, "getpid": 39,
-                           "clock_gettime": 228},
-                "aarch64": {"read": 63, "pread64": 67, "pwrite64": 68, "ioctl": 29, "ppoll": 73, "getpid": 172,
-                            "clock_gettime": 113}}[machine]
+    expected = {"x86_64": {"read": 0, "pread64": 17, "pwrite64": 18, "pwritev": 296, "ioctl": 16, "ppoll": 271,
+                           "getpid": 39, "clock_gettime": 228},
+                "aarch64": {"read": 63, "pread64": 67, "pwrite64": 68, "pwritev": 70, "ioctl": 29, "ppoll": 73,
+                            "getpid": 172, "clock_gettime": 113}}[machine]
     column = 1 if machine == "aarch64" else 0
     assert {name: numbers[column] for name, numbers in nogil._NUMBERS.items()} == expected

@@ -224,3 +224,24 @@ def test_snapshots_of_a_machine_that_is_not_running_are_refused(tmp_path: Path) 
     finally:
         machine.stop()
     assert not (tmp_path / "x.dlsnap").exists()
+
+
+def test_a_restore_into_a_prepared_machine_runs_the_snapshot(tmp_path: Path) -> None:
+    with Machine("64M", 2, "random", rate=20000, slots=2) as machine:
+        machine.start()
+        wait_for(lambda: machine.progress > 2000, what="guest writes")
+        reference = paused_memory(machine)
+        saved = machine.vcpu_progress
+        snap = machine.snapshot(tmp_path / "a.dlsnap")
+    spare = Machine("64M", 1, "idle", blank=True, slots=2)  # built before anyone knew what it would run
+    with Machine.restore(snap.path, into=spare, resume=False) as restored:
+        assert restored is spare and restored.spec.vcpus == 2 and restored.spec.name == "random"
+        assert np.array_equal(restored.memory, reference)
+        restored.start()
+        wait_progress(restored, saved)
+    wrong = Machine("64M", 1, "idle", blank=True)  # one slot, not two
+    try:
+        with pytest.raises(SnapshotError, match="memory slots"):
+            Machine.restore(snap.path, into=wrong)
+    finally:
+        wrong.stop()
