@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import snapshots  # noqa: E402
+import snapshots
 
 
 @pytest.mark.kvm
