@@ -159,13 +159,14 @@ class SnapshotChain:
         collected: DirtyBitmap | None = None
         writer: LayerWriter | None = None
         uffd: Userfaultfd | None = None
+        saver: _LoopThread | None = None
+        control = np.zeros(_kernels.CONTROL_SIZE, dtype=np.int64)
         try:
             collected = self.tracker.collect()
             held = None if parent is None else self.owed | collected
             states = tuple(machine.vcpu_state(index) for index in range(machine.spec.vcpus))
             progress = machine.vcpu_progress
             writer = LayerWriter(path, machine.ram.npages, None if held is None else held.words)
-            control = np.zeros(_kernels.CONTROL_SIZE, dtype=np.int64)
             stats = np.zeros(_kernels.STATS_SIZE, dtype=np.int64)
             arguments = (machine.ram.words.reshape(-1, 512), writer.held, writer.ranks, writer.fd, writer.fps,
                          writer.zero, writer.saved, MULTIPLIERS, control, stats)
@@ -198,6 +199,9 @@ class SnapshotChain:
             head = writer.finish(header_of(machine), states, digest, info, parent_identity)
             writer.commit()
         except BaseException as error:
+            if saver is not None:  # the loop uses the userfaultfd and the file: it ends before they close
+                control[_kernels.CONTROL_STOP] = 1
+                saver.thread.join()
             if uffd is not None:
                 uffd.close()  # lifts every protection: writers waiting on it go on
             if writer is not None:
