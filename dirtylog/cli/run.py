@@ -41,6 +41,9 @@ class _Snapshots:
             raise DirtylogError("--snapshot-every and --snapshot-dir go together: say how often and where")
         if args.live and not args.snapshot_every:
             raise DirtylogError("--live is for --snapshot-every (live snapshots of the chain)")
+        if args.live and args.snapshot_mode == "uffd":
+            raise DirtylogError("--live write-protects guest RAM with a userfaultfd of its own, which the uffd mode "
+                                "holds: use --snapshot-mode log, clear or ring with --live")
         self.every: float | None = args.snapshot_every
         self.folder = Path(args.snapshot_dir) if args.snapshot_dir else None
         if self.folder is not None:

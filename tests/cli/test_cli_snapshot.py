@@ -77,6 +77,8 @@ def test_restore_shows_the_guest_continuing(chain: tuple[Path, list[dict[str, ob
 @pytest.mark.parametrize(("argv", "message"), [
     (["run", "--memory", "64M", "--snapshot-every", "1s"], "--snapshot-every and --snapshot-dir go together"),
     (["run", "--memory", "64M", "--live"], "--live is for --snapshot-every"),
+    (["run", "--memory", "64M", "--snapshot-every", "1s", "--snapshot-dir", "/tmp", "--live", "--snapshot-mode",
+      "uffd"], "use --snapshot-mode log, clear or ring with --live"),
 ])
 def test_snapshot_options_are_checked(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 1
