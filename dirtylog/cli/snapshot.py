@@ -140,13 +140,17 @@ def run_restore(args: argparse.Namespace) -> int:
         emit_json({"summary": summary})
         return 0
     timings = final.as_dict() if final else {}
+
+    def ms(key: str, otherwise: str = "-") -> str:
+        value = timings.get(key)
+        return otherwise if value is None else f"{value} ms"
+
     console.print(key_value_table("restore", [
-        ("chain opened and checked", f"{timings.get('open_ms')} ms"),
-        ("machine built", f"{timings.get('build_ms')} ms"),
-        ("vCPUs running", f"{timings.get('running_ms')} ms"),
-        ("first page the guest needed, in", f"{timings.get('first_served_ms')} ms"),
-        ("all memory in and checked", f"{timings.get('resident_ms')} ms "
-                                      f"({format_size(memory)})"),
+        ("chain opened and checked", ms("open_ms")),
+        ("machine built", ms("build_ms")),
+        ("vCPUs running", ms("running_ms")),
+        ("first page the guest needed, in", ms("first_served_ms", "before the guest ran (--eager)")),
+        ("all memory in and checked", f"{ms('resident_ms')} ({format_size(memory)})"),
         ("faults served", f"{timings.get('faults')} (waited {timings.get('fault_wait_ms')} ms in all, at most "
                           f"{timings.get('fault_wait_max_ms')} ms)"),
     ]))
