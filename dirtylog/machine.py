@@ -6,10 +6,12 @@ users get one object: ``with Machine(...) as m: t = m.dirty_log("clear")``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Self, cast
 
+from dirtylog.errors import DirtylogError
 from dirtylog.guest import machine as guest
 from dirtylog.tracking.base import DIRTY_LOG_MODES, TRACKING_MODES, DirtyLogMode, Tracker, TrackingError, TrackingMode
 from dirtylog.tracking.guest_uffd import GuestUffdTracker
@@ -188,4 +190,9 @@ class Machine(guest.Machine):
             controller.stop()
         if self._restoring is not None:
             self._restoring.close()
+        if self._snapshots is not None:
+            # The chain's dirty log: KVM's goes with the VM, but the uffd mode holds a file descriptor.
+            with contextlib.suppress(DirtylogError):
+                self._snapshots.close()
+            self._snapshots = None
         super().stop()
