@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from typing import Any
@@ -21,10 +23,19 @@ from dirtylog.cli.options import (
 )
 from dirtylog.cli.output import RowPrinter, console, emit_json, error_console, key_value_table
 from dirtylog.cli.plots import plot_series
+from dirtylog.cli.serve import add_qmp_argument, serve_incoming
 from dirtylog.guest.machine import State
 from dirtylog.machine import TRACKING_MODES, Machine
-from dirtylog.migration import Listener, MigrationError, MigrationParameters, MigrationStats, migrate, receive
-from dirtylog.migration.keys import generate_key_file, load_key
+from dirtylog.migration import (
+    Listener,
+    MigrationError,
+    MigrationParameters,
+    MigrationStats,
+    migrate,
+    preload,
+    receive,
+)
+from dirtylog.migration.keys import KeyFileError, generate_key_file, load_key
 from dirtylog.migration.policy.parameters import MAX_STREAMS
 from dirtylog.migration.transports import parse_endpoint
 from dirtylog.units import PAGE_SIZE, format_duration, format_size
@@ -38,10 +49,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     keygen.set_defaults(func=run_keygen)
 
     recv = subparsers.add_parser("receive", help="wait for one live migration, verify it, and run the VM")
-    recv.add_argument("--listen", default="127.0.0.1:7000",
+    recv.add_argument("--listen", default=None,
                       help="where: host:port (default 127.0.0.1:7000; loopback unless you name another host), "
-                           "unix:PATH, or file:PATH to load a stream `migrate --to file:PATH` wrote")
-    recv.add_argument("--key-file", required=True, help="pre-shared key file (dirtylog keygen)")
+                           "unix:PATH, or file:PATH to load a stream `migrate --to file:PATH` wrote; with --qmp the "
+                           "default is to wait for QMP's migrate-incoming (QEMU's -incoming defer)")
+    recv.add_argument("--key-file", help="pre-shared key file (dirtylog keygen); required unless --qmp, where "
+                      "migrate-set-parameters x-dirtylog-key-file can give it")
     recv.add_argument("--memory", type=size_arg, default=None,
                       help="accept only guests of this memory size, and prepare their VM before any source connects")
     recv.add_argument("--max-memory", type=size_arg, default=None,
@@ -55,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     recv.add_argument("--accept-timeout", type=positive_duration_arg, default=None,
                       help="give up if no source connects")
     recv.add_argument("--json", action="store_true", help="JSON lines for machines")
+    add_qmp_argument(recv, "run the received VM (--duration does not apply)")
     recv.set_defaults(func=run_receive)
 
     mig = subparsers.add_parser("migrate", help="start a VM with a workload and live-migrate it to `dirtylog receive`")
@@ -85,6 +99,12 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compression", choices=("none", "lz4", "zstd"), default="none",
                        help="page compression (default none: on loopback it costs more than it saves)")
     group.add_argument("--mode", choices=TRACKING_MODES, default="log", help="dirty-log mode (default log)")
+    privacy = group.add_mutually_exclusive_group()
+    privacy.add_argument("--encrypt", dest="encrypt", action="store_true", default=None,
+                         help="encrypt guest memory on the wire (AES-256-GCM; the default whenever the stream leaves "
+                              "this host: not loopback TCP or a Unix socket)")
+    privacy.add_argument("--no-encrypt", dest="encrypt", action="store_false",
+                         help="only authenticate frames, even off this host (guest memory then crosses in clear)")
     group.add_argument("--auto-converge", action="store_true", help="throttle vCPUs when the guest outruns the link")
     group.add_argument("--dirty-limit", type=positive_int, default=None,
                        help="cap each vCPU's dirty rate (pages/s) when it outruns the link; needs --mode ring")
@@ -106,10 +126,15 @@ def parameters_from_args(args: argparse.Namespace) -> MigrationParameters:
         downtime_limit=args.downtime_limit, bandwidth=args.bandwidth, max_time=args.max_time,
         on_timeout=args.on_timeout, streams=args.streams, zero_pages=args.zero_pages,
         compression=args.compression, mode=args.mode, auto_converge=args.auto_converge,
-        dirty_limit=args.dirty_limit)
+        dirty_limit=args.dirty_limit, encrypt=args.encrypt)
 
 
-def _round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
+ROUND_COLUMNS = [("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
+                 ("exp. downtime ms", 16), ("throttle", 8)]
+
+
+def round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
+    """One row of the live migration view (also ``dirtylog ctl SOCKET watch-migration``)."""
     rows.row(record["round"], f"{record['pages']:,}", f"{record['bytes'] / 1e6:,.1f}",
              f"{record['mbps'] / 8:,.0f}", f"{record['dirty_pages']:,}", f"{record['dirty_pages_rate']:,}",
              f"{record.get('expected_downtime_ms', 0):,.1f}", f"{record['throttle_percentage']}%")
@@ -124,7 +149,9 @@ def run_migrate(args: argparse.Namespace) -> int:
         if not args.json:
             console.print(f"source: [bold]{args.workload}[/bold] on {args.vcpus} vCPU(s), {format_size(args.memory)}; "
                           f"warming up {format_duration(args.warmup)}, then migrating to {args.to}")
-        time.sleep(args.warmup)
+        warmup_ends = time.perf_counter() + args.warmup
+        preload()  # during the warm-up: the migration's setup is then only its connection and handshake
+        time.sleep(max(0.0, warmup_ends - time.perf_counter()))
         machine.check()
         stats = migrate_with_progress(machine, args)
         if stats is None:
@@ -134,6 +161,8 @@ def run_migrate(args: argparse.Namespace) -> int:
                 if not args.json:
                     console.print(f"the source VM keeps running here: progress {before:,} -> {machine.progress:,} "
                                   "pages")
+            elif machine.state is State.PAUSED:
+                return keep_for_operator(machine, args)
             return 1
         if machine.state is State.PAUSED and not args.json:  # a stream to a file takes no VM over
             console.print(escape(f"saved to {args.to}; this VM stays paused here (load it with `dirtylog receive "
@@ -141,16 +170,47 @@ def run_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def keep_for_operator(machine: Machine, args: argparse.Namespace) -> int:
+    """After a commit the destination went silent: it may be running the VM, so this copy neither resumes nor
+    goes away on its own. It waits, paused, for the operator: SIGUSR2 resumes it here (after they checked the
+    destination is not running it), SIGINT or SIGTERM discards it."""
+    decision: list[str] = []
+    signal.signal(signal.SIGUSR2, lambda signum, frame: decision.append("resume"))
+    signal.signal(signal.SIGTERM, lambda signum, frame: decision.append("discard"))
+    message = (f"this VM stays paused here (pid {os.getpid()}): the destination may be running it. Check the "
+               f"destination; then `kill -USR2 {os.getpid()}` resumes it here, Ctrl-C or `kill {os.getpid()}` "
+               "discards this copy")
+    if args.json:
+        emit_json({"event": "kept-paused", "pid": os.getpid(), "message": message})
+    else:
+        error_console.print(f"[yellow]{escape(message)}[/yellow]")
+    try:
+        while not decision:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        decision.append("discard")
+    if decision[0] == "discard":
+        return 1
+    machine.resume()
+    if not args.json:
+        console.print("resumed here on the operator's word; running until interrupted")
+    try:
+        while True:
+            time.sleep(0.5)
+            machine.check()
+    except KeyboardInterrupt:
+        return 0
+
+
 def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> MigrationStats | None:
     """Run the migration with live rows (or JSON lines); None when it failed (already reported)."""
-    rows = RowPrinter([("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
-                       ("exp. downtime ms", 16), ("throttle", 8)])
+    rows = RowPrinter(ROUND_COLUMNS)
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
             emit_json({**record, "event": kind})
         elif kind == "round":
-            _round_row(rows, record)
+            round_row(rows, record)
         elif kind == "switchover":
             console.print(f"switch-over: paused, final {record['pages']:,} pages "
                           f"({record['bytes'] / 1e6:,.1f} MB) sent in {record['paused_ms']:.1f} ms")
@@ -191,6 +251,7 @@ def print_stats(title: str, stats: MigrationStats) -> None:
         ("throttle", f"{info['cpu_throttle_percentage']}%"
          + (", dirty limit on" if info["dirty_limit_active"] else "")),
         ("streams / compression / mode", f"{info['streams']} / {info['compression']} / {info['mode']}"),
+        ("frames", "encrypted (AES-256-GCM)" if info["encrypted"] else "authenticated, not encrypted"),
         ("memory digest", info["digest"]),
     ]
     console.print(key_value_table(title, rows))
@@ -206,8 +267,12 @@ def plot_migration(path: str, stats: MigrationStats) -> None:
 
 
 def run_receive(args: argparse.Namespace) -> int:
+    if args.qmp:
+        return serve_incoming(args)
+    if not args.key_file:
+        raise KeyFileError("receive needs --key-file (the pre-shared key both sides hold; dirtylog keygen makes one)")
     load_key(args.key_file)  # a bad key file fails before anything listens
-    listener = Listener(args.listen, memory=args.memory, max_memory=args.max_memory)
+    listener = Listener(args.listen or "127.0.0.1:7000", memory=args.memory, max_memory=args.max_memory)
     where = listener.address
     if args.json:
         emit_json({"event": "listening", "address": where, "prepared": listener.prepared is not None,

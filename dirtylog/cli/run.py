@@ -9,6 +9,7 @@ from typing import Any
 
 from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args, positive_duration_arg
 from dirtylog.cli.output import RowPrinter, console, emit_json, error_console
+from dirtylog.cli.serve import add_qmp_argument, serve_machine
 from dirtylog.errors import DirtylogError
 from dirtylog.machine import Machine
 from dirtylog.tracking.base import DIRTY_LOG_MODES
@@ -21,6 +22,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--duration", type=duration_arg, default=5.0, help="how long, e.g. 500ms or 5s (default 5s)")
     parser.add_argument("--interval", type=positive_duration_arg, default=1.0, help="time between rows (default 1s)")
     parser.add_argument("--json", action="store_true", help="JSON lines: one per interval, then a summary")
+    add_qmp_argument(parser, "keep the VM running (--duration and --interval do not apply)")
+    parser.add_argument("--key-file", help="with --qmp: the pre-shared key QMP's migrate uses (dirtylog keygen)")
+    parser.add_argument("--dirty-ring", action="store_true",
+                        help="with --qmp: give vCPUs dirty rings (QEMU's dirty-ring-size), which the dirty-limit "
+                        "migration capability needs")
     snapshots = parser.add_argument_group("snapshots (a chain while the guest runs: docs/snapshots.md)")
     snapshots.add_argument("--snapshot-every", type=positive_duration_arg, metavar="DURATION",
                            help="take a snapshot this often: a full one first, then incremental layers on it")
@@ -100,6 +106,10 @@ class _Snapshots:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.qmp:
+        if args.snapshot_every:
+            raise DirtylogError("--snapshot-every is for a run with --duration, not one served over --qmp")
+        return serve_machine(args)
     snapshots = _Snapshots(args, time.perf_counter())
     with machine_from_args(args, dirty_ring=args.snapshot_mode == "ring" and bool(args.snapshot_every)) as machine:
         vcpus = machine.spec.vcpus

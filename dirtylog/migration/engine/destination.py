@@ -250,7 +250,8 @@ class DestinationMigration:
         machine.create_vcpus()  # now, not in the downtime
         self.memory = DestinationMemory(machine.ram.pages)
         self.stats = MigrationStats(page_size=header.page_size, total_pages=header.total_pages,
-                                    streams=header.streams, compression=header.codec)
+                                    streams=header.streams, compression=header.codec,
+                                    encrypted=self.streams[0].conn.encrypted)
 
     # --- receiving ----------------------------------------------------------------------------------
 

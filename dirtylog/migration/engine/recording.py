@@ -27,6 +27,7 @@ class RecordingPeer:
     def __init__(self, writer: FileWriter, key: bytes) -> None:
         self.writer = writer
         self.peer = writer.peer
+        self.local = writer.local
         self.replay_nonce = writer.replay_nonce
         self._conn = DestinationConnection(key, nonce=writer.replay_nonce)
         self._answers = bytearray()

@@ -11,9 +11,11 @@ destination to take the VM over: the machine stays paused, and may be resumed or
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +63,13 @@ from dirtylog.units import PAGE_SIZE
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 
 
+def preload() -> None:
+    """Load the compiled passes a migration uses (0.3-1 s once per process, seconds when they compile on a first
+    run), so that no migration's setup pays for them: call it while a VM warms up or a control socket starts."""
+    load_kernels()
+    load_digest_kernels()
+
+
 def migrate(machine: Machine, to: str, *, key_file: str, parameters: MigrationParameters | None = None,
             progress: ProgressCallback | None = None, **changes: Any) -> MigrationStats:
     """Live-migrate a running ``machine`` to ``to``: a ``dirtylog receive`` listening at ``host:port`` or
@@ -106,6 +115,7 @@ class SourceMigration:
         self.refused_after_commit = False
         self.paused_by_us = False
         self._limiter: DirtyLimitController | None = None
+        self._cancel = threading.Event()  # set by cancel() from another thread
         self._next_stream = self._last_stream = 0
         # One stream is written from this thread, several by a sender thread each (see streams.py).
         self._sender_threads = params.streams > 1
@@ -122,12 +132,16 @@ class SourceMigration:
         """Migrate; return the statistics, or raise MigrationError with the source intact."""
         start = time.perf_counter()
         try:
-            self._connect()
+            phases = self._connect()
+            began = time.perf_counter()
             self.tracker = self.machine.dirty_log(self.params.mode)
             self.tracker.enable()
+            phases["enable_logging"] = time.perf_counter() - began
             self.stats.setup_time = time.perf_counter() - start
+            self.stats.setup_phases = phases
             self.stats.status = MigrationStatus.ACTIVE
-            self.progress("setup", {"setup_time_ms": round(self.stats.setup_time * 1e3, 3)})
+            self.progress("setup", {"setup_time_ms": round(self.stats.setup_time * 1e3, 3),
+                                    "setup_phases_ms": self.stats.as_dict()["setup_phases_ms"]})
             pending = self._precopy(start)
             self._switchover(pending, start)
         except BaseException as error:
@@ -143,32 +157,44 @@ class SourceMigration:
 
     # --- connecting ---------------------------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _connect(self) -> dict[str, float]:
         """Open every stream: handshake, then the Header at once (the destination builds the VM from the
-        first stream's Header before it accepts the next stream), then wait for every Ready."""
+        first stream's Header before it accepts the next stream), then wait for every Ready. Returns when each
+        setup phase took (connect, handshake, kernels, ready), for the statistics."""
+        phases: dict[str, float] = {"connect": 0.0, "handshake": 0.0}
         header = self._header()
         migration_id = os.urandom(16)
         count = self.params.streams
-        pace = self.pacer.wait if self.params.bandwidth else None
+        pace = self._pace if self.params.bandwidth else None
         for index in range(count):
+            began = time.perf_counter()
             channel: Channel = connect(self.endpoint, self.params.connect_timeout)
+            phases["connect"] += time.perf_counter() - began
             if isinstance(channel, FileWriter):
                 channel = RecordingPeer(channel, self.key)  # nobody answers a file: answer ourselves
             channel.settimeout(self.params.io_timeout)
-            conn = SourceConnection(self.key, migration_id=migration_id, stream_index=index, stream_count=count)
+            if index == 0:  # guest memory is private: encrypted whenever it leaves this host, unless told
+                self.stats.encrypted = self.params.encrypt if self.params.encrypt is not None else not channel.local
+            conn = SourceConnection(self.key, migration_id=migration_id, stream_index=index, stream_count=count,
+                                    encrypt=self.stats.encrypted)
             stream = Stream(index, channel, conn, pace)
             self.streams.append(stream)
             began = time.perf_counter()
             stream.write_now(conn.initiate())
             stream.read_until(Accepted, "destination", self.params.io_timeout)
             self.rtt = time.perf_counter() - began if index == 0 else min(self.rtt, time.perf_counter() - began)
+            phases["handshake"] += time.perf_counter() - began
             stream.send(header)
-        load_kernels()  # while the destination builds its VM, so that no round pays for them
-        load_digest_kernels()
+        began = time.perf_counter()
+        preload()  # while the destination builds its VM, so that no round pays for them (free once loaded)
+        phases["kernels"] = time.perf_counter() - began
+        began = time.perf_counter()
         for stream in self.streams:
             stream.read_until(Ready, "destination", self.params.io_timeout)
+        phases["ready"] = time.perf_counter() - began
         for stream in self.streams:
             stream.start(sender=self._sender_threads)
+        return phases
 
     def _header(self) -> Header:
         spec = self.machine.spec
@@ -215,6 +241,7 @@ class SourceMigration:
                                      "limit, or use --auto-converge")
             if decision.action is Action.SWITCHOVER:
                 return dirty
+            self._raise_if_cancelled()
             pending = dirty
             round_ += 1
 
@@ -223,6 +250,7 @@ class SourceMigration:
         """Send ``pending`` as round ``round_``; returns pages, zero pages, wire bytes, and the pages left unsent
         because ``stop_at`` (a ``perf_counter`` time) came first (None when the round was whole)."""
         sent_before = sum(s.bytes_sent for s in self.streams)  # every queue is drained between rounds
+        transferred_before = self.stats.transferred
         pages_total = zero_total = 0
         per_stream = [0] * len(self.streams)
         unsent: DirtyBitmap | None = None
@@ -231,6 +259,7 @@ class SourceMigration:
             if stop_at is not None and time.perf_counter() >= stop_at:
                 unsent = self._rest_of(pending, int(starts[0]))
                 break
+            self._raise_if_cancelled()
             buffer = self._buffers.get()
             sent, zeros, covered = self._send_batch(round_, starts, lengths.astype(np.uint32, copy=False), buffer)
             if sent:
@@ -238,6 +267,8 @@ class SourceMigration:
             pages_total += sent
             zero_total += zeros
             self.stats.remaining_pages -= covered
+            # Live for query-migrate: a round of a GiB takes a second or more.
+            self.stats.transferred = transferred_before + sum(s.bytes_sent for s in self.streams) - sent_before
         stats = {"final": final}
         for stream, count in zip(self.streams, per_stream, strict=True):
             stream.send(RoundEnd(round_, count, stats))
@@ -247,7 +278,7 @@ class SourceMigration:
             stream.drain(self.params.io_timeout)
         self.stats.duplicate_pages += zero_total
         wire = sum(s.bytes_sent for s in self.streams) - sent_before
-        self.stats.transferred += wire
+        self.stats.transferred = transferred_before + wire
         return pages_total, zero_total, wire, unsent
 
     @staticmethod
@@ -327,6 +358,35 @@ class SourceMigration:
         if self.machine.throttle:
             self.machine.set_throttle(0.0)
 
+    # --- cancelling and retuning from another thread (QMP's migrate_cancel, and
+    # migrate-set-parameters during a migration, as QEMU allows for downtime-limit and max-bandwidth) --------
+
+    def cancel(self) -> None:
+        """Stop at the next batch (or before the commit): the migration then fails with status CANCELLED and
+        the source keeps running. Too late once Commit is sent (the destination owns the VM): no effect."""
+        self._cancel.set()
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancel.is_set():
+            self.stats.status = MigrationStatus.CANCELLED
+            raise MigrationError("migration cancelled on request")
+
+    def set_downtime_limit(self, seconds: float) -> None:
+        """A new downtime limit for this migration, used from the next round's decision."""
+        self.params = dataclasses.replace(self.params, downtime_limit=seconds)
+        self.controller.policy = self.params
+
+    def set_bandwidth(self, bytes_per_second: float | None) -> None:
+        """A new bandwidth cap (None: none) for this migration, from the next write on."""
+        self.params = dataclasses.replace(self.params, bandwidth=bytes_per_second)
+        self.controller.policy = self.params
+        self.pacer = Pacer(bytes_per_second)  # a write sleeping on the old bucket finishes there
+        for stream in self.streams:
+            stream.pace = self._pace
+
+    def _pace(self, nbytes: int) -> None:
+        self.pacer.wait(nbytes)
+
     # --- switch-over --------------------------------------------------------------------------------
 
     def _switchover(self, pending: DirtyBitmap, start: float) -> None:
@@ -379,6 +439,7 @@ class SourceMigration:
         if not isinstance(verified, Verified) or verified.digest != digest:
             raise MigrationError(f"the destination answered {type(verified).__name__} instead of verifying the digest")
         phases["verify"] = time.perf_counter()
+        self._raise_if_cancelled()  # the last moment a cancel can still leave the VM here
         primary.send(Commit())
         primary.drain(self._left(deadline))
         self.committed = True

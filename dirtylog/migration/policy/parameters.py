@@ -37,6 +37,7 @@ class MigrationParameters(PrecopyPolicy):
     connect_timeout: float = 10.0
     io_timeout: float = 30.0
     switchover_timeout: float | None = None  # None: derived from the downtime limit (switchover_deadline)
+    encrypt: bool | None = None  # None: when the bytes leave this host (not loopback TCP or a Unix socket)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -40,6 +40,7 @@ class MigrationStats:
     streams: int = 1
     compression: str = "none"
     mode: str = "log"
+    encrypted: bool = False
     digest: str = ""
     error: str = ""
     setup_phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the setup
@@ -88,6 +89,7 @@ class MigrationStats:
             "streams": self.streams,
             "compression": self.compression,
             "mode": self.mode,
+            "encrypted": self.encrypted,
             "digest": self.digest,
             "error": self.error,
             "switchover_ms": self.switchover,

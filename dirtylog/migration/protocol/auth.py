@@ -12,8 +12,11 @@ distinct context string per purpose (so no value can be replayed as another):
 
 Frames are authenticated with GMAC (AES-256-GCM over the frame as associated data, nothing encrypted):
 16 GB/s here against 4.6 GB/s for keyed BLAKE3 and 1.5 GB/s for HMAC-SHA256, which matters because every
-byte of guest memory is MACed on both ends. GCM's nonce is the frame's sequence number: unique per frame
-within a direction, and each direction of each session has its own key, so no (key, nonce) pair repeats.
+byte of guest memory is MACed on both ends. In an encrypted session (the source's HELLO asks for it) the same
+AES-256-GCM encrypts each frame's payload in place and authenticates its header as associated data: one
+pass over the data either way (13.5 GB/s in place here). GCM's nonce is the frame's sequence number: unique
+per frame within a direction, and each direction of each session has its own key, so no (key, nonce) pair
+repeats.
 
 Keys never go on the wire. Keys must be random (``dirtylog keygen``), not passwords: a proof is an
 offline guessing oracle for a low-entropy key.
@@ -26,6 +29,7 @@ import hmac
 from typing import Final
 
 from blake3 import blake3
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.algorithms import AES
 from cryptography.hazmat.primitives.ciphers.modes import GCM
@@ -76,6 +80,34 @@ def proofs_equal(a: bytes, b: bytes) -> bool:
 @functools.lru_cache(maxsize=64)
 def _aes(key: bytes) -> AES:
     return AES(key)  # checked once per key, not once per frame
+
+
+def seal_frame(key: bytes, seq: int, header: BytesLike, *payload: memoryview) -> bytes:
+    """Encrypt the payload parts of frame ``seq`` in place (writable views) and return the tag, which also
+    authenticates ``header``."""
+    gcm = Cipher(_aes(key), GCM(seq.to_bytes(12, "little"))).encryptor()
+    gcm.authenticate_additional_data(header)
+    for part in payload:
+        if len(part):
+            gcm.update_into(part, part)
+    gcm.finalize()
+    tag: bytes = gcm.tag[:MAC_SIZE]
+    return tag
+
+
+def open_frame(key: bytes, seq: int, header: BytesLike, tag: bytes, *payload: memoryview) -> bool:
+    """Decrypt the payload parts of frame ``seq`` in place; whether the tag verifies (when it does not, the
+    parts hold garbage: use nothing of them)."""
+    gcm = Cipher(_aes(key), GCM(seq.to_bytes(12, "little"), tag)).decryptor()
+    gcm.authenticate_additional_data(header)
+    for part in payload:
+        if len(part):
+            gcm.update_into(part, part)
+    try:
+        gcm.finalize()
+    except InvalidTag:
+        return False
+    return True
 
 
 def frame_mac(key: bytes, seq: int, *parts: BytesLike) -> bytes:

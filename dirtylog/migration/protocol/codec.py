@@ -47,7 +47,7 @@ from dirtylog.migration.protocol.events import (
 )
 
 MAGIC: Final = b"DIRTYLOG"
-VERSION: Final = 1
+VERSION: Final = 2  # 2: HELLO flags (encryption), slot flags reserved, round statistics checked
 
 # -- limits: a receiver refuses anything larger before buffering it ---------------------------------------
 #: Largest frame payload. A PageBatch of 1 MiB of pages (the engine's default) is far below it.
@@ -77,7 +77,8 @@ FRAME_HEADER: Final = struct.Struct("<BBHIQ")
 assert RECORD_PREFIX.size == FRAME_HEADER.size == 16
 
 # Handshake record bodies.
-HELLO_BODY: Final = struct.Struct("<BBHH2x16s32s")  # role, reserved, stream index, count, id, nonce
+HELLO_BODY: Final = struct.Struct("<BBHH2x16s32s")  # role, flags, stream index, count, id, nonce
+HELLO_ENCRYPT: Final = 0x01  # HELLO flag: every frame of this session is encrypted (AES-256-GCM), not only MACed
 CHALLENGE_BODY: Final = struct.Struct("<32s32s")  # server nonce, server proof
 AUTH_BODY: Final = struct.Struct("<32s")  # client proof
 REJECT_HEAD: Final = struct.Struct("<HH")  # code, reserved; reason follows

@@ -25,8 +25,10 @@ from dirtylog.migration.protocol.auth import (
     client_proof,
     frame_keys,
     frame_mac,
+    open_frame,
     proofs_equal,
     root_key,
+    seal_frame,
     server_proof,
 )
 from dirtylog.migration.protocol.codec import (
@@ -34,6 +36,7 @@ from dirtylog.migration.protocol.codec import (
     CHALLENGE_BODY,
     FRAME_HEADER,
     HELLO_BODY,
+    HELLO_ENCRYPT,
     MAGIC,
     MAX_PAYLOAD,
     MAX_STREAMS,
@@ -139,6 +142,8 @@ class Connection:
         self._closed = False
         self.migration_id = b""
         self.bytes_sent = 0
+        #: Frames are encrypted (AES-256-GCM), not only MACed: the source's choice, in its HELLO.
+        self.encrypted = False
 
     # -- what a transport or engine may read -------------------------------------------------------
 
@@ -200,8 +205,9 @@ class Connection:
 
     def place_runs_with(self, placer: RunPlacer | None) -> None:
         """From the next frame on, receive the data of one-run page batches where ``placer`` says (see
-        :class:`RunPlacer`); None to stop."""
-        self._reader.placer = None if placer is None else _BatchPlacer(placer)
+        :class:`RunPlacer`); None to stop. Not in an encrypted session, whose batch heads cannot be read before
+        the frame is decrypted."""
+        self._reader.placer = None if placer is None or self.encrypted else _BatchPlacer(placer)
 
     def received(self, count: int) -> None:
         """``count`` bytes were received directly into :meth:`receive_buffer`'s view."""
@@ -313,10 +319,16 @@ class Connection:
         buf = frame.buffer.data.toreadonly()
         end = FRAME_HEADER.size + frame.length
         name = frame_name(frame.type)
-        parts = (buf[:end],) if frame.data is None else (buf[: FRAME_HEADER.size + frame.data_at], frame.data)
         # The claimed sequence number is the nonce: an authentic frame out of place then verifies, and is
         # refused below as a replay with a message that says so.
-        if not proofs_equal(frame_mac(self._recv_key, frame.seq, *parts), bytes(buf[end:])):
+        if self.encrypted:  # decrypted in place in the frame's own buffer (placing is off in such a session)
+            writable = frame.buffer.data
+            authentic = open_frame(self._recv_key, frame.seq, writable[:FRAME_HEADER.size], bytes(buf[end:]),
+                                   writable[FRAME_HEADER.size:end])
+        else:
+            parts = (buf[:end],) if frame.data is None else (buf[: FRAME_HEADER.size + frame.data_at], frame.data)
+            authentic = proofs_equal(frame_mac(self._recv_key, frame.seq, *parts), bytes(buf[end:]))
+        if not authentic:
             raise AuthenticationError(
                 f"frame {self._recv_seq} from the {self._peer} failed authentication: corrupted or tampered with "
                 "in transit (or a frame of another session)"
@@ -389,12 +401,26 @@ class Connection:
         if length > MAX_PAYLOAD:
             raise LocalProtocolError(f"a {ftype.name} of {length} bytes does not fit a frame ({MAX_PAYLOAD} bytes)")
         seq = self._send_seq
-        first = FRAME_HEADER.pack(ftype, 0, 0, length, seq) + head
         self._send_seq += 1
+        if self.encrypted:
+            return self._out(self._encrypt(ftype, length, seq, head, data))
+        first = FRAME_HEADER.pack(ftype, 0, 0, length, seq) + head
         if data is None or not len(data):
             return self._out([first + frame_mac(self._send_key, seq, first)])
         # The page data is hashed in place and handed back uncopied: sendmsg writes it from the caller's buffer.
         return self._out([first, data, frame_mac(self._send_key, seq, first, data)])
+
+    def _encrypt(self, ftype: int, length: int, seq: int, head: bytes, data: memoryview | None) -> Buffers:
+        """Frame ``seq`` encrypted: its payload in place (the caller's page data included, which then holds
+        ciphertext: the source's gather buffer is not read again), its header authenticated."""
+        assert self._send_key is not None
+        header = FRAME_HEADER.pack(ftype, 0, 0, length, seq)
+        secret_head = bytearray(head)
+        if data is not None and data.readonly:
+            data = memoryview(bytearray(data))  # bytes (a compressed block, a vCPU state): encrypt a copy
+        parts = [memoryview(secret_head)] + ([data] if data is not None and len(data) else [])
+        tag = seal_frame(self._send_key, seq, header, *parts)
+        return [header + bytes(secret_head), *parts[1:], tag]
 
     def _out(self, buffers: Buffers) -> Buffers:
         out, self._pending = self._pending + buffers, []
@@ -454,8 +480,10 @@ class SourceConnection(Connection):
         stream_index: int = 0,
         stream_count: int = 1,
         nonce: bytes | None = None,
+        encrypt: bool = False,
     ) -> None:
         super().__init__(Role.SOURCE, key, nonce)
+        self.encrypted = encrypt
         if not 1 <= stream_count <= MAX_STREAMS or not 0 <= stream_index < stream_count:
             raise LocalProtocolError(
                 f"stream {stream_index} of {stream_count}: need 0 <= index < count <= {MAX_STREAMS}"
@@ -471,7 +499,9 @@ class SourceConnection(Connection):
         try:
             if self.phase is not Phase.HELLO:
                 raise LocalProtocolError("initiate() opens the stream and is called once")
-            body = HELLO_BODY.pack(ROLE_SOURCE, 0, self.stream_index, self.stream_count, self.migration_id, self._nonce)
+            flags = HELLO_ENCRYPT if self.encrypted else 0
+            body = HELLO_BODY.pack(ROLE_SOURCE, flags, self.stream_index, self.stream_count, self.migration_id,
+                                   self._nonce)
             record = encode_record(RecordType.HELLO, body)
             self._state.advance(Role.SOURCE, "HELLO")
             self._transcript = record
@@ -530,17 +560,18 @@ class DestinationConnection(Connection):
         if rtype is RecordType.HELLO:
             if len(record.body) != HELLO_BODY.size:
                 raise RemoteProtocolError(f"HELLO of {len(record.body)} bytes, expected {HELLO_BODY.size}")
-            role, reserved, index, count, migration_id, _ = HELLO_BODY.unpack(record.body)
-            if reserved or any(record.body[6:8]):
-                raise RemoteProtocolError("HELLO reserved bytes are not zero")
+            role, flags, index, count, migration_id, _ = HELLO_BODY.unpack(record.body)
+            if flags & ~HELLO_ENCRYPT or any(record.body[6:8]):
+                raise RemoteProtocolError(f"HELLO has unknown flags {flags:#x} or reserved bytes that are not zero")
             if role != ROLE_SOURCE:
                 raise RemoteProtocolError(f"the peer's HELLO says role {role}, not a source")
             if not 1 <= count <= MAX_STREAMS or index >= count:
                 raise RemoteProtocolError(f"HELLO opens stream {index} of {count}, which cannot exist")
             self._transcript = record.raw
             self.migration_id = migration_id
+            self.encrypted = bool(flags & HELLO_ENCRYPT)  # under the proofs: a meddler cannot turn it off
             self._state.stream_index, self._state.stream_count = index, count
-            return Hello(migration_id=migration_id, stream_index=index, stream_count=count)
+            return Hello(migration_id=migration_id, stream_index=index, stream_count=count, encrypted=self.encrypted)
         if rtype is RecordType.AUTH:
             if len(record.body) != AUTH_BODY.size or not proofs_equal(
                 record.body, client_proof(self._root, self._transcript)

@@ -77,6 +77,7 @@ class Hello:
     migration_id: bytes
     stream_index: int
     stream_count: int
+    encrypted: bool = False  # the source asked for encrypted frames
 
 
 @dataclass(frozen=True, slots=True)

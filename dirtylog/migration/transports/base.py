@@ -32,6 +32,9 @@ class Channel(Protocol):
     peer: str
     #: True when the peer can take the VM over (a live destination); False for a file, which only records.
     live: bool
+    #: True when the bytes never leave this host (loopback TCP, a Unix socket); a file is not local: it rests
+    #: on a disk. Streams that are not local are encrypted by default.
+    local: bool
     #: The destination nonce the stream was recorded with, when replaying a recorded stream (a file).
     replay_nonce: bytes | None
 

@@ -34,6 +34,7 @@ class FileWriter:
     """The source's end of a file stream: what is sent goes to ``PATH.partial``; ``commit`` names it ``PATH``."""
 
     live = False
+    local = False  # at rest on a disk: encrypted by default
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -92,6 +93,7 @@ class FileReader:
     """A destination's end of a file stream: the recorded bytes; what it sends goes nowhere."""
 
     live = False
+    local = False
 
     def __init__(self, path: str) -> None:
         self.peer = f"file:{path}"

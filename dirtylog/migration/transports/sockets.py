@@ -7,6 +7,7 @@ stream carries a whole VM), and a Unix socket is created mode 0600, reachable by
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 import stat
@@ -28,6 +29,7 @@ class SocketChannel:
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
+        self.local = sock.family == socket.AF_UNIX or _loopback(sock.getpeername()[0])
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -60,6 +62,13 @@ class SocketChannel:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def connect_socket(endpoint: Endpoint, timeout: float) -> SocketChannel:

@@ -14,7 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dirtylog.migration.payload.pages import decode_pages, make_page_batch
-from dirtylog.migration.protocol.codec import FRAME_HEADER, HELLO_BODY, MAGIC, RECORD_PREFIX, RecordType, encode_record
+from dirtylog.migration.protocol.codec import (
+    FRAME_HEADER,
+    HELLO_BODY,
+    MAGIC,
+    RECORD_PREFIX,
+    VERSION,
+    RecordType,
+    encode_record,
+)
 from dirtylog.migration.protocol.connection import DestinationConnection, SourceConnection
 from dirtylog.migration.protocol.errors import (
     AuthenticationError,
@@ -169,20 +177,21 @@ def test_a_forged_auth_is_refused_and_answered_with_a_reject() -> None:
 
 def test_a_version_mismatch_is_told_to_both_sides() -> None:
     hello = stream_units("destination")[0]
-    newer = MAGIC + (2).to_bytes(2, "little") + hello[10:]
+    newer = MAGIC + (VERSION + 1).to_bytes(2, "little") + hello[10:]
     dst = destination()
     dst.receive_data(newer[:10])  # the version is known after ten bytes; the rest need not arrive
-    with pytest.raises(VersionMismatchError, match="version 2, this dirtylog speaks version 1") as caught:
+    with pytest.raises(VersionMismatchError, match=f"version {VERSION + 1}, this dirtylog speaks version {VERSION}") \
+            as caught:
         dst.next_event()
     assert "install the same dirtylog version on both hosts" in str(caught.value)
     (reply,) = caught.value.reply
-    assert reply[:10] == MAGIC + (1).to_bytes(2, "little") and reply[10] == RecordType.REJECT
+    assert reply[:10] == MAGIC + VERSION.to_bytes(2, "little") and reply[10] == RecordType.REJECT
     # A source of another version sees our version in the reply's prefix and reports it.
     src = source()
     src.initiate()
-    reply_v3 = MAGIC + (3).to_bytes(2, "little") + reply[10:]
-    with pytest.raises(VersionMismatchError, match="the destination speaks migration stream version 3"):
-        collect(src, reply_v3)
+    reply_other = MAGIC + (VERSION + 7).to_bytes(2, "little") + reply[10:]
+    with pytest.raises(VersionMismatchError, match=f"the destination speaks migration stream version {VERSION + 7}"):
+        collect(src, reply_other)
 
 
 def test_a_peer_speaking_something_else_is_refused_at_its_first_byte() -> None:
@@ -208,7 +217,7 @@ def test_a_hostile_length_is_refused_before_buffering(length: int) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 256 << 10
-    record = RECORD_PREFIX.pack(MAGIC, 1, RecordType.HELLO, 0, length)
+    record = RECORD_PREFIX.pack(MAGIC, VERSION, RecordType.HELLO, 0, length)
     fresh = destination()
     fresh.receive_data(record)
     with pytest.raises(RemoteProtocolError, match="handshake record from the source declares"):
