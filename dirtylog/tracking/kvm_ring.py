@@ -120,16 +120,20 @@ class RingTracker(KvmBitmapTracker):
 
         Unlike :meth:`sample` it does not reset the rings: a reset write-protects the pages again, and a
         limiter sampling every few milliseconds made every rewrite of a page in the same second fault
-        again (8-13 % of a random writer's speed). The harvested entries are recycled at the next
-        collection, or when a ring fills (65,536 entries: seconds at the fastest)."""
+        again (8-13 % of a random writer's speed). The harvested entries are recycled at the end of the
+        epoch (a collection, :meth:`new_epoch`) or when a ring fills."""
         with self._lock:
             self._pending.set_pages(self._harvest_all())
             assert self.first_writes is not None, "call count_first_writes() first"
             return dict(self.first_writes.totals)
 
     def new_epoch(self) -> None:
-        """Every page counts as a first write again (a limiter's own epoch, when nobody collects)."""
+        """Harvest and reset every ring, then start a new epoch: every page counts as a first write again
+        (a limiter's own epoch, when nobody collects). The reset matters: a page still writable since its
+        last entry would not be pushed again when rewritten, and its rewrite would go uncounted."""
         with self._lock:
+            self._pending.set_pages(self._harvest_all())
+            self.machine.vm.reset_dirty_rings()
             self._end_epoch()
 
     def _end_epoch(self) -> None:
