@@ -11,8 +11,8 @@ page is written after the last reset, so the controller counts a page only the f
 writes it in the current *epoch* (:class:`~dirtylog.tracking.first_writes.FirstWrites`). An epoch ends at
 each collection of the tracker (a rate window, a migration round: the limit then holds for exactly what
 the collector sees) and after at most a second when nobody collects (QEMU's calculation period).
-Counting every ring entry instead held a random writer 7-12 % below its limit at half to nine tenths of
-its speed, since it rewrote pages within the window between two samples.
+Counting every ring entry instead held a random writer 7-15 % below its limit from a quarter of its
+speed up, since it rewrote pages within the window between two samples.
 
 **The debt.** The limiter keeps, per vCPU, a *debt* in seconds: every sample adds ``pages / limit`` (the
 time those pages were entitled to) and subtracts the time that passed. A positive debt is slept off at

@@ -3,9 +3,9 @@
 The dirty rate is distinct pages per window, but a dirty ring pushes an entry each time a page is written
 after the ring was last reset: a page rewritten after every harvest counts once per harvest. A limiter
 that samples every few milliseconds counts nearly every write, so a vCPU that rewrites pages within a
-window is held below its limit as the rate measures it (a random writer at 0.9x its ring speed in 512
-MiB: 11 % below). Counting a page only the first time a vCPU writes it in the epoch (the window of
-whoever collects the dirty log, or a second) counts what the rate counts.
+window is held below its limit as the rate measures it (a random writer over 512 MiB: 7-15 % below from a
+quarter of its speed up). Counting a page only the first time a vCPU writes it in the epoch (the window
+of whoever collects the dirty log, or a second) counts what the rate counts.
 """
 
 from __future__ import annotations
