@@ -56,15 +56,13 @@ def test_the_limiter_holds_one_second_windows_at_the_limit(limit: float) -> None
     assert all(abs(w - limit) / limit < 0.03 for w in windows), windows
 
 
-@pytest.mark.parametrize("limit", [1000, 5000, 20000, 60000])
-@pytest.mark.parametrize("speed", [20000, 65000])
+@pytest.mark.parametrize(("limit", "speed"), [(1000, 20000), (5000, 20000), (1000, 65000), (5000, 65000),
+                                              (20000, 65000), (60000, 65000)])
 def test_the_limiter_holds_within_ten_percent_on_a_late_host(limit: float, speed: float) -> None:
     """Up to 1 ms late at each of the controller's wake, the kick and the vCPU's wake, the vCPU writing all
     the while (a loaded 2-core host, the controller thread at real-time priority), with the vCPU at a
     third of its speed or all of it. (At 2 ms the worst window at 1,000 pages/s of 65,000 is 12 % off:
     the burst a late sample lets through.)"""
-    if limit >= speed:
-        pytest.skip("the vCPU is slower than the limit")
     for seed in range(3):
         windows = simulate(limit, speed=speed, seconds=8, late=0.001, seed=seed)[1:]
         assert all(abs(w - limit) / limit < 0.08 for w in windows), (seed, [round(w) for w in windows])
