@@ -66,6 +66,7 @@ class VcpuLimit:
     count: int = 0  # pages dirtied (cumulative, as last sampled)
     current: float = 0.0  # smoothed measured rate, pages/s
     speed: float = 0.0  # pages/s while awake: the highest recent sample spent awake, decaying slowly
+    speed_known: bool = False  # a sample spent awake has been seen (until then it may be fast)
     slept: float = 0.0  # seconds of sleep ordered so far
 
 
@@ -107,6 +108,7 @@ class DirtyLimiter:
                 if now - dt >= state.asleep_until:  # ordered awake for all of it (it may have woken late)
                     seen = pages / dt
                     state.speed = seen if seen > state.speed else state.speed + SPEED_DECAY * (seen - state.speed)
+                    state.speed_known = True
             if state.limit is None:
                 continue
             state.debt = max(state.debt + pages / state.limit - dt, -self.burst)
@@ -124,7 +126,7 @@ class DirtyLimiter:
         for state in self.vcpus:
             if state.limit is None:
                 continue
-            if state.speed == 0:  # not yet seen awake: it may be fast, look soon
+            if not state.speed_known:  # not yet seen awake: it may be fast, look soon
                 wait = MIN_PERIOD
                 continue
             speed = max(state.speed, state.limit)
@@ -231,8 +233,8 @@ class DirtyLimitController:
                 for vcpu, seconds in sleeps.items():
                     self.machine.delay_vcpu(vcpu, seconds)
             paused = not running
-            with self._lock:
-                wait = self.limiter.next_sample(time.perf_counter(), self.period)
+            with self._lock:  # a paused machine writes nothing: look again a period later
+                wait = self.limiter.next_sample(time.perf_counter(), self.period) if running else self.period
             self._stop.wait(wait)
 
 

@@ -92,6 +92,17 @@ def test_the_next_sample_comes_when_the_credit_is_spent() -> None:
     assert limiter.next_sample(0.010) == pytest.approx(0.001 + BURST_FRACTION * 1000 / 11000)
 
 
+def test_an_idle_vcpu_is_sampled_once_soon_then_at_the_period() -> None:
+    """Unknown speed: look soon (it may be fast). Known to write nothing (an idle guest, or a machine
+    paused): the longest period, not a wake-up every half millisecond."""
+    limiter = DirtyLimiter(1)
+    limiter.set_limit(1000)
+    assert limiter.next_sample(0.0) == MIN_PERIOD
+    limiter.step(0.0, {0: 0})
+    limiter.step(0.001, {0: 0})
+    assert limiter.next_sample(0.001) == pytest.approx(0.02)
+
+
 def test_limiter_leaves_an_unlimited_or_slower_vcpu_alone() -> None:
     limiter = DirtyLimiter(2)
     limiter.set_limit(10_000, vcpu=0)
