@@ -27,7 +27,7 @@ from dirtylog.migration.keys import load_key
 from dirtylog.migration.payload.digest import load_kernels
 from dirtylog.migration.payload.memory import DestinationMemory
 from dirtylog.migration.payload.vm import workload_arguments
-from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
+from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus, ProgressCallback
 from dirtylog.migration.protocol.acceptance import HeaderAcceptance
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import (
@@ -48,7 +48,6 @@ from dirtylog.migration.protocol.events import (
 from dirtylog.migration.transports import ChannelListener, Endpoint, listen, parse_endpoint
 from dirtylog.units import PAGE_SIZE
 
-ProgressCallback = Callable[[str, dict[str, Any]], None]
 SCRATCH_BYTES = 4096
 
 

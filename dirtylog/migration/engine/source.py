@@ -17,7 +17,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ from dirtylog.migration.payload.pages import make_page_batch, pfns_from_runs
 from dirtylog.migration.payload.vm import header_of
 from dirtylog.migration.policy.parameters import MigrationParameters
 from dirtylog.migration.policy.precopy import Action, PrecopyController, RoundStats
-from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
+from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus, ProgressCallback
 from dirtylog.migration.protocol.connection import SourceConnection
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import (
@@ -59,8 +58,6 @@ from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.kvm_ring import RingTracker
 from dirtylog.tracking.modes import open_tracker
 from dirtylog.units import PAGE_SIZE
-
-ProgressCallback = Callable[[str, dict[str, Any]], None]
 
 
 def preload() -> None:
