@@ -132,16 +132,16 @@ def chunk_checks(zero: U64, fps: U64, ranks: I64, multipliers: U64, out: U64) ->
 
 
 @njit(cache=True, nogil=True)
-def _faulting_block(messages: U64, m: int, base: int, nblocks: int) -> np.int64:
+def _faulting_block(messages: U64, m: int, base: int, nblocks: int) -> int:
     """The block that message ``m`` is a page fault in, or -1 (another event, or an address outside)."""
     if messages[m * nogil.UFFD_MSG_WORDS] & np.uint64(0xFF) != nogil.UFFD_EVENT_PAGEFAULT:
-        return np.int64(-1)
+        return -1
     address = messages[m * nogil.UFFD_MSG_WORDS + 2]
     if address < np.uint64(base):
-        return np.int64(-1)
-    # int64 on both branches: numba would unify a uint64 with an int64 as a float64.
-    b = np.int64((address - np.uint64(base)) // np.uint64(PAGE * BLOCK))
-    return b if b < nblocks else np.int64(-1)
+        return -1
+    # Through int64: numba would unify a uint64 with the int64 -1 as a float64.
+    b = int(np.int64((address - np.uint64(base)) // np.uint64(PAGE * BLOCK)))
+    return b if b < nblocks else -1
 
 
 @njit(cache=True, nogil=True)
