@@ -17,15 +17,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap, load_kernels
-from dirtylog.guest.machine import State
-from dirtylog.machine import Machine
+from dirtylog.guest.machine import Machine, State
 from dirtylog.migration.engine.pacer import Pacer
 from dirtylog.migration.engine.recording import RecordingPeer
 from dirtylog.migration.engine.streams import QUEUE_DEPTH, Stream, close_aborted
@@ -34,9 +32,10 @@ from dirtylog.migration.keys import load_key
 from dirtylog.migration.payload.digest import PageDigest, gather
 from dirtylog.migration.payload.digest import load_kernels as load_digest_kernels
 from dirtylog.migration.payload.pages import make_page_batch, pfns_from_runs
+from dirtylog.migration.payload.vm import header_of
 from dirtylog.migration.policy.parameters import MigrationParameters
 from dirtylog.migration.policy.precopy import Action, PrecopyController, RoundStats
-from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
+from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus, ProgressCallback
 from dirtylog.migration.protocol.connection import SourceConnection
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import (
@@ -45,7 +44,6 @@ from dirtylog.migration.protocol.events import (
     Accepted,
     Commit,
     Complete,
-    Header,
     PageBatch,
     Ready,
     Resumed,
@@ -58,9 +56,8 @@ from dirtylog.migration.transports.files import FileWriter
 from dirtylog.rate.limit import DirtyLimitController
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.kvm_ring import RingTracker
+from dirtylog.tracking.modes import open_tracker
 from dirtylog.units import PAGE_SIZE
-
-ProgressCallback = Callable[[str, dict[str, Any]], None]
 
 
 def preload() -> None:
@@ -134,7 +131,7 @@ class SourceMigration:
         try:
             phases = self._connect()
             began = time.perf_counter()
-            self.tracker = self.machine.dirty_log(self.params.mode)
+            self.tracker = open_tracker(self.machine, self.params.mode)
             self.tracker.enable()
             phases["enable_logging"] = time.perf_counter() - began
             self.stats.setup_time = time.perf_counter() - start
@@ -162,7 +159,7 @@ class SourceMigration:
         first stream's Header before it accepts the next stream), then wait for every Ready. Returns when each
         setup phase took (connect, handshake, kernels, ready), for the statistics."""
         phases: dict[str, float] = {"connect": 0.0, "handshake": 0.0}
-        header = self._header()
+        header = header_of(self.machine, codec=self.params.compression, streams=self.params.streams)
         migration_id = os.urandom(16)
         count = self.params.streams
         pace = self._pace if self.params.bandwidth else None
@@ -195,18 +192,6 @@ class SourceMigration:
         for stream in self.streams:
             stream.start(sender=self._sender_threads)
         return phases
-
-    def _header(self) -> Header:
-        spec = self.machine.spec
-        return Header(
-            page_size=PAGE_SIZE,
-            slots=tuple(slot.layout for slot in self.machine.vm.slots.values()),
-            vcpus=spec.vcpus,
-            workload={"name": spec.name, "rate": spec.rate, "hot_fraction": spec.hot_fraction,
-                      "hot_weight": spec.hot_weight, "writes_per_iteration": spec.writes_per_iteration},
-            codec=self.params.compression,
-            streams=self.params.streams,
-        )
 
     # --- pre-copy -----------------------------------------------------------------------------------
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dirtylog.migration.policy.precopy import RoundStats
+
+# progress(kind, record): the engines' live reports ("setup", "round", "refused", ...), for CLIs and QMP.
+ProgressCallback = Callable[[str, dict[str, Any]], None]
 
 
 class MigrationStatus(enum.Enum):
