@@ -30,9 +30,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     snapshots = parser.add_argument_group("snapshots (a chain while the guest runs: docs/snapshots.md)")
     snapshots.add_argument("--snapshot-every", type=positive_duration_arg, metavar="DURATION",
                            help="take a snapshot this often: a full one first, then incremental layers on it")
-    snapshots.add_argument("--snapshot-dir", metavar="DIR", help="where the chain goes (snap-0001.dlsnap, ...)")
+    snapshots.add_argument("--snapshot-dir", metavar="DIR", help="where the chain goes (snap-0001.dlsnap, ...); "
+                           "with --qmp, where snapshot-save keeps its tags (TAG.dlsnap)")
     snapshots.add_argument("--live", action="store_true",
-                           help="live snapshots: the guest runs on while memory is written")
+                           help="live snapshots: the guest runs on while memory is written (with --qmp: the "
+                           "default of snapshot-save's x-dirtylog-live)")
     snapshots.add_argument("--snapshot-mode", choices=DIRTY_LOG_MODES, default="log",
                            help="the dirty log kept between snapshots (default log; uffd also sees raw host writes)")
     parser.set_defaults(func=run)

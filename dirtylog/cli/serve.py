@@ -32,7 +32,8 @@ def serve_machine(args: argparse.Namespace) -> int:
     with machine_from_args(args, dirty_ring=args.dirty_ring) as machine:
         machine.start()
         preload()  # the first migrate's setup is then only its connection and handshake
-        monitor = Monitor(args.qmp, machine=machine, key_file=args.key_file)
+        monitor = Monitor(args.qmp, machine=machine, key_file=args.key_file, snapshot_dir=args.snapshot_dir,
+                          snapshot_live=args.live)
         return _serve(monitor, args, f"[bold]{args.workload}[/bold] on {machine.spec.vcpus} vCPU(s), "
                                      f"{format_size(machine.ram.size)} RAM")
 

@@ -7,8 +7,7 @@ monitor calls :meth:`Monitor.wait` on its main thread: it returns when a client 
 signal arrived (SIGINT, SIGTERM: QEMU's ``host-signal``) or an incoming migration failed with
 ``exit-on-error``; then :meth:`Monitor.close` cancels what runs, says SHUTDOWN and stops the machine.
 
-Each tool adds its commands with one ``table.add(...)`` each (``vm``, ``migration``, ``rate``; snapshots
-will be one more ``register``).
+Each tool adds its commands with one ``table.add(...)`` each (``vm``, ``migration``, ``rate``, ``snapshots``).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from dirtylog.control.migration import MigrationControl
 from dirtylog.control.protocol import Event
 from dirtylog.control.rate import RateControl
 from dirtylog.control.server import QmpServer
+from dirtylog.control.snapshots import SnapshotControl
 from dirtylog.control.vm import ShutdownCause, VmControl, version_info
 from dirtylog.guest.vcpus import install_kick_handler
 from dirtylog.machine import Machine
@@ -33,7 +33,8 @@ class Monitor:
 
     def __init__(self, address: str, *, machine: Machine | None, incoming: bool = False, key_file: str | None = None,
                  incoming_memory: int | None = None, incoming_max_memory: int | None = None, io_timeout: float = 30.0,
-                 handshake_timeout: float = 5.0, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 handshake_timeout: float = 5.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 snapshot_dir: str | None = None, snapshot_live: bool = False) -> None:
         if incoming and threading.current_thread() is threading.main_thread():
             # The incoming VM is built on the incoming thread; vCPU kicks need their signal handler, which
             # only the main thread may install (a Machine built here would do it too).
@@ -52,6 +53,9 @@ class Monitor:
         self.vm.register(self.table)
         self.migration.register(self.table)
         self.rate.register(self.table)
+        self.snapshots = SnapshotControl(self.vm, self.server.broadcast, self.migration, self.rate,
+                                         snapshot_dir=snapshot_dir, live=snapshot_live)
+        self.snapshots.register(self.table)
         self.cause: ShutdownCause | None = None
         self.exit_code = 0
         self.failure: str | None = None  # why the incoming migration failed, when that ended the monitor
@@ -97,6 +101,7 @@ class Monitor:
 
     def close(self) -> None:
         """Cancel migrations, finish the server (SHUTDOWN delivered), and stop the machine."""
+        self.snapshots.close()
         self.migration.close()
         self.rate.close()
         if not self._shutdown.is_set():
