@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -236,6 +237,8 @@ def test_a_loaded_vm_has_the_snapshots_memory(monitors: Monitors, tmp_path: Path
     monitor, client = monitors("vm", machine=machine, snapshot_dir=str(tmp_path / "snaps"))
     client.cmd("stop")
     client.cmd("snapshot-save", **{"job-id": "a", "tag": "a"})
+    assert re.fullmatch("Job 'a' in state '(created|running)' cannot accept command verb 'dismiss'",
+                        error_of(client, "job-dismiss", id="a"))
     assert "error" not in wait_concluded(client, "a")
     saved = machine.progress
     client.cmd("cont")
@@ -260,6 +263,13 @@ def test_a_loaded_vm_has_the_snapshots_memory(monitors: Monitors, tmp_path: Path
     before = loaded.progress
     time.sleep(0.2)
     assert loaded.progress > before
+    # The chain's dirty log holds the VM's until x-dirtylog-end-snapshot-chain; the next save is then full.
+    assert loaded.tracker is not None
+    assert error_of(client, "migrate", uri="tcp:127.0.0.1:1").startswith("the VM's dirty log is in use")
+    assert client.cmd("x-dirtylog-end-snapshot-chain") == {}
+    assert loaded.tracker is None
+    client.cmd("snapshot-save", **{"job-id": "c", "tag": "c"})
+    assert wait_concluded(client, "c")["x-dirtylog-snapshot"]["kind"] == "full"
     # The job's own errors are the command's only when the command itself is wrong.
     assert error_of(client, "snapshot-load", **{"job-id": "load"}) == "Parameter 'tag' is missing"
     assert error_of(client, "snapshot-save", **{"job-id": "x", "tag": "t", "devices": "disk0"}) == \
