@@ -14,6 +14,7 @@ from dirtylog.cli.options import machine_from_args
 from dirtylog.cli.output import console, emit_json
 from dirtylog.control.monitor import Monitor
 from dirtylog.control.server import parse_address
+from dirtylog.control.snapshots import snapshot_directory
 from dirtylog.migration import preload
 from dirtylog.migration.keys import load_key
 from dirtylog.units import format_size
@@ -29,6 +30,8 @@ def serve_machine(args: argparse.Namespace) -> int:
     parse_address(args.qmp)  # a bad address fails before a VM is built
     if args.key_file:
         load_key(args.key_file)  # a bad key file fails now, not at the first migrate
+    if args.snapshot_dir:
+        snapshot_directory(args.snapshot_dir)  # ... and a bad snapshot directory, before the socket exists
     with machine_from_args(args, dirty_ring=args.dirty_ring) as machine:
         machine.start()
         preload()  # the first migrate's setup is then only its connection and handshake

@@ -104,6 +104,16 @@ def tag_path(folder: Path, tag: str) -> Path:
     return folder / f"{tag}{SUFFIX}"
 
 
+def snapshot_directory(path: str | Path) -> Path:
+    """``--snapshot-dir``, created if missing; DirtylogError naming the option when it cannot be."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DirtylogError(f"cannot use --snapshot-dir {folder}: {error.strerror}") from None
+    return folder
+
+
 def snapshot_mode(machine: Machine) -> DirtyLogMode:
     """The dirty log a QMP snapshot chain keeps: the dirty ring on a machine that has one (it has no bitmap)."""
     return "ring" if machine.vm.dirty_ring_bytes else "log"
@@ -118,12 +128,7 @@ class SnapshotControl:
         self.emit = emit
         self.migration = migration
         self.rate = rate
-        self.folder = Path(snapshot_dir) if snapshot_dir else None
-        if self.folder is not None:
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise DirtylogError(f"cannot use --snapshot-dir {self.folder}: {error.strerror}") from None
+        self.folder = snapshot_directory(snapshot_dir) if snapshot_dir else None
         self.live_default = live
         self.jobs: dict[str, Job] = {}  # newest last; query-jobs lists newest first, as QEMU
         # The snapshot the machine's dirty log counts from (saved or loaded), the machine, and the layers under it.

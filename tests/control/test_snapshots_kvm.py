@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from dirtylog.snapshot.layer import Layer
 from dirtylog.units import PAGE_SIZE
-from tests.control.conftest import Monitors, Served, error_of, running_machine
+from tests.control.conftest import DIRTYLOG, Monitors, Served, error_of, running_machine
 from tests.snapshot.helpers import changed_pages, corrupt, held_pages, restored_memory
 
 pytestmark = pytest.mark.kvm
@@ -274,3 +275,13 @@ def test_a_loaded_vm_has_the_snapshots_memory(monitors: Monitors, tmp_path: Path
     assert error_of(client, "snapshot-load", **{"job-id": "load"}) == "Parameter 'tag' is missing"
     assert error_of(client, "snapshot-save", **{"job-id": "x", "tag": "t", "devices": "disk0"}) == \
         "Invalid parameter type for 'devices', expected: array"
+
+
+def test_a_snapshot_dir_that_cannot_be_made_fails_before_the_socket_exists(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    socket_path = tmp_path / "vm.sock"
+    done = subprocess.run([*DIRTYLOG, "run", *GUEST, "--qmp", f"unix:{socket_path}", "--snapshot-dir",
+                           str(blocker / "snaps")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and f"cannot use --snapshot-dir {blocker / 'snaps'}: Not a directory" in done.stderr
+    assert not socket_path.exists()
