@@ -16,6 +16,16 @@ class Pacer:
         self._last = time.monotonic()
         self._lock = threading.Lock()
 
+    def charge(self, nbytes: int) -> None:
+        """``nbytes`` went out without waiting (post-copy's answers to page requests): the next writers wait
+        for them instead."""
+        if self.rate is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate) - nbytes
+            self._last = now
+
     def wait(self, nbytes: int) -> None:
         """Sleep until ``nbytes`` may go out."""
         if self.rate is None:
