@@ -33,6 +33,7 @@ from dirtylog.machine import Machine
 from dirtylog.migration.engine.admission import Admission, Resumption
 from dirtylog.migration.engine.postcopy_destination import LINK_CODES, PostcopyDestination
 from dirtylog.migration.engine.streams import Stream, close_aborted
+from dirtylog.migration.engine.urgency import short_switch_interval
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.keys import load_key
 from dirtylog.migration.payload.digest import load_kernels
@@ -498,8 +499,9 @@ class DestinationMigration:
         committed_at = time.perf_counter()
         self.stats.status = MigrationStatus.POSTCOPY_ACTIVE
         self.progress("postcopy", {"pending": len(owed)})
-        while self.postcopy.wait() == "broken":
-            self._resume_link()
+        with short_switch_interval():
+            while self.postcopy.wait() == "broken":
+                self._resume_link()
         digest = self.memory.digest()
         if digest != self.postcopy.digest_claimed:
             raise MigrationError(f"memory digest mismatch after post-copy: ours {digest.hex()}, the source's "

@@ -37,6 +37,7 @@ from dirtylog.linux.errors import UserfaultfdError
 from dirtylog.linux.userfaultfd import Userfaultfd
 from dirtylog.machine import Machine
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream
+from dirtylog.migration.engine.urgency import Urgency
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.payload.memory import DestinationMemory
 from dirtylog.migration.payload.pages import runs_from_pfns
@@ -98,6 +99,7 @@ class PostcopyDestination:
         self._vcpu_of: dict[int, int] = {}
         self._zero = np.zeros(PAGE_SIZE, dtype=np.uint8)
         self._last_heard = time.monotonic()
+        self.urgency = Urgency()  # the fault handler goes before installing pushed pages
 
     # --- set-up and end -----------------------------------------------------------------------------------
 
@@ -199,31 +201,27 @@ class PostcopyDestination:
     def install(self, event: PostcopyPages) -> None:
         """Check and install pages the source sent (pushed or requested); pages already present stay as they are.
         RemoteProtocolError for a page whose fingerprint does not match (nothing of the frame is installed)."""
+        if not event.requested:
+            self.urgency.yield_to_urgent()
         received = postcopy_pages(event)
         uffd = self.uffd
         assert uffd is not None
-        with self.lock:
-            wanted = self.missing[received.pfns]
         pfns, zero = received.pfns, received.zero
         address = self.machine.ram.address
-        # Segments of consecutive pages that are all wanted and all of one kind: one ioctl each.
-        data_index = np.cumsum(~zero) - 1  # row of each non-zero page in the frame's data
-        breaks = np.flatnonzero((np.diff(pfns.astype(np.int64)) != 1) | (zero[1:] != zero[:-1])
-                                | (wanted[1:] != wanted[:-1])) + 1
-        for begin, end in zip(np.r_[0, breaks].tolist(), np.r_[breaks, pfns.size].tolist(), strict=True):
-            if not wanted[begin]:
-                continue
-            target = address + int(pfns[begin]) * PAGE_SIZE
-            try:
-                if zero[begin]:
-                    self._zero_fill(uffd, target, end - begin)
-                else:
-                    rows = received.data[int(data_index[begin]):int(data_index[end - 1]) + 1]
-                    uffd.copy_missing(target, rows)
-            except UserfaultfdError as error:
-                raise MigrationError(f"installing post-copy pages failed: {error}") from None
+        first, count = int(pfns[0]), int(pfns.size)
+        with self.lock:
+            wanted = self.missing[pfns] if event.zero is not None or len(event.starts) != 1 else \
+                self.missing[first:first + count]
+            whole = event.zero is None and len(event.starts) == 1 and bool(wanted.all())
+        try:
+            if whole:  # the usual answer or push: one run of non-zero pages, all still missing: one ioctl
+                uffd.copy_missing(address + first * PAGE_SIZE, received.data)
+            else:
+                self._install_pieces(uffd, received.data, pfns, zero, wanted)
+        except UserfaultfdError as error:
+            raise MigrationError(f"installing post-copy pages failed: {error}") from None
         now = time.perf_counter()
-        installed = pfns[wanted]
+        installed = pfns if whole else pfns[wanted]
         with self.changed:
             fresh = installed[self.missing[installed]]
             self.missing[fresh] = False
@@ -237,6 +235,22 @@ class PostcopyDestination:
             self.stats.remaining_pages = self.remaining
             self.changed.notify_all()
         self.memory.installed(pfns, received.fingerprints)
+
+    def _install_pieces(self, uffd: Userfaultfd, data: npt.NDArray[np.uint8], pfns: npt.NDArray[np.uint64],
+                        zero: npt.NDArray[np.bool_], wanted: npt.NDArray[np.bool_]) -> None:
+        """Any frame: segments of consecutive pages that are all wanted and all of one kind, one ioctl each."""
+        address = self.machine.ram.address
+        data_index = np.cumsum(~zero) - 1  # row of each non-zero page in the frame's data
+        breaks = np.flatnonzero((np.diff(pfns.astype(np.int64)) != 1) | (zero[1:] != zero[:-1])
+                                | (wanted[1:] != wanted[:-1])) + 1
+        for begin, end in zip(np.r_[0, breaks].tolist(), np.r_[breaks, pfns.size].tolist(), strict=True):
+            if not wanted[begin]:
+                continue
+            target = address + int(pfns[begin]) * PAGE_SIZE
+            if zero[begin]:
+                self._zero_fill(uffd, target, end - begin)
+            else:
+                uffd.copy_missing(target, data[int(data_index[begin]):int(data_index[end - 1]) + 1])
 
     def _zero_fill(self, uffd: Userfaultfd, address: int, npages: int) -> None:
         """Zero pages where they are still missing (a page the guest faulted in meanwhile stays)."""
@@ -271,32 +285,35 @@ class PostcopyDestination:
                 ready = poller.poll(POLL_MS)
             except InterruptedError:
                 continue
-            for fd, _ in ready:
-                if fd == uffd.fd:
-                    self._on_faults(uffd)
-                elif channel is not None:
-                    self._on_channel(channel, view)
+            with self.urgency.urgent():
+                for fd, _ in ready:
+                    if fd == uffd.fd:
+                        self._on_faults(uffd)
+                    elif channel is not None:
+                        self._on_channel(channel, view)
             self._check_silence()
 
     def _on_faults(self, uffd: Userfaultfd) -> None:
-        faults = uffd.read_faults(256)
-        if not faults:
+        messages = uffd.read_messages(256)
+        messages = messages[messages["event"] == linux_abi.UFFD_EVENT_PAGEFAULT]
+        if not messages.size:
             return
         now = time.perf_counter()
         base = self.machine.ram.address
+        pages = ((messages["arg1"] - np.uint64(base)) // np.uint64(PAGE_SIZE)).tolist()
+        threads = (messages["arg2"] & np.uint64(0xFFFF_FFFF)).tolist()
         ask: list[int] = []
         zero: list[int] = []
         present: list[int] = []
         with self.lock:
             if not self.faults.pages_waited_for:
                 self._last_heard = time.monotonic()  # silence counts from the first request waiting
-            for fault in faults:
-                page = (fault.address - base) // PAGE_SIZE
+            for page, thread in zip(pages, threads, strict=True):
                 if not self.missing[page]:
                     # Not owed: a zero page pre-copy never sent; or installed since the fault was queued.
                     (present if self.owed_mask[page] else zero).append(page)
                     continue
-                self.faults.fault(page, self._vcpu(fault.thread_id), now)
+                self.faults.fault(page, self._vcpu(thread), now)
                 if not self.requested[page]:
                     self.requested[page] = True
                     ask.append(page)

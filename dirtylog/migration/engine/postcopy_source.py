@@ -32,6 +32,7 @@ import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream, StreamFailure
+from dirtylog.migration.engine.urgency import Urgency, short_switch_interval
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.payload.digest import gather
 from dirtylog.migration.payload.pages import pfns_from_runs, runs_from_pfns
@@ -98,6 +99,7 @@ class PostcopySource:
         self._push_buffer = np.ones((PUSH_PAGES, PAGE_SIZE), dtype=np.uint8)
         self._answer_buffer = np.ones((ANSWER_PAGES, PAGE_SIZE), dtype=np.uint8)
         self._last_progress = 0.0
+        self.urgency = Urgency()  # answers go before the push
         self._bytes_before = 0
 
     @property
@@ -111,12 +113,13 @@ class PostcopySource:
         """Until the destination has verified every page; MigrationError if it gave up or the link never came back."""
         began = time.perf_counter()
         self.owner.progress("postcopy", {"pending": self.remaining, "reason": self.stats.postcopy_reason})
-        while True:
-            try:
-                self._serve()
-                break
-            except LinkBrokenError as broken:
-                self._pause(str(broken))
+        with short_switch_interval():
+            while True:
+                try:
+                    self._serve()
+                    break
+                except LinkBrokenError as broken:
+                    self._pause(str(broken))
         self.stats.postcopy_time = time.perf_counter() - began
         self._emit(force=True)
 
@@ -129,6 +132,7 @@ class PostcopySource:
         self._server.start()
         try:
             while (claimed := self._claim_push()) is not None:
+                self.urgency.yield_to_urgent()
                 self._check_link()
                 self._push(claimed)
                 self._emit()
@@ -231,7 +235,8 @@ class PostcopySource:
                         raise OSError("the destination closed the post-copy channel")
                     if isinstance(event, PageRequest):
                         if stream.conn.phase is not Phase.CHANNEL_END:  # else it crossed our Complete: sent already
-                            self._answer(event)
+                            with self.urgency.urgent():
+                                self._answer(event)
                     elif isinstance(event, Verified):
                         return  # the destination has every page
                     elif isinstance(event, Abort):
