@@ -65,6 +65,7 @@ from dirtylog.units import PAGE_SIZE
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 SCRATCH_BYTES = 4096
+PROGRESS_INTERVAL = 0.2  # seconds between progress records in post-copy
 
 
 @dataclass
@@ -500,8 +501,14 @@ class DestinationMigration:
         self.stats.status = MigrationStatus.POSTCOPY_ACTIVE
         self.progress("postcopy", {"pending": len(owed)})
         with short_switch_interval():
-            while self.postcopy.wait() == "broken":
-                self._resume_link()
+            while (outcome := self.postcopy.wait(timeout=PROGRESS_INTERVAL)) != "done":
+                if outcome == "broken":
+                    self._resume_link()
+                else:
+                    record = self.postcopy.progress_record()
+                    self.stats.postcopy_timeline.append((time.perf_counter() - committed_at, int(record["remaining"]),
+                                                         int(record["requests"])))
+                    self.progress("postcopy-progress", record)
         digest = self.memory.digest()
         if digest != self.postcopy.digest_claimed:
             raise MigrationError(f"memory digest mismatch after post-copy: ours {digest.hex()}, the source's "

@@ -26,6 +26,7 @@ import contextlib
 import select
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -135,6 +136,17 @@ class PostcopyDestination:
             self.uffd = None
         self.machine.ram.huge_pages(True)
 
+    def progress_record(self) -> dict[str, Any]:
+        """What the live view shows of post-copy here."""
+        with self.lock:
+            faults = self.faults
+            return {"remaining": self.remaining, "pages_pushed": self.stats.pages_pushed,
+                    "pages_requested": self.stats.pages_requested, "requests": self.stats.postcopy_requests,
+                    "faults": faults.faults, "waiting": len(faults.pages_waited_for),
+                    "latency_mean_us": round(faults.mean_latency * 1e6, 1),
+                    "latency_median_us": round(faults.median_latency() * 1e6, 1),
+                    "blocktime_ms": round(faults.blocktime * 1e3, 1)}
+
     @property
     def done(self) -> bool:
         """Every owed page is here."""
@@ -180,9 +192,10 @@ class PostcopyDestination:
                 self.digest_claimed = event.digest
             self.changed.notify_all()
 
-    def wait(self) -> str:
+    def wait(self, timeout: float | None = None) -> str:
         """Until every page is here and the source said Complete on both connections ("done"), or the link broke
-        ("broken"); MigrationError when the migration cannot go on."""
+        ("broken"), or ``timeout`` passed ("waiting"); MigrationError when the migration cannot go on."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self.changed:
             while True:
                 if self.fatal:
@@ -194,7 +207,9 @@ class PostcopyDestination:
                         raise MigrationError(f"the source says it sent every page, yet {self.remaining:,} never "
                                              "arrived")
                     return "done"
-                self.changed.wait(0.2)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return "waiting"
+                self.changed.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic())))
 
     # --- installing ---------------------------------------------------------------------------------------
 

@@ -89,6 +89,8 @@ class PostcopySource:
         assert owner.postcopy_channel is not None
         self.channel = owner.postcopy_channel
         self._channel_lock = threading.Lock()  # answers and the channel's Complete
+        self._answering = 0  # answers under way (their pages claimed, not all sent yet)
+        self._channel_done = False  # the channel's Complete is sent: no more answers
         self._broken = threading.Event()
         self._why = ""
         self._stop = threading.Event()  # ends the answering thread
@@ -99,6 +101,7 @@ class PostcopySource:
         self._push_buffer = np.ones((PUSH_PAGES, PAGE_SIZE), dtype=np.uint8)
         self._answer_buffer = np.ones((ANSWER_PAGES, PAGE_SIZE), dtype=np.uint8)
         self._last_progress = 0.0
+        self._began = 0.0
         self.urgency = Urgency()  # answers go before the push
         self._bytes_before = 0
 
@@ -109,11 +112,14 @@ class PostcopySource:
 
     # --- the phase ----------------------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Until the destination has verified every page; MigrationError if it gave up or the link never came back."""
-        began = time.perf_counter()
+    def run(self, broken: str = "") -> None:
+        """Until the destination has verified every page; MigrationError if it gave up or the link never came back.
+        ``broken``: the link broke already (right after the commit), so the phase begins paused."""
+        began = self._began = time.perf_counter()
         self.owner.progress("postcopy", {"pending": self.remaining, "reason": self.stats.postcopy_reason})
         with short_switch_interval():
+            if broken:
+                self._pause(broken)
             while True:
                 try:
                     self._serve()
@@ -126,6 +132,7 @@ class PostcopySource:
     def _serve(self) -> None:
         self._broken.clear()
         self._stop.clear()
+        self._channel_done = False
         self.stream.channel.settimeout(self.owner.params.io_timeout)
         self.channel.channel.settimeout(0.2)  # the answering thread looks up now and then for the end
         self._server = threading.Thread(target=self._answer_loop, name="postcopy-answers", daemon=True)
@@ -149,8 +156,14 @@ class PostcopySource:
             digest = self.owner.digest.digest()
         self.stats.digest = digest.hex()
         try:
-            with self._channel_lock:
-                self.channel.send(Complete(digest, (self.channel.conn.frames_sent,)))
+            while True:  # the channel's Complete follows every answer under way, never precedes one
+                with self._channel_lock:
+                    if not self._answering:
+                        self.channel.send(Complete(digest, (self.channel.conn.frames_sent,)))
+                        self._channel_done = True
+                        break
+                self._check_link()
+                time.sleep(0.0005)
             self.stream.send(Complete(digest, (self.stream.conn.frames_sent,)))
         except MigrationError as error:
             raise self._link_error(str(error)) from None
@@ -255,6 +268,17 @@ class PostcopySource:
         """The pages asked for, at once, on the post-copy channel, whether or not they were pushed already (a push
         in flight may be queued behind others)."""
         wanted = pfns_from_runs(request.starts, request.lengths)
+        with self._channel_lock:
+            if self._channel_done:
+                return  # it crossed the channel's Complete: every page was sent already
+            self._answering += 1
+        try:
+            self._answer_pages(wanted)
+        finally:
+            with self._channel_lock:
+                self._answering -= 1
+
+    def _answer_pages(self, wanted: npt.NDArray[np.uint64]) -> None:
         with self.lock:
             self.stats.postcopy_requests += 1
             owed = self.unsent[wanted]
@@ -268,7 +292,7 @@ class PostcopySource:
             event = make_postcopy_pages(starts, lengths, self._answer_buffer[:pfns.size], prints, requested=True,
                                         page_size=PAGE_SIZE)
             with self._channel_lock:
-                with self.channel.lock:
+                with self.channel.lock:  # (the channel's Complete waits for this answer: see _finish)
                     buffers = self.channel.conn.send(event)
                 size = sum(len(b) for b in buffers)
                 self.owner.pacer.charge(size)  # the answer does not wait; the push gives way instead
@@ -393,6 +417,7 @@ class PostcopySource:
             return
         self._last_progress = now
         stats = self.stats
+        stats.postcopy_timeline.append((now - self._began, self.remaining, stats.postcopy_requests))
         self.owner.progress("postcopy-progress", {
             "remaining": self.remaining, "pages_pushed": stats.pages_pushed, "pages_requested": stats.pages_requested,
             "requests": stats.postcopy_requests, "bytes": stats.postcopy_bytes, "recoveries": stats.recoveries})

@@ -126,6 +126,7 @@ class SourceMigration:
         #: The post-copy channel (requests and their answers), opened at setup when post-copy is allowed.
         self.postcopy_channel: Stream | None = None
         self.postcopy: PostcopySource | None = None  # the phase after the post-copy commit
+        self.link_broken = ""  # why the link broke between the post-copy commit and Resumed
         self._next_stream = self._last_stream = 0
         # One stream is written from this thread, several by a sender thread each (see streams.py).
         self._sender_threads = params.streams > 1
@@ -243,7 +244,6 @@ class SourceMigration:
         at_once = self.controller.before_rounds()
         if at_once is not None:
             self.stats.postcopy_reason = at_once.reason
-            self.progress("postcopy", {"reason": at_once.reason})
             return pending, at_once.action
         round_ = 0
         stop_at = None if self.params.max_time is None else start + self.params.max_time
@@ -534,7 +534,7 @@ class SourceMigration:
             raise MigrationError(f"the switch-over took longer than its {self.params.switchover_deadline:.1f} s "
                                  f"deadline (the destination is slow or stalled: {error})") from None
         self.postcopy = PostcopySource(self, owed)
-        self.postcopy.run()
+        self.postcopy.run(broken=self.link_broken)
         self.stats.remaining_pages = 0
 
     def _handover(self, pending: DirtyBitmap, start: float, paused_at: float, deadline: float) -> DirtyBitmap:
@@ -580,7 +580,16 @@ class SourceMigration:
         primary.send(Commit())
         primary.drain(self._left(deadline))
         self.committed = True
-        answer = primary.next_event(self._left(deadline), "Resumed")
+        try:
+            answer = primary.next_event(self._left(deadline), "Resumed")
+        except MigrationError as error:
+            # The link broke after the commit: the destination runs the VM (or will), and needs our pages. Not a
+            # failure: post-copy begins paused and resumes.
+            self.machine.hand_off(self.to)
+            self.link_broken = str(error)
+            self.stats.postcopy_started = time.perf_counter() - start
+            self.stats.postcopy_pending = owed.count()
+            return owed
         if isinstance(answer, Abort):
             self.refused_after_commit = True
             raise MigrationError(f"the destination could not run the VM after the commit: {answer.reason}")

@@ -63,6 +63,8 @@ class MigrationStats:
     recoveries: int = 0  # times a broken post-copy link was resumed
     paused_time: float = 0.0  # seconds post-copy spent paused, its link broken
     faults: FaultStats | None = None  # the destination's fault handler (blocktime, latency)
+    #: (seconds since post-copy began, pages still owed, page requests so far), sampled while post-copy runs
+    postcopy_timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
