@@ -47,7 +47,7 @@ import numpy.typing as npt
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand, Register, RepPrefixKind
 
 from dirtylog.errors import DirtylogError
-from dirtylog.guest.machine import MAX_LAG_SECONDS, SLEEP_THRESHOLD_SECONDS
+from dirtylog.guest.machine import control_block
 from dirtylog.guest.programs import ControlBlock, build_program
 from dirtylog.guest.x86 import (
     CODE_ADDR,
@@ -291,26 +291,8 @@ def page_tables(memory: int) -> dict[int, npt.NDArray[np.uint64]]:
 
 
 def control_blocks(spec: WorkloadSpec, tsc_hz: int) -> dict[int, npt.NDArray[np.uint64]]:
-    """Each vCPU's control block, as the Machine fills it (dirtylog.guest.machine)."""
-    blocks = {}
-    for index in range(spec.vcpus):
-        share = spec.share(index)
-        block = np.zeros(PAGE_SIZE // 8, dtype=np.uint64)
-        fields = {
-            ControlBlock.AREA_BASE: share.start * PAGE_SIZE,
-            ControlBlock.AREA_NPAGES: len(share),
-            ControlBlock.PRNG_SEED: (spec.seed * (index + 1)) % (2**64 - 1) or 1,
-            ControlBlock.HOT_NPAGES: max(1, int(len(share) * spec.hot_fraction)),
-            ControlBlock.HOT_THRESHOLD: int(spec.hot_weight * 2**32),
-            ControlBlock.WRITES_PER_ITERATION: spec.writes_per_iteration or len(share),
-            ControlBlock.TICKS_PER_PAGE: max(1, tsc_hz // spec.rate) if spec.rate else 0,
-            ControlBlock.SLEEP_THRESHOLD: int(tsc_hz * SLEEP_THRESHOLD_SECONDS),
-            ControlBlock.MAX_LAG: int(tsc_hz * MAX_LAG_SECONDS),
-        }
-        for offset, value in fields.items():
-            block[offset // 8] = value
-        blocks[control_block_addr(index)] = block
-    return blocks
+    """Each vCPU's control block by address, as a Machine fills it (dirtylog.guest.machine.control_block)."""
+    return {control_block_addr(index): control_block(spec, index, tsc_hz // 1000) for index in range(spec.vcpus)}
 
 
 def build_image(memory: int, spec: WorkloadSpec, tsc_hz: int) -> bytes:

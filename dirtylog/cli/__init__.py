@@ -14,7 +14,7 @@ from dirtylog.errors import DirtylogError
 
 # Sub-command modules, in the order ``dirtylog --help`` lists their commands. Each defines
 # ``register(subparsers: argparse._SubParsersAction) -> None`` and sets ``func`` on its parser.
-_COMMANDS = ("info", "run", "track", "rate", "model", "migrate", "demo", "arm64", "ctl")
+_COMMANDS = ("info", "run", "track", "rate", "model", "migrate", "snapshot", "demo", "arm64", "ctl")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -19,6 +19,7 @@ from dirtylog.cli.migrate import add_migration_arguments, migrate_with_progress
 from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args
 from dirtylog.cli.output import console, emit_json
 from dirtylog.errors import DirtylogError
+from dirtylog.migration import preload
 from dirtylog.migration.keys import generate_key_file
 from dirtylog.units import format_size
 
@@ -74,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
 
         say("[bold]dirtylog demo[/bold]: two processes on this host, one pre-shared key, loopback TCP")
         destination = subprocess.Popen(
+            # --memory: the destination prepares the VM before the source connects, as an operator would.
             [sys.executable, "-m", "dirtylog", "receive", "--listen", "127.0.0.1:0", "--key-file", key_file,
-             "--duration", f"{args.duration}s", "--json"],
+             "--memory", str(args.memory), "--duration", f"{args.duration}s", "--json"],
             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert destination.stdout is not None
         events: list[dict[str, Any]] = []
@@ -95,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
                               f"{format_size(args.memory)}, writing {args.rate:,} pages/s per vCPU; "
                               f"migrating after {args.warmup:.1f} s with a {args.downtime_limit * 1e3:.0f} ms "
                               "downtime limit")
-                time.sleep(args.warmup)
+                warmup_ends = time.perf_counter() + args.warmup
+                preload()  # during the warm-up: the migration's setup is then its connection and handshake
+                time.sleep(max(0.0, warmup_ends - time.perf_counter()))
                 stats = migrate_with_progress(machine, args)
                 paused_progress = machine.progress
             status = destination.wait(timeout=60 + args.duration)

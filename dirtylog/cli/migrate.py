@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from typing import Any
@@ -24,7 +26,15 @@ from dirtylog.cli.plots import PlotError, plot_series
 from dirtylog.cli.serve import add_qmp_argument, serve_incoming
 from dirtylog.guest.machine import State
 from dirtylog.machine import TRACKING_MODES, Machine
-from dirtylog.migration import Listener, MigrationError, MigrationParameters, MigrationStats, migrate, receive
+from dirtylog.migration import (
+    Listener,
+    MigrationError,
+    MigrationParameters,
+    MigrationStats,
+    migrate,
+    preload,
+    receive,
+)
 from dirtylog.migration.keys import KeyFileError, generate_key_file, load_key
 from dirtylog.migration.policy.parameters import MAX_STREAMS
 from dirtylog.migration.transports import parse_endpoint
@@ -170,7 +180,9 @@ def run_migrate(args: argparse.Namespace) -> int:
         if not args.json:
             console.print(f"source: [bold]{args.workload}[/bold] on {args.vcpus} vCPU(s), {format_size(args.memory)}; "
                           f"warming up {format_duration(args.warmup)}, then migrating to {args.to}")
-        time.sleep(args.warmup)
+        warmup_ends = time.perf_counter() + args.warmup
+        preload()  # during the warm-up: the migration's setup is then only its connection and handshake
+        time.sleep(max(0.0, warmup_ends - time.perf_counter()))
         machine.check()
         stats = migrate_with_progress(machine, args)
         if stats is None:
@@ -180,11 +192,45 @@ def run_migrate(args: argparse.Namespace) -> int:
                 if not args.json:
                     console.print(f"the source VM keeps running here: progress {before:,} -> {machine.progress:,} "
                                   "pages")
+            elif machine.state is State.PAUSED:
+                return keep_for_operator(machine, args)
             return 1
         if machine.state is State.PAUSED and not args.json:  # a stream to a file takes no VM over
             console.print(escape(f"saved to {args.to}; this VM stays paused here (load it with `dirtylog receive "
                                  f"--listen {args.to} --key-file {args.key_file}`)"))
     return 0
+
+
+def keep_for_operator(machine: Machine, args: argparse.Namespace) -> int:
+    """After a commit the destination went silent: it may be running the VM, so this copy neither resumes nor
+    goes away on its own. It waits, paused, for the operator: SIGUSR2 resumes it here (after they checked the
+    destination is not running it), SIGINT or SIGTERM discards it."""
+    decision: list[str] = []
+    signal.signal(signal.SIGUSR2, lambda signum, frame: decision.append("resume"))
+    signal.signal(signal.SIGTERM, lambda signum, frame: decision.append("discard"))
+    message = (f"this VM stays paused here (pid {os.getpid()}): the destination may be running it. Check the "
+               f"destination; then `kill -USR2 {os.getpid()}` resumes it here, Ctrl-C or `kill {os.getpid()}` "
+               "discards this copy")
+    if args.json:
+        emit_json({"event": "kept-paused", "pid": os.getpid(), "message": message})
+    else:
+        error_console.print(f"[yellow]{escape(message)}[/yellow]")
+    try:
+        while not decision:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        decision.append("discard")
+    if decision[0] == "discard":
+        return 1
+    machine.resume()
+    if not args.json:
+        console.print("resumed here on the operator's word; running until interrupted")
+    try:
+        while True:
+            time.sleep(0.5)
+            machine.check()
+    except KeyboardInterrupt:
+        return 0
 
 
 def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> MigrationStats | None:

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from dirtylog.cli.options import add_machine_arguments, duration_arg, positive_int
+from dirtylog.cli.options import add_machine_arguments, duration_arg, machine_from_args, positive_int
 from dirtylog.cli.output import RowPrinter, console, emit_json
 from dirtylog.errors import DirtylogError
-from dirtylog.machine import Machine
 from dirtylog.rate.estimate import (
     DEFAULT_ACCURACY,
     DEFAULT_CONFIDENCE,
@@ -84,8 +83,7 @@ def _check(args: argparse.Namespace) -> float:
 def run(args: argparse.Namespace) -> int:
     window = _check(args)
     ring = args.method == "ring" or args.dirty_limit is not None
-    with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots, hot_fraction=args.hot_fraction,
-                 hot_weight=args.hot_weight, prefault=args.prefault, dirty_ring=ring) as machine:
+    with machine_from_args(args, dirty_ring=ring) as machine:
         machine.start()
         if args.dirty_limit is not None:
             machine.dirty_limit(args.dirty_limit)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dirtylog.cli.options import machine_from_args
 from dirtylog.cli.output import console, emit_json
 from dirtylog.control.monitor import Monitor
 from dirtylog.control.server import parse_address
-from dirtylog.machine import Machine
+from dirtylog.migration import preload
 from dirtylog.migration.keys import load_key
 from dirtylog.units import format_size
 
@@ -28,9 +29,9 @@ def serve_machine(args: argparse.Namespace) -> int:
     parse_address(args.qmp)  # a bad address fails before a VM is built
     if args.key_file:
         load_key(args.key_file)  # a bad key file fails now, not at the first migrate
-    with Machine(args.memory, args.vcpus, args.workload, args.rate, slots=args.slots, hot_fraction=args.hot_fraction,
-                 hot_weight=args.hot_weight, prefault=args.prefault, dirty_ring=args.dirty_ring) as machine:
+    with machine_from_args(args, dirty_ring=args.dirty_ring) as machine:
         machine.start()
+        preload()  # the first migrate's setup is then only its connection and handshake
         monitor = Monitor(args.qmp, machine=machine, key_file=args.key_file)
         return _serve(monitor, args, f"[bold]{args.workload}[/bold] on {machine.spec.vcpus} vCPU(s), "
                                      f"{format_size(machine.ram.size)} RAM")

@@ -84,6 +84,34 @@ class GuestCrashError(MachineError):
         self.crash = crash
 
 
+def control_block(spec: WorkloadSpec, index: int, tsc_khz: int = 0,
+                  extra: dict[ControlBlock, int] | None = None) -> npt.NDArray[np.uint64]:
+    """vCPU ``index``'s control block for workload ``spec``, as its program reads it (fields in TSC ticks when
+    ``tsc_khz`` is known; ``extra`` fields on top): what a Machine writes, and any other host running our
+    programs (bench/qemu_guest.py) writes too."""
+    share = spec.share(index)
+    block = np.zeros(PAGE_SIZE // 8, dtype=np.uint64)
+    fields = {
+        ControlBlock.AREA_BASE: share.start * PAGE_SIZE,
+        ControlBlock.AREA_NPAGES: len(share),
+        ControlBlock.PRNG_SEED: (spec.seed * (index + 1)) % (2**64 - 1) or 1,
+        ControlBlock.HOT_NPAGES: max(1, int(len(share) * spec.hot_fraction)),
+        ControlBlock.HOT_THRESHOLD: int(spec.hot_weight * 2**32),
+        ControlBlock.WRITES_PER_ITERATION: spec.writes_per_iteration or len(share),
+        ControlBlock.RATE: spec.rate or 0,
+    }
+    if tsc_khz and spec.rate:
+        fields[ControlBlock.TICKS_PER_PAGE] = max(1, tsc_khz * 1000 // spec.rate)
+    if tsc_khz:
+        fields[ControlBlock.SLEEP_THRESHOLD] = int(tsc_khz * 1000 * SLEEP_THRESHOLD_SECONDS)
+        fields[ControlBlock.MAX_LAG] = int(tsc_khz * 1000 * MAX_LAG_SECONDS)
+        fields[ControlBlock.TSC_KHZ] = tsc_khz
+    fields.update(extra or {})
+    for offset, value in fields.items():
+        block[offset // 8] = value
+    return block
+
+
 class State(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
@@ -204,29 +232,8 @@ class Machine:
         return self.arch.layout.control_block_addr(vcpu)
 
     def _control_block(self, index: int, tsc_khz: int = 0) -> npt.NDArray[np.uint64]:
-        spec = self.spec
-        share = spec.share(index)
-        block = np.zeros(PAGE_SIZE // 8, dtype=np.uint64)
-        fields = {
-            ControlBlock.AREA_BASE: share.start * PAGE_SIZE,
-            ControlBlock.AREA_NPAGES: len(share),
-            ControlBlock.PRNG_SEED: (spec.seed * (index + 1)) % (2**64 - 1) or 1,
-            ControlBlock.HOT_NPAGES: max(1, int(len(share) * spec.hot_fraction)),
-            ControlBlock.HOT_THRESHOLD: int(spec.hot_weight * 2**32),
-            ControlBlock.WRITES_PER_ITERATION: spec.writes_per_iteration or len(share),
-            ControlBlock.RATE: spec.rate or 0,
-        }
-        if tsc_khz and spec.rate:
-            fields[ControlBlock.TICKS_PER_PAGE] = max(1, tsc_khz * 1000 // spec.rate)
-        if tsc_khz:
-            fields[ControlBlock.SLEEP_THRESHOLD] = int(tsc_khz * 1000 * SLEEP_THRESHOLD_SECONDS)
-            fields[ControlBlock.MAX_LAG] = int(tsc_khz * 1000 * MAX_LAG_SECONDS)
-            fields[ControlBlock.TSC_KHZ] = tsc_khz
-        if self.trace:
-            fields.update(self.trace.control_fields(index))
-        for offset, value in fields.items():
-            block[offset // 8] = value
-        return block
+        extra = self.trace.control_fields(index) if self.trace else {}
+        return control_block(self.spec, index, tsc_khz, extra)
 
     def assume_workload(self, workload: WorkloadName, vcpus: int, rate: int | None = None, *, hot_fraction: float = 0.1,
                         hot_weight: float = 0.9, writes_per_iteration: int = 0) -> None:

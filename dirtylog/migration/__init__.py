@@ -10,10 +10,10 @@
 """
 
 from dirtylog.migration.engine.destination import Listener, Received, receive
-from dirtylog.migration.engine.source import migrate
+from dirtylog.migration.engine.source import migrate, preload
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.policy.parameters import MigrationParameters
 from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
 
 __all__ = ["Listener", "MigrationError", "MigrationParameters", "MigrationStats", "MigrationStatus", "Received",
-           "migrate", "receive"]
+           "migrate", "preload", "receive"]

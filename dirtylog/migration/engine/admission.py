@@ -75,6 +75,8 @@ class Admission:
         self._lock = threading.Lock()
         self._exhausted = False
         self._last_refusal = ""
+        self._stop = threading.Event()
+        self._failure: str | None = None  # the listener itself failed
         self.connected_at = 0.0  # when the first admitted stream connected (perf_counter)
 
     def run(self, accept_timeout: float | None) -> list[Admitted]:
@@ -84,6 +86,10 @@ class Admission:
         admitted: dict[tuple[Carries, int], Admitted] = {}
         first: Admitted | None = None
         first_at = 0.0
+        # Connections are accepted on a thread of their own, so that a stream admitted is taken at once, not
+        # after the listener's next poll (which would add up to POLL to every migration's setup).
+        acceptor = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
+        acceptor.start()
         try:
             while first is None or len(admitted) < _needed(first):
                 now = time.monotonic()
@@ -95,19 +101,20 @@ class Admission:
                     if missing:
                         raise MigrationError(f"parallel stream(s) {missing} of the migration never connected")
                     raise MigrationError("the post-copy channel of the migration never connected")
+                if self._failure is not None:
+                    raise MigrationError(self._failure)
                 if self._exhausted:
                     with self._lock:
                         busy = list(self._pending)
                     if not busy and self._results.empty():
                         raise MigrationError(self._last_refusal or "no stream came")
-                    time.sleep(POLL)
-                else:
-                    self._accept_one()
+                timeout = POLL
                 while True:
                     try:
-                        result = self._results.get_nowait()
+                        result = self._results.get(timeout=timeout)
                     except queue.Empty:
                         break
+                    timeout = 0
                     if isinstance(result, _Refused):
                         self._last_refusal = result.reason
                         self.on_refused(result.peer, result.reason)
@@ -125,12 +132,22 @@ class Admission:
                 entry.stream.close()
             raise
         finally:
-            self._end_handshakes()
+            self._end_handshakes()  # the acceptor ends by itself within POLL; what it accepts meanwhile is closed
         return [admitted[key] for key in sorted(admitted, key=lambda k: (k[0] is Carries.POSTCOPY, k[1]))]
 
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set() and not self._exhausted:
+            try:
+                self._accept_one()
+            except MigrationError as error:
+                self._failure = str(error)
+                return
+
     def _end_handshakes(self) -> None:
-        """Close the connections still in their handshake (their threads then end), and wait for the threads."""
+        """Stop admitting; close the connections still in their handshake (their threads then end), and wait for
+        the threads."""
         with self._lock:
+            self._stop.set()
             pending = dict(self._pending)
         for channel in pending.values():
             channel.close()
@@ -177,6 +194,9 @@ class Admission:
         thread = threading.Thread(target=self._handshake, args=(channel, time.perf_counter()), name="handshake",
                                   daemon=True)
         with self._lock:
+            if self._stop.is_set():  # admission is over: no new handshake
+                channel.close()
+                return
             crowded = len(self._pending) >= MAX_PENDING
             if not crowded:
                 self._pending[thread] = channel

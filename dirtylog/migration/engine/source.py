@@ -72,6 +72,13 @@ from dirtylog.units import PAGE_SIZE
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 
 
+def preload() -> None:
+    """Load the compiled passes a migration uses (0.3-1 s once per process, seconds when they compile on a first
+    run), so that no migration's setup pays for them: call it while a VM warms up or a control socket starts."""
+    load_kernels()
+    load_digest_kernels()
+
+
 def migrate(machine: Machine, to: str, *, key_file: str, parameters: MigrationParameters | None = None,
             progress: ProgressCallback | None = None, **changes: Any) -> MigrationStats:
     """Live-migrate a running ``machine`` to ``to``: a ``dirtylog receive`` listening at ``host:port`` or
@@ -143,12 +150,16 @@ class SourceMigration:
         """Migrate; return the statistics, or raise MigrationError with the source intact."""
         start = time.perf_counter()
         try:
-            self._connect()
+            phases = self._connect()
+            began = time.perf_counter()
             self.tracker = self.machine.dirty_log(self.params.mode)
             self.tracker.enable()
+            phases["enable_logging"] = time.perf_counter() - began
             self.stats.setup_time = time.perf_counter() - start
+            self.stats.setup_phases = phases
             self.stats.status = MigrationStatus.ACTIVE
-            self.progress("setup", {"setup_time_ms": round(self.stats.setup_time * 1e3, 3)})
+            self.progress("setup", {"setup_time_ms": round(self.stats.setup_time * 1e3, 3),
+                                    "setup_phases_ms": self.stats.as_dict()["setup_phases_ms"]})
             pending, action = self._precopy(start)
             if action is Action.POSTCOPY:
                 self._switch_postcopy(pending, start)
@@ -167,15 +178,19 @@ class SourceMigration:
 
     # --- connecting ---------------------------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _connect(self) -> dict[str, float]:
         """Open every stream: handshake, then the Header at once (the destination builds the VM from the
-        first stream's Header before it accepts the next stream), then wait for every Ready."""
+        first stream's Header before it accepts the next stream), then wait for every Ready. Returns when each
+        setup phase took (connect, handshake, kernels, ready), for the statistics."""
+        phases: dict[str, float] = {"connect": 0.0, "handshake": 0.0}
         header = self.header = self._header()
         migration_id = self.migration_id
         count = self.params.streams
         pace = self._pace if self.params.bandwidth else None
         for index in range(count):
+            began = time.perf_counter()
             channel: Transport = connect(self.endpoint, self.params.connect_timeout)
+            phases["connect"] += time.perf_counter() - began
             if isinstance(channel, FileWriter):
                 channel = RecordingPeer(channel, self.key)  # nobody answers a file: answer ourselves
             channel.settimeout(self.params.io_timeout)
@@ -189,18 +204,25 @@ class SourceMigration:
             stream.write_now(conn.initiate())
             stream.read_until(Accepted, "destination", self.params.io_timeout)
             self.rtt = time.perf_counter() - began if index == 0 else min(self.rtt, time.perf_counter() - began)
+            phases["handshake"] += time.perf_counter() - began
             stream.send(header)
         if self.params.postcopy:
             # Before any Ready: the destination admits the channel with the streams, and builds the VM after.
+            began = time.perf_counter()
             self.postcopy_channel = self.open_channel(Channel.POSTCOPY, resume=False, to=self.endpoint)
-        load_kernels()  # while the destination builds its VM, so that no round pays for them
-        load_digest_kernels()
+            phases["handshake"] += time.perf_counter() - began
+        began = time.perf_counter()
+        preload()  # while the destination builds its VM, so that no round pays for them (free once loaded)
+        phases["kernels"] = time.perf_counter() - began
+        began = time.perf_counter()
         for stream in self.streams:
             stream.read_until(Ready, "destination", self.params.io_timeout)
         if self.postcopy_channel is not None:
             self.postcopy_channel.read_until(Ready, "destination", self.params.io_timeout)
+        phases["ready"] = time.perf_counter() - began
         for stream in self.streams:
             stream.start(sender=self._sender_threads)
+        return phases
 
     def open_channel(self, channel: Channel, *, resume: bool, to: Endpoint) -> Stream:
         """A connection of this migration (the same id and key) through its handshake and Header, no threads yet:
