@@ -97,8 +97,8 @@ def test_pages_a_thread_touches_are_fetched_on_demand(key_file: str, receivers: 
     migration = threading.Thread(target=run)
     migration.start()
     assert started.wait(30)
-    wait_for(lambda: receiver.migration is not None and receiver.migration.stats.status is MigrationStatus.POSTCOPY_ACTIVE,
-             what="the destination's post-copy phase")
+    wait_for(lambda: receiver.migration is not None
+             and receiver.migration.stats.status is MigrationStatus.POSTCOPY_ACTIVE, what="the destination's post-copy")
     assert receiver.migration is not None and receiver.migration.machine is not None
     destination = receiver.migration.machine
     # Far from where the push is (it goes up from the start), and read downwards: after each answer the push goes
