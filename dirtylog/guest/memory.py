@@ -173,8 +173,8 @@ class GuestMemory:
         return taken
 
     def close(self) -> None:
-        """Unmap the memory; views of it must be gone."""
-        if self._map.closed:
+        """Unmap the memory; views of it must be gone. Closing twice is harmless."""
+        if self._map.closed or not hasattr(self, "bytes"):  # closed, or closed while a view held the mapping
             return
         del self.bytes, self.words, self.pages
         # A caller may still hold a NumPy view (e.g. ``machine.memory``); the mapping is then freed with it.

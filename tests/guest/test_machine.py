@@ -190,3 +190,14 @@ def test_discarded_pages_read_as_zero_again_and_huge_pages_can_be_turned_off() -
         memory.discard(np.array([memory.npages - 1], dtype=np.uint64), np.array([2], dtype=np.uint64))
     memory.huge_pages(True)
     memory.close()
+
+
+def test_guest_memory_closes_twice_while_a_view_still_holds_it() -> None:
+    from dirtylog.guest.memory import GuestMemory
+
+    memory = GuestMemory(4 << 20)
+    view = memory.pages[3]  # e.g. a post-copy source still holding its pages after the machine stopped
+    view[:] = 9
+    memory.close()
+    memory.close()  # a machine stopped by its monitor, then by its `with` block
+    assert view[0] == 9 and not hasattr(memory, "bytes")
