@@ -524,11 +524,13 @@ class DestinationMigration:
         self.stats.total_time = time.perf_counter() - self._connected_at
         for stream in [*self.streams, self.channel]:
             stream.close()
+        self._close_recovery()
         self.progress("postcopy-completed", self.stats.postcopy_dict())
         return Received(self.machine, self.stats, self.rounds)
 
-    def recover(self, address: str) -> None:
-        """Wait for the source to resume at ``address`` from now on (QMP's migrate-recover); only while paused."""
+    def recover(self, address: str) -> str:
+        """Wait for the source to resume at ``address`` from now on (QMP's migrate-recover); only while paused.
+        Returns the address listened on (with the port the kernel chose for port 0)."""
         if not self.paused:
             raise MigrationError("Migrate recover can only be run when postcopy is paused.")
         transport = listen(parse_endpoint(address))
@@ -536,6 +538,13 @@ class DestinationMigration:
             old, self._recover_at = self._recover_at, transport
         if old is not None:
             old.close()
+        return transport.address
+
+    def _close_recovery(self) -> None:
+        with self._recover_lock:
+            transport, self._recover_at = self._recover_at, None
+        if transport is not None:
+            transport.close()
 
     def pause_link(self) -> None:
         """Break the post-copy link on purpose (QMP's migrate-pause)."""
@@ -575,6 +584,7 @@ class DestinationMigration:
                 if postcopy.fatal:
                     raise MigrationError(postcopy.fatal) from None
         self.stats.status = MigrationStatus.POSTCOPY_RECOVER
+        self.progress("postcopy-recover", {})
         stream = next(e.stream for e in admitted if e.hello.channel is Channel.STREAM)
         channel = next(e.stream for e in admitted if e.hello.channel is Channel.POSTCOPY)
         with postcopy.lock:
@@ -608,6 +618,7 @@ class DestinationMigration:
             stream.abort(str(error), code)
         if self.postcopy is not None:
             self.postcopy.close()
+        self._close_recovery()
         if self.machine is not None and self.machine.state is State.CREATED:
             self.machine.close()  # never run: the VM is the source's
         elif self.machine is not None and self.postcopy is not None and self._committed:

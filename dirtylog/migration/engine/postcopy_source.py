@@ -363,9 +363,13 @@ class PostcopySource:
         deadline = None if timeout is None else time.monotonic() + timeout
         last = reason
         while True:
-            self._resume_now.wait(RETRY_INTERVAL)
+            # Asked (QMP's migrate with resume): reported as QEMU's postcopy-recover, and back to paused if it fails.
+            # The retries on our own are quiet: no status flickers every half second.
+            asked = self._resume_now.wait(RETRY_INTERVAL)
             self._resume_now.clear()
             self.stats.status = MigrationStatus.POSTCOPY_RECOVER
+            if asked:
+                self.owner.progress("postcopy-recover", {"to": str(self.resume_to)})
             try:
                 self._reconnect()
                 break
@@ -375,6 +379,8 @@ class PostcopySource:
             except ProtocolError as error:
                 last = f"the resumed stream failed: {error}"
                 self.stats.status = MigrationStatus.POSTCOPY_PAUSED
+            if asked:
+                self.owner.progress("postcopy-paused", {"reason": last, "remaining": self.remaining})
             if deadline is not None and time.monotonic() > deadline:
                 raise MigrationError(f"the post-copy link broke ({reason}) and did not come back within "
                                      f"{timeout:g} s (last attempt: {last})")

@@ -52,6 +52,7 @@ class PrecopyPolicy:
     dirty_limit: float | None = None  # pages per second per vCPU
     postcopy: bool = False  # QEMU's postcopy-ram: the VM may move before all of its memory
     postcopy_after: int | None = None  # rounds of pre-copy before post-copy; None: when pre-copy stops converging
+    postcopy_on_request: bool = False  # only when asked (QMP's migrate-start-postcopy), as QEMU does
 
     def __post_init__(self) -> None:
         if self.downtime_limit <= 0:
@@ -186,6 +187,8 @@ class PrecopyController:
         high = self._high(stats)
         if asked:
             return "post-copy requested (migrate-start-postcopy)"
+        if self.policy.postcopy_on_request:
+            return ""
         after = self.policy.postcopy_after
         if after is not None and len(self.rounds) >= after:
             return f"post-copy after {after} round{'s' * (after != 1)} of pre-copy"

@@ -52,6 +52,12 @@ def test_the_operator_and_the_time_limit_start_postcopy() -> None:
     limited = PrecopyController(PrecopyPolicy(downtime_limit=0.001, postcopy=True, postcopy_after=99, max_time=1))
     decision = limited.after_round(round_of(0, 1000, 100), elapsed=2)
     assert decision.action is Action.POSTCOPY and "time limit" in decision.reason
+    asked_only = PrecopyController(PrecopyPolicy(downtime_limit=0.001, postcopy=True, postcopy_on_request=True,
+                                                 max_time=1))
+    for index in range(3):  # never converging, past its time limit: it goes on until asked (or cancels, as before)
+        decision = asked_only.after_round(round_of(index, 1000, 900), elapsed=0.5)
+        assert decision.action is Action.CONTINUE
+    assert asked_only.after_round(round_of(3, 1000, 900), elapsed=2).action is Action.CANCEL
     plain = PrecopyController(PrecopyPolicy(downtime_limit=0.001))
     assert plain.after_round(round_of(0, 1000, 100), elapsed=1, start_postcopy=True).action is Action.CONTINUE
 
