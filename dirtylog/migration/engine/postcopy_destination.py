@@ -286,15 +286,20 @@ class PostcopyDestination:
         poller = select.poll()
         poller.register(uffd.fd, select.POLLIN)
         watched: Stream | None = None
+        # The number registered, not the channel's fileno() now: a channel closed since says -1, and its old number
+        # may already belong to a resumed link's other socket, whose data must not send us reading this channel.
+        watched_fd = -1
         view = memoryview(bytearray(RECV_CHUNK))
         while not self._stop.is_set():
             channel = self.channel
             if channel is not watched:
-                if watched is not None:
+                if watched_fd >= 0:
                     with contextlib.suppress(KeyError, ValueError, OSError):
-                        poller.unregister(watched.channel.fileno())  # type: ignore[attr-defined]
+                        poller.unregister(watched_fd)
+                watched_fd = -1
                 if channel is not None:
-                    poller.register(channel.channel.fileno(), select.POLLIN)  # type: ignore[attr-defined]
+                    watched_fd = channel.channel.fileno()  # type: ignore[attr-defined]
+                    poller.register(watched_fd, select.POLLIN)
                 watched = channel
             try:
                 ready = poller.poll(POLL_MS)
@@ -304,7 +309,7 @@ class PostcopyDestination:
                 for fd, _ in ready:
                     if fd == uffd.fd:
                         self._on_faults(uffd)
-                    elif channel is not None:
+                    elif channel is not None and fd == watched_fd:
                         self._on_channel(channel, view)
             self._check_silence()
 
