@@ -23,6 +23,7 @@ from dirtylog.cli.options import (
 )
 from dirtylog.cli.output import RowPrinter, console, emit_json, error_console, key_value_table
 from dirtylog.cli.plots import PlotError, plot_series
+from dirtylog.cli.plots import plot_faults as draw_faults
 from dirtylog.cli.serve import add_qmp_argument, serve_incoming
 from dirtylog.guest.machine import State
 from dirtylog.machine import TRACKING_MODES, Machine
@@ -365,8 +366,7 @@ def plot_faults(path: str, stats: MigrationStats) -> None:
     starts, counts = faults.timeline(0.01)
     if not starts:
         starts, counts = [0.0], [0]
-    plot_series(path, "post-copy page faults over time", starts, "seconds since the switch-over",
-                [("faults", counts, "per 10 ms")])
+    draw_faults(path, starts, counts, faults.histogram, width_ms=10)
 
 
 
@@ -397,7 +397,8 @@ def run_receive(args: argparse.Namespace) -> int:
             console.print(f"post-copy: the VM runs here; {record['pending']:,} pages still to come, on demand or "
                           "pushed")
         elif kind == "postcopy-progress":
-            console.print(f"  post-copy: {record['remaining']:,} pages owed, {record['faults']:,} faults "
+            console.print(f"  post-copy: {record['remaining']:,} pages owed ({record['pages_pushed']:,} pushed, "
+                          f"{record['pages_requested']:,} requested), {record['faults']:,} faults "
                           f"({record['waiting']} waiting), latency median ~{record['latency_median_us']:,.0f} us, "
                           f"blocktime {record['blocktime_ms']:,.0f} ms")
         elif kind == "postcopy-paused":
