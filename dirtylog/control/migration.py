@@ -1,5 +1,6 @@
 """QEMU's migration commands on dirtylog's engine: parameters, capabilities, ``migrate`` and
-``migrate-incoming`` in the background, ``query-migrate`` while they run, ``migrate_cancel``, and the
+``migrate-incoming`` in the background, ``query-migrate`` while they run, ``migrate_cancel``, post-copy
+(``migrate-start-postcopy``, ``migrate-pause``, ``migrate-recover``, ``migrate`` with ``resume``), and the
 ``MIGRATION`` / ``MIGRATION_PASS`` events.
 
 Names, types and defaults are QEMU's (``qapi/migration.json``, QEMU 9.x) so that an operator's script
