@@ -1,8 +1,19 @@
 """Live migration throughput, downtime and convergence against the bounds measured in the same run.
 
-    python bench/migration.py [--sizes 1G,4G] [--quick] [--json]
+    python bench/migration.py [--sizes 1G,4G] [--quick] [--json] [--sections throughput,...,qemu,encryption]
 
-Each migration goes to a separate `dirtylog receive` process over loopback. Measures:
+Each migration goes to a separate, ready `dirtylog receive --memory` process over loopback. Measures:
+  * qemu (not run by default): dirtylog against QEMU on the same 1 GiB, one-vCPU guest (bench/qemu_guest.py),
+    in turn, QEMU first in even repeats: an idle guest whose memory the host filled, and a filled guest
+    rewriting a 256 MiB working set (uniformly random page writes over the first 256 MiB of its workload area,
+    ``--qemu-rate`` pages/s). QEMU to QEMU: the destination waits with ``-incoming defer`` and preallocated
+    memory; over QMP ``migrate-incoming``, ``migrate-set-parameters`` (downtime-limit 300 ms, max-bandwidth 0,
+    which is no limit in QEMU 7.2) and ``migrate``, polled with ``query-migrate`` until completed. dirtylog to
+    a ready `dirtylog receive --memory 1G`, the source running and ``preload()``ed before the timed migration,
+    limit 300 ms. Totals, setup (dirtylog's phases on both sides), downtime against the limit, CPU per GB;
+    ratios within a repeat;
+  * encryption (not run by default): round 0 of a filled idle 1 GiB guest, one stream, to a ready destination,
+    with encrypt=False and True in turn: throughput and CPU per GB;
   * throughput of round 0 of a guest whose memory is fully written (no zero pages) and then idles,
     against a raw memory->socket copy of the same size to another process (goal >= 0.8x, one stream),
     and with 2 streams; beside it, the same copy making only the engine's passes (gather with
@@ -32,18 +43,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from dirtylog.guest.x86 import WORKLOAD_ADDR
 from dirtylog.machine import Machine
-from dirtylog.migration import migrate
+from dirtylog.migration import migrate, preload
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.keys import generate_key_file
 from dirtylog.migration.payload.digest import fingerprints, gather, load_kernels
 from dirtylog.migration.protocol.auth import frame_mac
 from dirtylog.units import PAGE_SIZE, parse_size
+from dirtylog.workload import WorkloadName
 
 CHUNK = 1 << 20
 FRAME_PAGES = 1024  # pages per frame, as the engine batches them (4 MiB)
@@ -195,19 +210,24 @@ def budget(size: int) -> dict[str, Any]:
 
 
 class Destination:
-    """A `dirtylog receive` process for one migration."""
+    """A `dirtylog receive` process for one migration; with ``memory`` a ready one (``--memory``: its VM and
+    guest memory exist before it says it listens, so before the source connects)."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, memory: int | None = None) -> None:
+        ready = ["--memory", str(memory)] if memory is not None else []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dirtylog", "receive", "--listen", "127.0.0.1:0", "--key-file", key,
-             "--duration", "0", "--json"], stdout=subprocess.PIPE, text=True)
+             "--duration", "0", "--json", *ready], stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         self.address = json.loads(self.process.stdout.readline())["address"]
 
     def finish(self) -> dict[str, Any]:
+        """The destination's last word (its ``completed`` or ``failed`` event), with its ``received-setup``
+        event under ``setup``."""
         out, _ = self.process.communicate(timeout=300)
         events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        return next((e for e in events if e["event"] in ("completed", "failed")), {})
+        result: dict[str, Any] = next((e for e in events if e["event"] in ("completed", "failed")), {})
+        return {**result, "setup": next((e for e in events if e["event"] == "received-setup"), {})}
 
 
 def fill(machine: Machine, compressible: bool) -> None:
@@ -220,9 +240,13 @@ def fill(machine: Machine, compressible: bool) -> None:
 
 
 def run_migration(key: str, memory: int, *, workload: str = "idle", rate: int | None = None,
-                  filled: bool = True, compressible: bool = False, warmup: float = 0.5,
+                  filled: bool = True, compressible: bool = False, warmup: float = 0.5, ready: bool = True,
                   **options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    destination = Destination(key)
+    """One migration of a fresh machine to a `dirtylog receive` process; (source stats, destination's word).
+    The destination is ready (``--memory``: its guest memory allocated before the source connects) unless
+    ``ready`` is False: without it, memory is allocated as pages arrive, inside round 0, and round 0 measures
+    this host's page allocation (bench/compare_trees.py shows both)."""
+    destination = Destination(key, memory if ready else None)
     marks: list[tuple[float, float, float]] = []
 
     def mark_cpu(kind: str, record: dict[str, Any]) -> None:  # at the start of round 0 and at its end
@@ -252,6 +276,18 @@ def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) process ``pid`` has used, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def non_vcpu_cpu(pid: int) -> float:
+    """CPU seconds QEMU process ``pid`` has used outside its vCPU threads ("CPU n/KVM"): its main loop, its
+    migration thread and helpers, including threads that have ended (the process's total keeps them)."""
+    vcpus = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if (task / "comm").read_text().startswith("CPU "):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                vcpus += int(fields[11]) + int(fields[12])
+    return process_cpu(pid) - vcpus / os.sysconf("SC_CLK_TCK")
 
 
 def round0_rate(stats: dict[str, Any]) -> float:
@@ -337,20 +373,321 @@ def compression(key: str, memory: int) -> list[dict[str, Any]]:
     return rows
 
 
+# --- dirtylog against QEMU on the same guest (issue 11) ------------------------------------------------------
+
+QEMU_LIMIT_MS = 300  # QEMU's default downtime limit, given to both
+WORKING_SET = 256 << 20
+WARMUP_S = 1.0
+
+
+@dataclass(frozen=True)
+class GuestShape:
+    """A guest both systems run the same way: one vCPU, memory fully written by the host, then a workload.
+
+    ``working_set`` confines random writes to that many bytes at the start of the workload area: the
+    ``hotset`` program with every write hot (``hot_weight`` 1, ``hot_fraction`` the working set's share).
+    """
+
+    name: str
+    workload: WorkloadName
+    rate: int | None = None
+    working_set: int | None = None
+
+    def workload_args(self, memory: int) -> dict[str, Any]:
+        """The workload arguments of :class:`Machine` and of ``QemuGuest``."""
+        args: dict[str, Any] = {"workload": self.workload, "rate": self.rate}
+        if self.working_set is not None:
+            area = (memory - WORKLOAD_ADDR) // PAGE_SIZE
+            # + 0.5: both compute the hot set as int(area * fraction); this makes it exactly the working set
+            args |= {"hot_fraction": (self.working_set // PAGE_SIZE + 0.5) / area, "hot_weight": 1.0}
+        return args
+
+    def describe(self) -> str:
+        if self.working_set is None:
+            return f"{self.workload}, fully written"
+        rate = f"{self.rate:,} pages/s" if self.rate else "full speed"
+        return f"fully written, then random writes over {self.working_set >> 20} MiB at {rate}"
+
+
+def fill_pages(memory: npt.NDArray[np.uint8], first_page: int) -> None:
+    """Write every page from ``first_page`` on: a 16 MiB random block over and over (a whole GiB from the
+    generator takes seconds), each page made distinct by its number in its first 8 bytes; no zero page."""
+    pages = memory[first_page * PAGE_SIZE:].reshape(-1, PAGE_SIZE)
+    block = np.random.default_rng(1).integers(1, 256, (4096, PAGE_SIZE), dtype=np.uint8)
+    for first in range(0, pages.shape[0], block.shape[0]):
+        part = pages[first:first + block.shape[0]]
+        part[:] = block[:part.shape[0]]
+    pages.view(np.uint64)[:, 0] = np.arange(first_page, first_page + pages.shape[0], dtype=np.uint64)
+
+
+def dirtylog_vs_ready(key: str, memory: int, shape: GuestShape) -> dict[str, Any]:
+    """One dirtylog migration to a ready destination: `dirtylog receive --memory` started first, then the
+    source machine built, filled, started and preloaded; the migration is timed after the warm-up."""
+    destination = Destination(key, memory)
+    marks: list[tuple[float, float, float]] = []
+
+    def mark_cpu(kind: str, record: dict[str, Any]) -> None:  # on the migration's thread: its own CPU time
+        if kind == "setup" or (kind == "round" and len(marks) == 1):
+            marks.append((time.thread_time(), process_cpu(destination.process.pid), time.perf_counter()))
+
+    with Machine(memory, vcpus=1, prefault=True, **shape.workload_args(memory)) as machine:
+        fill_pages(machine.memory, machine.workload_pages.start)
+        machine.start()
+        preload()
+        time.sleep(WARMUP_S)
+        began = (time.thread_time(), process_cpu(destination.process.pid))
+        written, started = machine.progress, time.perf_counter()
+        try:
+            stats = migrate(machine, destination.address, key_file=key, progress=mark_cpu,
+                            downtime_limit=QEMU_LIMIT_MS / 1e3).as_dict()
+        except MigrationError as error:
+            stats = {**(error.stats.as_dict() if error.stats else {}), "status": "failed", "error": str(error)}
+        cpu = (time.thread_time() - began[0], process_cpu(destination.process.pid) - began[1])
+        guest_rate = (machine.progress - written) / (time.perf_counter() - started)  # paused at the switch-over
+    received = destination.finish()
+    gigabytes = stats.get("ram", {}).get("transferred", 0) / 1e9 or float("nan")
+    rounds = stats.get("rounds", [])
+    busy = {}
+    if len(marks) == 2:  # share of round 0's wall time each side spent on a CPU: ~100 % bounds the rate
+        wall = marks[1][2] - marks[0][2]
+        busy = {"source": (marks[1][0] - marks[0][0]) / wall, "destination": (marks[1][1] - marks[0][1]) / wall}
+    return {
+        "status": stats["status"], "error": stats.get("error", ""),
+        "total_ms": stats.get("total_time_ms"), "setup_ms": stats.get("setup_time_ms"),
+        "setup_phases_ms": stats.get("setup_phases_ms", {}),
+        "destination_setup_phases_ms": received.get("setup", {}).get("setup_phases_ms", {}),
+        "downtime_ms": stats.get("downtime_ms"), "switchover_ms": stats.get("switchover_ms", {}),
+        "rounds": len(rounds), "round0_gbps": round0_rate(stats) / 1e9 if rounds else None,
+        "final_round_mb": rounds[-1]["bytes"] / 1e6 if rounds else None,
+        "transferred_mb": stats.get("ram", {}).get("transferred", 0) / 1e6, "round0_busy": busy,
+        # the migration's thread here (its vCPU threads apart) and the whole destination process
+        "cpu_s_per_gb": {"source": cpu[0] / gigabytes, "destination": cpu[1] / gigabytes},
+        "guest_pages_per_s": guest_rate,
+    }
+
+
+def qemu_vs_qemu(memory: int, shape: GuestShape, idle_halts: bool = True) -> dict[str, Any]:
+    """One QEMU migration of the same guest: source booted and filled, destination QEMU started with
+    `-incoming defer` and prealloc'd memory, then driven over QMP (bench/qemu_guest.py: migrate).
+    ``idle_halts``: see bench/qemu_guest.py's QemuOptions."""
+    from qemu_guest import QemuError, QemuGuest, QemuOptions
+    from qemu_guest import migrate as qemu_migrate
+
+    options = QemuOptions(idle_halts=idle_halts)
+    with QemuGuest(memory, 1, **shape.workload_args(memory), options=options) as source:
+        fill_pages(source.memory, WORKLOAD_ADDR // PAGE_SIZE)  # after boot: the firmware is done with RAM
+        with source.destination() as destination:
+            time.sleep(WARMUP_S)
+            assert source.process is not None and destination.process is not None
+            pids = (source.process.pid, destination.process.pid)
+            before = [non_vcpu_cpu(pid) for pid in pids]
+            written, started = source.progress, time.perf_counter()
+            try:
+                result = qemu_migrate(source, destination, downtime_limit_ms=QEMU_LIMIT_MS, max_bandwidth=0)
+            except QemuError as error:
+                return {"status": "failed", "error": str(error)[:300]}
+            cpu = [non_vcpu_cpu(pid) - was for pid, was in zip(pids, before, strict=True)]
+            guest_rate = (source.progress - written) / (time.perf_counter() - started)  # stopped at the switch-over
+    ram = result.info["ram"]
+    gigabytes = ram["transferred"] / 1e9
+    return {"status": result.info["status"], "error": "", "total_ms": result.total_ms, "setup_ms": result.setup_ms,
+            "cpu_s_per_gb": {"source": cpu[0] / gigabytes, "destination": cpu[1] / gigabytes},
+            "guest_pages_per_s": guest_rate,
+            "downtime_ms": result.downtime_ms, "stop_to_resume_ms": result.stop_to_resume_ms,
+            "dirty_sync_count": ram["dirty-sync-count"], "downtime_mb": ram.get("downtime-bytes", 0) / 1e6,
+            "transferred_mb": ram["transferred"] / 1e6, "mbps": ram["mbps"],
+            "max_bandwidth": result.parameters["max-bandwidth"],
+            "downtime_limit_ms": result.parameters["downtime-limit"]}
+
+
+def against_qemu(key: str, memory: int, shapes: list[GuestShape], repeat: int,
+                 idle_halts: bool = True) -> dict[str, Any]:
+    """Each shape migrated by QEMU and by dirtylog in turn, ``repeat`` times, the order swapped every repeat;
+    ratios are taken within a repeat."""
+    from qemu_guest import qemu_unavailable_reason
+
+    reason = qemu_unavailable_reason()
+    if reason is not None:
+        return {"skipped": reason}
+    load_before = os.getloadavg()
+    runs: list[dict[str, Any]] = []
+    for index in range(repeat):
+        for shape in shapes:
+            order = ("qemu", "dirtylog") if index % 2 == 0 else ("dirtylog", "qemu")
+            for system in order:
+                run = (qemu_vs_qemu(memory, shape, idle_halts) if system == "qemu"
+                       else dirtylog_vs_ready(key, memory, shape))
+                runs.append({"shape": shape.name, "repeat": index, "system": system, "load": os.getloadavg()[0],
+                             **run})
+    summary = {shape.name: summarize_against_qemu(shape, [r for r in runs if r["shape"] == shape.name])
+               for shape in shapes}
+    return {"memory": memory, "limit_ms": QEMU_LIMIT_MS, "qemu_idle": "halt" if idle_halts else "exits",
+            "load_before": load_before, "load_after": os.getloadavg(),
+            "shapes": {shape.name: shape.describe() for shape in shapes}, "runs": runs, "summary": summary}
+
+
+#: Goals of issue 11: dirtylog's total time over QEMU's, per shape.
+TOTAL_RATIO_GOALS = {"idle": 0.5, "working-set": 0.7}
+SETUP_GOAL_MS = 50.0
+
+
+def summarize_against_qemu(shape: GuestShape, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ours = {r["repeat"]: r for r in runs if r["system"] == "dirtylog" and r["status"] == "completed"}
+    theirs = {r["repeat"]: r for r in runs if r["system"] == "qemu" and r["status"] == "completed"}
+    pairs = sorted(i for i in set(ours) & set(theirs) if theirs[i]["total_ms"])
+    ratios = [ours[i]["total_ms"] / theirs[i]["total_ms"] for i in pairs]
+
+    def median(values: list[float]) -> float | None:
+        return float(statistics.median(values)) if values else None
+
+    failed = [r for r in runs if r["status"] != "completed"]
+    goal = TOTAL_RATIO_GOALS.get(shape.name)
+    our_downtimes = [r["downtime_ms"] for r in ours.values()]
+    return {
+        "pairs": len(pairs), "failed": len(failed), "ratios": [round(x, 3) for x in ratios],
+        "ratio": median(ratios), "ratio_goal": goal,
+        "dirtylog_total_ms": median([r["total_ms"] for r in ours.values()]),
+        "qemu_total_ms": median([r["total_ms"] for r in theirs.values()]),
+        "dirtylog_setup_ms": median([r["setup_ms"] for r in ours.values()]),
+        "dirtylog_setup_max_ms": max((r["setup_ms"] for r in ours.values()), default=None),
+        "qemu_setup_ms": median([r["setup_ms"] for r in theirs.values()]),
+        "dirtylog_downtimes_ms": our_downtimes,
+        "qemu_downtimes_ms": [r["downtime_ms"] for r in theirs.values()],
+        "qemu_stop_to_resume_ms": [r["stop_to_resume_ms"] for r in theirs.values()],
+        **{f"{system}_cpu_s_per_gb": {side: median([r["cpu_s_per_gb"][side] for r in chosen.values()])
+                                      for side in ("source", "destination")}
+           for system, chosen in (("dirtylog", ours), ("qemu", theirs))},
+        **{f"{system}_guest_pages_per_s": median([r["guest_pages_per_s"] for r in chosen.values()])
+           for system, chosen in (("dirtylog", ours), ("qemu", theirs))},
+        "goals": {
+            "setup": bool(ours) and all(r["setup_ms"] <= SETUP_GOAL_MS for r in ours.values()),
+            "total": goal is not None and bool(ratios) and max(ratios) <= goal,
+            "total_median": goal is not None and bool(ratios) and float(statistics.median(ratios)) <= goal,
+            "downtime": bool(ours) and not failed and all(d <= QEMU_LIMIT_MS for d in our_downtimes),
+        },
+    }
+
+
+# --- encryption: AES-256-GCM frames against authenticated clear frames ------------------------------------
+
+
+def encryption(key: str, memory: int, repeat: int) -> dict[str, Any]:
+    """Round 0 of a filled, idle guest, one stream, to a ready destination, with encrypt=False and True in
+    turn (the order swapped every repeat); ratios within a repeat."""
+    load_before = os.getloadavg()
+    runs = []
+    for index in range(repeat):
+        for encrypt in (False, True) if index % 2 == 0 else (True, False):
+            stats, _ = run_migration(key, memory, streams=1, downtime_limit="50ms", encrypt=encrypt)
+            runs.append({"repeat": index, "encrypt": encrypt, "encrypted": stats.get("encrypted"),
+                         "status": stats["status"], "round0_gbps": round0_rate(stats) / 1e9,
+                         "total_ms": stats["total_time_ms"], "downtime_ms": stats["downtime_ms"],
+                         "cpu_s_per_gb": stats.get("round0_cpu_s_per_gb"), "busy": stats.get("round0_busy"),
+                         "load": os.getloadavg()[0]})
+    by_repeat = {(r["repeat"], r["encrypt"]): r for r in runs}
+    ratios = [by_repeat[(i, True)]["round0_gbps"] / by_repeat[(i, False)]["round0_gbps"] for i in range(repeat)]
+    summary: dict[str, Any] = {"ratios": [round(x, 3) for x in ratios], "ratio": float(statistics.median(ratios))}
+    for encrypt in (False, True):
+        chosen = [r for r in runs if r["encrypt"] == encrypt and r["cpu_s_per_gb"]]
+        name = "encrypted" if encrypt else "clear"
+        summary[name] = {
+            "round0_gbps": float(statistics.median(r["round0_gbps"] for r in chosen)),
+            **{f"{side}_cpu_s_per_gb": float(statistics.median(r["cpu_s_per_gb"][side] for r in chosen))
+               for side in ("source", "destination")},
+            **{f"{side}_busy": float(statistics.median(r["busy"][side] for r in chosen))
+               for side in ("source", "destination")},
+        }
+    return {"memory": memory, "load_before": load_before, "load_after": os.getloadavg(), "runs": runs,
+            "summary": summary}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _cpu(run: dict[str, Any]) -> str:
+    cpu = run["cpu_s_per_gb"]
+    return (f"source {cpu['source']:.2f} + destination {cpu['destination']:.2f}; guest wrote "
+            f"{run['guest_pages_per_s']:,.0f} pages/s")
+
+
+def print_against_qemu(result: dict[str, Any]) -> None:
+    if "skipped" in result:
+        print(f"against QEMU: skipped ({result['skipped']})")
+        return
+    print(f"against QEMU ({result['memory'] >> 30} GiB, 1 vCPU, loopback, downtime limit {result['limit_ms']} ms, "
+          f"QEMU's idle vCPU: {result['qemu_idle']}; load average {result['load_before'][0]:.2f} -> "
+          f"{result['load_after'][0]:.2f})")
+    for name, description in result["shapes"].items():
+        print(f"  {name}: {description}")
+        for run in (r for r in result["runs"] if r["shape"] == name):
+            head = f"    #{run['repeat']} {run['system']:>8} (load {run['load']:.1f}): "
+            if run["status"] != "completed":
+                print(head + f"{run['status']}: {run['error'][:120]}")
+            elif run["system"] == "qemu":
+                print(head + f"total {_ms(run['total_ms'])} ms, setup {_ms(run['setup_ms'])} ms, downtime "
+                      f"{_ms(run['downtime_ms'])} ms (STOP to RESUME {_ms(run['stop_to_resume_ms'])} ms; "
+                      f"{run['downtime_mb']:,.0f} MB sent paused), {run['dirty_sync_count']} syncs, "
+                      f"{run['transferred_mb']:,.0f} MB, CPU s/GB {_cpu(run)}")
+            else:
+                phases = ", ".join(f"{k} {v:.1f}" for k, v in run["setup_phases_ms"].items())
+                there = ", ".join(f"{k} {v:.1f}" for k, v in run["destination_setup_phases_ms"].items())
+                print(head + f"total {_ms(run['total_ms'])} ms, setup {_ms(run['setup_ms'])} ms ({phases}; "
+                      f"destination: {there}), downtime {_ms(run['downtime_ms'])} ms, {run['rounds']} rounds "
+                      f"(round 0 {run['round0_gbps']:.2f} GB/s, busy: engine thread "
+                      f"{run['round0_busy'].get('source', 0):.0%}, destination "
+                      f"{run['round0_busy'].get('destination', 0):.0%}; final {run['final_round_mb']:,.0f} MB), "
+                      f"{run['transferred_mb']:,.0f} MB, CPU s/GB {_cpu(run)}")
+        summary = result["summary"][name]
+        print(f"    medians: dirtylog {_ms(summary['dirtylog_total_ms'])} ms / QEMU {_ms(summary['qemu_total_ms'])} "
+              f"ms = {summary['ratio'] or 0:.2f}x {summary['ratios']} (goal <= {summary['ratio_goal']}x); setup "
+              f"dirtylog {_ms(summary['dirtylog_setup_ms'])} ms (max {_ms(summary['dirtylog_setup_max_ms'])}; goal "
+              f"<= {SETUP_GOAL_MS:.0f}), QEMU {_ms(summary['qemu_setup_ms'])} ms; downtimes dirtylog "
+              f"{summary['dirtylog_downtimes_ms']}, QEMU {summary['qemu_downtimes_ms']}; goals {summary['goals']}")
+
+
+def print_encryption(result: dict[str, Any]) -> None:
+    summary = result["summary"]
+    print(f"encryption ({result['memory'] >> 30} GiB filled idle guest, 1 stream, round 0; load average "
+          f"{result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f})")
+    for run in result["runs"]:
+        cpu = run["cpu_s_per_gb"] or {}
+        print(f"    #{run['repeat']} encrypt={run['encrypt']!s:>5}: {run['round0_gbps']:.2f} GB/s, CPU s/GB source "
+              f"{cpu.get('source', 0):.3f}, destination {cpu.get('destination', 0):.3f}; downtime "
+              f"{_ms(run['downtime_ms'])} ms")
+    for name in ("clear", "encrypted"):
+        one = summary[name]
+        print(f"  {name:>9}: {one['round0_gbps']:.2f} GB/s, CPU s/GB source {one['source_cpu_s_per_gb']:.3f} "
+              f"({one['source_busy']:.0%} busy), destination {one['destination_cpu_s_per_gb']:.3f} "
+              f"({one['destination_busy']:.0%})")
+    print(f"  encrypted / clear throughput: {summary['ratio']:.2f}x {summary['ratios']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1G,4G")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1G only, one repeat")
     parser.add_argument("--sections", default="throughput,dirtying,convergence,compression,budget",
-                        help="comma-separated subset to run")
+                        help="comma-separated subset to run; also qemu and encryption")
+    parser.add_argument("--qemu-rate", type=int, default=50_000,
+                        help="qemu section: pages/s of the working-set writer (default 50000)")
+    parser.add_argument("--qemu-shapes", default="idle,working-set", help="qemu section: which guests")
+    parser.add_argument("--qemu-idle", choices=("halt", "exits"), default="halt",
+                        help="qemu section: QEMU's idle vCPU halts (as an idle OS; default) or runs the idle "
+                             "program, an exit to QEMU's userspace per loop")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in ("1G" if args.quick else args.sizes).split(",")]
     repeat = 1 if args.quick else args.repeat
+    shapes = [shape for shape in (GuestShape("idle", "idle"),
+                                  GuestShape("working-set", "hotset", args.qemu_rate, WORKING_SET))
+              if shape.name in args.qemu_shapes.split(",")]
     with tempfile.TemporaryDirectory() as folder:
         key = str(generate_key_file(Path(folder) / "k"))
         sections: dict[str, Callable[[], Any]] = {
+            "qemu": lambda: against_qemu(key, parse_size("1G"), shapes, repeat, args.qemu_idle == "halt"),
+            "encryption": lambda: encryption(key, parse_size("1G"), repeat),
             "throughput": lambda: throughput(key, sizes, repeat),
             "dirtying": lambda: dirtying(key, parse_size("1G"), [5_000, 20_000, 50_000], bandwidth=500e6),
             "convergence": lambda: convergence(key, parse_size("128M"), "100M"),
@@ -361,7 +698,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print("throughput of round 0 (idle guest, memory fully written) vs raw memory->socket copy, same run")
+    if "qemu" in results:
+        print_against_qemu(results["qemu"])
+    if "encryption" in results:
+        print_encryption(results["encryption"])
+    if "throughput" in results:
+        print("throughput of round 0 (idle guest, memory fully written) vs raw memory->socket copy, same run")
     for row in results.get("throughput", []):
         print(f"  {row['memory'] >> 30} GiB, {row['streams']} stream(s): ours {row['ours_gbps']:.2f} GB/s, "
               f"raw {row['raw_gbps']:.2f} GB/s, ratio {row['ratio']:.2f}x {row['ratios']} (the passes alone: "
@@ -370,16 +712,19 @@ def main() -> None:
               f"total {row['total_s']:.2f} s; CPU s/GB in round 0 (busy): "
               f"source {row['round0_cpu_s_per_gb']['source']:.3f} ({row['round0_busy']['source']:.0%}), "
               f"destination {row['round0_cpu_s_per_gb']['destination']:.3f} ({row['round0_busy']['destination']:.0%})")
-    print("dirtying guests (1 GiB, random, 500 MB/s cap, 50 ms limit)")
+    if "dirtying" in results:
+        print("dirtying guests (1 GiB, random, 500 MB/s cap, 50 ms limit)")
     for row in results.get("dirtying", []):
         print(f"  {row['rate_pages_per_vcpu']:>6} pages/s/vCPU: {row['status']}, dirtying {row['dirty_mbps']:.0f} MB/s,"
               f" downtime {row['downtime_ms']} ms (limit 50), total {row['total_s']:.2f} s vs ideal "
               f"{row['ideal_s']:.2f} s ({row['total_s'] / row['ideal_s']:.2f}x), {row['rounds']} rounds")
-    print("convergence (128 MiB, random at full speed, 100 MB/s cap, 20 ms limit, 60 s max)")
+    if "convergence" in results:
+        print("convergence (128 MiB, random at full speed, 100 MB/s cap, 20 ms limit, 60 s max)")
     for row in results.get("convergence", []):
         print(f"  {row['case']:>30}: {row['status']}, total {row['total_s']:.2f} s, downtime {row['downtime_ms']} ms, "
               f"{row['rounds']} rounds, throttle {row['throttle_pct']}%")
-    print("compression (1 GiB, half the pages compressible)")
+    if "compression" in results:
+        print("compression (1 GiB, half the pages compressible)")
     for row in results.get("compression", []):
         print(f"  {row['codec']:>5}: round 0 {row['round0_gbps']:.2f} GB/s, {row['wire_bytes'] / 1e6:,.0f} MB on "
               f"the wire, total {row['total_s']:.2f} s")

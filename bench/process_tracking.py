@@ -9,17 +9,28 @@ of private anonymous memory, touches all of it, and then writes a fraction of it
 spread: one written run per page below 50 %, the worst case for the output), timing its own writes.
 
 Part 1, per written fraction: ``ProcessTracker.collect()`` on the target, as it runs by default (maps
-re-read only when the process's size changes: one ``PAGEMAP_SCAN`` over all tracked memory otherwise) and
-with ``refresh_interval=0`` (maps re-read and every run of mappings scanned with its registration
-checked, at every collection), against the *bare* collection: one ``PAGEMAP_SCAN`` ioctl
-(``PM_SCAN_WP_MATCHING``, WRITTEN only, into a buffer allocated once) over the same memory — the whole
-tracked span, the target's ~50 other writable mappings included — and over the target's area alone; and
-against the classic alternative, reading the area's ``/proc/PID/pagemap`` entries whole and picking the
-pages without the uffd-WP bit with NumPy (which reads but cannot re-arm; re-arming would take more calls
-and race with the writer). Each runs after the target wrote the same pages again; ours and the bare
-ioctl over the same memory alternate in a loop of their own (the pagemap read streams megabytes through
-the cache and would otherwise cool whatever runs next); medians of wall time and of this thread's CPU
-time, per GiB of the memory each covers. Goal: ours / bare (same memory) <= 1.15.
+re-read only when the process's size changes or a second has passed: one ``PAGEMAP_SCAN`` over all
+tracked memory otherwise) and with ``refresh_interval=0`` (maps re-read and every run of mappings scanned
+with its registration checked, at every collection), against the *bare* collection: what any user of
+the ioctl must do, ``PAGEMAP_SCAN`` (``PM_SCAN_WP_MATCHING``, WRITTEN only) called until the walk ends,
+into a buffer allocated once and as large as each of the tracker's two — over the same memory (the
+whole tracked span, the target's ~50 other writable mappings included) and over the target's area alone;
+and against the classic alternative, reading the area's ``/proc/PID/pagemap`` entries whole and picking
+the pages without the uffd-WP bit with NumPy (which reads but cannot re-arm; re-arming would take more
+calls and race with the writer). Each runs after the target wrote the same pages again; ours and the
+bare ioctl over the same memory alternate in a loop of their own (the pagemap read streams megabytes
+through the cache and would otherwise cool whatever runs next), after one untimed round in which the
+target makes its index array and the buffers grow to size; medians of wall time and of this thread's
+CPU time, per GiB of the memory each covers. Goal: ours / bare (same memory) <= 1.15.
+
+"ours" is the steady collection, between refreshes: for this pair the refresh interval is a minute (at
+100 % the target's writes alone take longer than the default second, so every collection would re-read
+the maps), and any collection that re-reads them all the same (the size changed) is counted in the
+"maps" column and left out of the median, since the bare ioctl neither finds new mappings nor checks
+that the old ones are still registered. The "ours, maps" column is the cost of a collection that does:
+with the default interval of 1 s, one collection a second.
+Neither ours nor bare reads what the kernel wrote; "count" is what the first ``count()`` of a result
+costs afterwards (the two sums over the runs a user of the bare ioctl would compute too).
 
 Part 2: the target's cost of a write to a page, per page: untracked (the page is present and writable),
 tracked (the first write after a collection takes an async write-protect fault, resolved by the kernel
@@ -122,7 +133,10 @@ class DensityResult:
     pages: int
     reported: int = 0
     refreshes: int = 0  # of the default-mode collections, how many re-read the maps
-    ours: Sample = field(default_factory=Sample)  # default: maps re-read on a size change
+    buffer_records: tuple[int, ...] = ()  # page_region records: ours (two buffers), bare
+    ours: Sample = field(default_factory=Sample)  # default, steady: collections that did not re-read the maps
+    ours_refreshed: Sample = field(default_factory=Sample)  # default, those that did (size change, interval)
+    count: Sample = field(default_factory=Sample)  # the first count() of a result, after the collection
     ours_maps: Sample = field(default_factory=Sample)  # refresh_interval=0
     bare_span: Sample = field(default_factory=Sample)  # one ioctl over the same memory as ours
     bare_area: Sample = field(default_factory=Sample)  # one ioctl over the target's area only
@@ -151,17 +165,28 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             def bare_span(first: int = first, last: int = last) -> int:
                 return pagemap.collect_written(first, last, check_registered=False)
 
+            # One untimed round: the target makes its index array for this count (a new mapping, so a
+            # refresh), and the tracker's two buffers and the bare one grow to the size this count needs.
+            tracker.refresh_interval = 60.0
+            for _ in range(2):
+                target.write(count)
+                tracker.collect()
+                target.write(count)
+                bare_span()
+            result.buffer_records = (*(len(p.buffer) for p in tracker._pagemaps), len(pagemap.buffer))
             # The goal's pair first, alternating, so that neither runs after the other pass's cache-flushing
             # pagemap read; then the others.
-            tracker.refresh_interval = 1.0
             for _ in range(args.repeat):
                 ns = target.write(count)
                 if count:
                     result.write_tracked_ns.append(ns / count)
                 refreshes = tracker.refreshes
-                dirty = timed(result.ours, tracker.collect)
-                result.refreshes += tracker.refreshes - refreshes
-                result.reported = dirty.count()
+                sample = Sample()
+                dirty = timed(sample, tracker.collect)
+                refreshed = tracker.refreshes != refreshes
+                result.refreshes += refreshed
+                (result.ours_refreshed if refreshed else result.ours).add(sample.wall[0], sample.cpu[0])
+                result.reported = timed(result.count, dirty.count)
                 del dirty  # as a loop `d = tracker.collect()` does: a result held longer is copied out later
                 target.write(count)
                 timed(result.bare_span, bare_span)
@@ -193,25 +218,38 @@ def report(data: dict[str, Any]) -> None:
     print(f"target: a {format_size(data['size'])} private anonymous area; {data['mappings']} tracked mappings, "
           f"{format_size(data['tracked_bytes'])} in all. {data['repeat']} samples each, medians of wall / this "
           "thread's CPU time, ms per GiB of the memory each covers")
-    print(f"{'written':>8} {'reported':>9} {'maps':>5} | {'ours':>13} {'bare, same':>13} {'ours/bare':>9} | "
-          f"{'ours, maps':>13} {'/bare':>5} | {'bare, area':>13} {'read pagemap':>13} {'read/bare':>9}")
+    print(f"{'written':>8} {'reported':>9} {'maps':>5} | {'ours':>13} {'bare, same':>13} {'ours/bare':>9} "
+          f"{'count us':>8} | {'ours, maps':>13} {'/bare':>5} | {'bare, area':>13} {'read pagemap':>13} "
+          f"{'read/bare':>9}")
 
     def per_gib(sample: Sample, size: float) -> str:
+        if not sample.wall:
+            return "-"
         return f"{sample.median_wall / size * 1e3:6.3f}/{sample.median_cpu / size * 1e3:6.3f}"
 
     def ratio(ours: Sample, bare: Sample) -> str:
+        if not ours.wall:
+            return "-"
         return f"{ours.median_wall / bare.median_wall:4.2f}/{ours.median_cpu / bare.median_cpu:4.2f}"
 
     for r in data["results"]:
         print(f"{r.fraction * 100:7.1f}% {r.reported:9,} {r.refreshes:5} | {per_gib(r.ours, tracked):>13} "
-              f"{per_gib(r.bare_span, tracked):>13} {ratio(r.ours, r.bare_span):>9} | "
+              f"{per_gib(r.bare_span, tracked):>13} {ratio(r.ours, r.bare_span):>9} "
+              f"{r.count.median_cpu * 1e6:8.1f} | "
               f"{per_gib(r.ours_maps, tracked):>13} {r.ours_maps.median_wall / r.bare_span.median_wall:5.2f} | "
               f"{per_gib(r.bare_area, gib):>13} {per_gib(r.pagemap_read, gib):>13} "
               f"{r.pagemap_read.median_wall / r.bare_area.median_wall:9.2f}")
-    print("ours: ProcessTracker.collect() as by default (maps re-read on a size change; 'maps' counts the "
-          "collections that did); bare, same: one PAGEMAP_SCAN over the same memory; ours, maps: "
-          "refresh_interval=0; bare, area: one PAGEMAP_SCAN over the area only; read pagemap: the area's "
+    print("ours: ProcessTracker.collect() between refreshes ('maps' counts those that re-read the maps all the "
+          "same: the size changed); bare, same: PAGEMAP_SCAN until the walk ends "
+          "over the same memory, same buffer size; count us: the first count() of our result, CPU us; "
+          "ours, maps: refresh_interval=0; bare, area: PAGEMAP_SCAN over the area only; read pagemap: the area's "
           "entries read whole and decoded, without re-arming")
+    for r in data["results"]:
+        if r.ours_refreshed.wall:
+            print(f"{r.fraction * 100:7.1f}%: {r.refreshes} default collections re-read the maps: "
+                  f"{per_gib(r.ours_refreshed, tracked)} ms/GiB")
+    print("page_region records in the buffers (ours, ours, bare): "
+          + "; ".join(f"{r.fraction * 100:g} %: {r.buffer_records}" for r in data["results"]))
     print("\nthe target's writes, ns per page (median): untracked | tracked (async WP fault) | fault cost")
     for r in data["results"]:
         if not r.write_tracked_ns:

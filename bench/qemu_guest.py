@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -79,6 +79,7 @@ BOOT_TIMEOUT = 60.0
 
 # The image, loaded by multiboot at 1 MiB; each piece at a fixed address so that far jumps are constants.
 IMAGE_ADDR = 0x100000
+BOOTED_ADDR = 0x100020  # a u64 after the multiboot header: each vCPU adds 1 when it has left the firmware
 ENTRY32_ADDR = 0x100040  # the bootstrap processor's multiboot entry (32-bit, no paging)
 COMMON32_ADDR = 0x100400  # every vCPU: enable long mode
 LONG64_ADDR = 0x100800  # every vCPU: ring 0, 64-bit: drop to the workload at CPL3
@@ -209,12 +210,17 @@ def _common32() -> bytes:
 
 
 def _long64(vcpus: int) -> bytes:
-    """Every vCPU, ring 0, 64-bit: find its index (APIC ID), then iretq to the workload at CPL3."""
+    """Every vCPU, ring 0, 64-bit: find its index (APIC ID), then iretq to the workload at CPL3. With
+    ``vcpus`` 0 every vCPU halts here instead (an idle guest)."""
     c = _Code(64)
+    c(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EAX, BOOTED_ADDR))
+    booted = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RAX))
+    booted.has_lock_prefix = True
+    c(booted)
     c(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EAX, 1))
     c(Instruction.create(Code.CPUID))
     c(Instruction.create_reg_i32(Code.SHR_RM32_IMM8, Register.EBX, 24))  # initial APIC ID = vCPU index here
-    c(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, Register.EBX, vcpus))
+    c(Instruction.create_reg_u32(Code.CMP_RM32_IMM32, Register.EBX, vcpus))  # with 0, every index parks
     c.label("park")  # defined below; a label is an address, so forward use needs it known first
     park = c.labels["park"]
     c._pending = None
@@ -295,7 +301,7 @@ def control_blocks(spec: WorkloadSpec, tsc_hz: int) -> dict[int, npt.NDArray[np.
     return {control_block_addr(index): control_block(spec, index, tsc_hz // 1000) for index in range(spec.vcpus)}
 
 
-def build_image(memory: int, spec: WorkloadSpec, tsc_hz: int) -> bytes:
+def build_image(memory: int, spec: WorkloadSpec, tsc_hz: int, *, idle_halts: bool = True) -> bytes:
     """The multiboot image: boot code, GDT, trampoline, control blocks, the workload program, page tables."""
     tables = page_tables(memory)
     end = max(address + table.nbytes for address, table in tables.items())
@@ -312,7 +318,9 @@ def build_image(memory: int, spec: WorkloadSpec, tsc_hz: int) -> bytes:
     put(IMAGE_ADDR, header.tobytes())
     put(ENTRY32_ADDR, _entry32(spec.vcpus))
     put(COMMON32_ADDR, _common32())
-    put(LONG64_ADDR, _long64(spec.vcpus))
+    # An idle guest halts (interrupts off) unless told otherwise: see QemuOptions.idle_halts. (dirtylog's own
+    # idle vCPUs sleep in the host on the idle program's `out`.)
+    put(LONG64_ADDR, _long64(0 if spec.name == "idle" and idle_halts else spec.vcpus))
     put(GDT_ADDR, _gdt())
     put(GDT_ADDR + 0x80, _gdt_pointer())
     put(TRAMPOLINE_SRC, _trampoline())
@@ -365,6 +373,13 @@ class Qmp:
         args = {key.replace("_", "-"): value for key, value in arguments.items()}
         return self._run(self.client.execute(command, args or None))
 
+    def events(self) -> list[dict[str, Any]]:
+        """The QMP events received since the last call, oldest first (each with QEMU's ``timestamp``)."""
+        async def drain() -> list[dict[str, Any]]:
+            return [dict(event) for event in self.client.events.clear()]
+
+        return self._run(drain())
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._run(self.client.disconnect())
@@ -382,6 +397,10 @@ class QemuOptions:
 
     dirty_ring: int = 0  # entries per vCPU (-accel kvm,dirty-ring-size=N*16 bytes... QEMU takes entries)
     prealloc: bool = True
+    # An idle guest halts its vCPUs, as an idle OS does; False runs the idle program, whose `out` per loop exits
+    # to QEMU's userspace, where each exit takes QEMU's global lock (which its migration needs too).
+    idle_halts: bool = True
+    incoming: bool = False  # a migration destination: -incoming defer, waiting for QMP's migrate-incoming
     extra_args: Sequence[str] = ()
 
 
@@ -430,12 +449,15 @@ class QemuGuest:
         return [self.binary, "-accel", accel, "-machine", f"pc,memory-backend=ram,max-ram-below-4g={MAX_RAM_BELOW_4G}",
                 "-m", f"{self.size >> 20}M", "-smp", str(self.vcpus), "-object", backend,
                 "-kernel", str(kernel), "-nodefaults", "-display", "none", "-no-reboot",
-                "-qmp", f"unix:{self._dir}/qmp.sock,server=on,wait=off", *self.options.extra_args]
+                "-name", "dirtylog-guest,debug-threads=on",  # vCPU threads named "CPU n/KVM", to tell them apart
+                "-qmp", f"unix:{self._dir}/qmp.sock,server=on,wait=off",
+                *(("-incoming", "defer") if self.options.incoming else ()), *self.options.extra_args]
 
     def start(self, timeout: float = BOOT_TIMEOUT) -> None:
-        """Boot QEMU and wait until every vCPU has written (its progress counter moved), or the guest is
-        idle and running."""
-        (Path(self._dir) / "guest.mb").write_bytes(build_image(self.size, self.spec, self.tsc_hz))
+        """Boot QEMU and wait until every vCPU has left the firmware and, unless the guest is idle, written (its
+        progress counter moved). A destination (``incoming``) only waits for its QMP socket."""
+        (Path(self._dir) / "guest.mb").write_bytes(build_image(self.size, self.spec, self.tsc_hz,
+                                                                  idle_halts=self.options.idle_halts))
         with open(self.ram_path, "wb") as ram:
             ram.truncate(self.size)
         log = open(Path(self._dir) / "qemu.log", "wb")  # noqa: SIM115 (QEMU writes it for its lifetime)
@@ -454,14 +476,31 @@ class QemuGuest:
             self.qmp = Qmp(f"{self._dir}/qmp.sock", connect_timeout=max(1.0, deadline - time.monotonic()))
         except Exception as error:
             raise QemuError(f"cannot talk QMP to QEMU ({error}); QEMU's log: {self.log()[-600:]}") from error
-        if self.spec.name == "idle":
+        if self.options.incoming:  # no guest until a migration brings one
             return
-        while not all(self.vcpu_progress):
+        # The firmware (SeaBIOS) runs from the top of RAM until it starts our image: nothing may write guest
+        # memory before every vCPU has left it.
+        while self.booted < self.vcpus:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise QemuError(f"the QEMU guest did not boot within {timeout} s ({self.booted} of {self.vcpus} "
+                                f"vCPUs); QEMU's log: {self.log()[-400:]!r}")
+            time.sleep(0.01)
+        while self.spec.name != "idle" and not all(self.vcpu_progress):
             self._check_alive()
             if time.monotonic() > deadline:
                 raise QemuError(f"the QEMU guest did not start writing within {timeout} s (progress "
                                 f"{self.vcpu_progress}); QEMU's log: {self.log()[-400:]!r}")
             time.sleep(0.01)
+
+    def destination(self, options: QemuOptions | None = None) -> QemuGuest:
+        """A QEMU of the same shape (memory backend, vCPUs, the same image, so the same ROMs) to migrate this
+        guest into: started with ``-incoming defer``, it waits for :func:`migrate`. Not started yet."""
+        twin = QemuGuest(self.size, self.vcpus, self.spec.name, self.spec.rate, hot_fraction=self.spec.hot_fraction,
+                         hot_weight=self.spec.hot_weight,
+                         options=replace(options or self.options, incoming=True))
+        twin.tsc_hz = self.tsc_hz  # the same image, byte for byte
+        return twin
 
     def log(self) -> str:
         return (Path(self._dir) / "qemu.log").read_text(errors="replace")
@@ -472,6 +511,11 @@ class QemuGuest:
 
     def control(self, vcpu: int, offset: ControlBlock) -> int:
         return int(self.words[(control_block_addr(vcpu) + offset) // 8])
+
+    @property
+    def booted(self) -> int:
+        """vCPUs that have reached our image's 64-bit code (the firmware is done with guest memory then)."""
+        return int(self.words[BOOTED_ADDR // 8])
 
     @property
     def vcpu_progress(self) -> list[int]:
@@ -533,3 +577,93 @@ class QemuGuest:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+# --- migration ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QemuMigration:
+    """One QEMU-to-QEMU migration as QEMU's users see it.
+
+    ``info`` is the source's last ``query-migrate`` answer (``total-time``, ``setup-time`` and ``downtime`` in
+    ms, ``ram``); ``parameters`` its ``query-migrate-parameters`` when it started. QEMU's ``downtime`` ends
+    on the source once it has sent the last byte; ``stop_to_resume_ms`` is the guest's pause seen from
+    outside: the source's STOP event to the destination's RESUME event (both QMP timestamps from this host's
+    clock), None when either event was missed.
+    """
+
+    info: dict[str, Any]
+    parameters: dict[str, Any]
+    stop_to_resume_ms: float | None
+
+    @property
+    def total_ms(self) -> float:
+        return float(self.info["total-time"])
+
+    @property
+    def setup_ms(self) -> float:
+        return float(self.info["setup-time"])
+
+    @property
+    def downtime_ms(self) -> float:
+        return float(self.info["downtime"])
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    stamp = event["timestamp"]
+    return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
+
+
+def migrate(source: QemuGuest, destination: QemuGuest, *, downtime_limit_ms: int = 300, max_bandwidth: int = 0,
+            host: str = "127.0.0.1", poll: float = 0.05, timeout: float = 300.0) -> QemuMigration:
+    """Live-migrate ``source`` into ``destination`` (a QEMU waiting with ``-incoming defer``, e.g.
+    :meth:`QemuGuest.destination`, started) over TCP, driven over QMP as QEMU's users do.
+
+    On the destination ``migrate-incoming tcp:HOST:0`` (the port it bound is read back from its
+    ``query-migrate``); on the source ``migrate-set-parameters`` with ``downtime-limit`` (ms) and
+    ``max-bandwidth`` (bytes/s; 0 is no limit in QEMU 7.2, whose default is 32 MiB/s), then ``migrate``, and
+    ``query-migrate`` every ``poll`` seconds until it ends. Returns once the destination runs the guest;
+    raises :class:`QemuError` when the migration fails or takes longer than ``timeout``.
+    """
+    if source.qmp is None or destination.qmp is None:
+        raise QemuError("start both QEMUs before migrating")
+    if not destination.options.incoming:
+        raise QemuError("the destination QEMU must wait for a migration: QemuGuest.destination() makes one")
+    destination.qmp("migrate-incoming", uri=f"tcp:{host}:0")
+    addresses = destination.qmp("query-migrate").get("socket-address", [])
+    if not addresses:
+        raise QemuError(f"the destination QEMU did not say where it listens: {destination.log()[-400:]}")
+    uri = f"tcp:{host}:{addresses[0]['port']}"
+    source.qmp("migrate-set-parameters", downtime_limit=downtime_limit_ms, max_bandwidth=max_bandwidth)
+    parameters: dict[str, Any] = source.qmp("query-migrate-parameters")
+    source.qmp.events()  # only this migration's events from here on
+    destination.qmp.events()
+    source.qmp("migrate", uri=uri)
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(poll)
+        info: dict[str, Any] = source.qmp("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            break
+        if time.monotonic() > deadline:
+            source.qmp("migrate_cancel")
+            raise QemuError(f"QEMU's migration did not end within {timeout:.0f} s: {info}")
+    if info["status"] != "completed":
+        raise QemuError(f"QEMU's migration {info['status']}: {info.get('error-desc', '')}; "
+                        f"destination log: {destination.log()[-400:]}")
+    # QEMU says "completed" before its migration thread has computed total-time and downtime (0 until then).
+    while not info.get("total-time"):
+        if time.monotonic() > deadline:
+            raise QemuError(f"QEMU's completed migration never reported its total time: {info}")
+        time.sleep(0.01)
+        info = source.qmp("query-migrate")
+    while destination.qmp("query-status")["status"] != "running":
+        destination._check_alive()
+        if time.monotonic() > deadline:
+            raise QemuError("the destination QEMU did not run the guest after the migration")
+        time.sleep(0.01)
+    stops = [_event_time(e) for e in source.qmp.events() if e["event"] == "STOP"]
+    resumes = [_event_time(e) for e in destination.qmp.events() if e["event"] == "RESUME"]
+    pause = (resumes[-1] - stops[-1]) * 1e3 if stops and resumes else None
+    return QemuMigration(info, parameters, pause)

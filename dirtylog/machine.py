@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import TYPE_CHECKING, Any, Self
 
 from dirtylog.errors import DirtylogError
 from dirtylog.guest import machine as guest
-from dirtylog.tracking.base import DIRTY_LOG_MODES, TRACKING_MODES, DirtyLogMode, Tracker, TrackingError, TrackingMode
-from dirtylog.tracking.guest_uffd import GuestUffdTracker
-from dirtylog.tracking.kvm_log import DEFAULT_CLEAR_CHUNK_PAGES, ClearTracker, LogTracker
-from dirtylog.tracking.kvm_ring import RingTracker
+from dirtylog.tracking.base import DIRTY_LOG_MODES, TRACKING_MODES, DirtyLogMode, Tracker, TrackingMode
+from dirtylog.tracking.kvm_log import DEFAULT_CLEAR_CHUNK_PAGES
+from dirtylog.tracking.modes import open_tracker
 
 if TYPE_CHECKING:
     from dirtylog.rate import DirtyRate
@@ -49,17 +48,8 @@ class Machine(guest.Machine):
         (Linux 6.7): it also sees writes the host makes, which KVM's log never does; it touches no slot, so
         it may run beside a KVM mode.
         """
-        if mode == "log":
-            return LogTracker(self, slots)
-        if mode == "clear":
-            return ClearTracker(self, slots, initially_set=initially_set, chunk_pages=clear_chunk_pages)
-        if mode == "ring":
-            return RingTracker(self, slots, entries=ring_entries)
-        if mode == "uffd":
-            if slots is not None:
-                raise TrackingError("the uffd mode watches all of guest RAM; it takes no slots")
-            return GuestUffdTracker(self)
-        raise TrackingError(f"unknown dirty-log mode {mode!r}; choose one of {', '.join(DIRTY_LOG_MODES)}")
+        return open_tracker(self, mode, slots=slots, initially_set=initially_set,
+                            clear_chunk_pages=clear_chunk_pages, ring_entries=ring_entries)
 
     # --- dirty rate and dirty limit (dirtylog.rate; imported on first use) --------------------------------
 
@@ -151,7 +141,9 @@ class Machine(guest.Machine):
         """
         from dirtylog.snapshot.restore import restore
 
-        return cast(Self, restore(cls, path, lazy=lazy, track=track, resume=resume, into=into))
+        machine, restoring, snapshots = restore(cls, path, lazy=lazy, track=track, resume=resume, into=into)
+        machine._restoring, machine._snapshots = restoring, snapshots
+        return machine
 
     def wait_restored(self, timeout: float | None = None) -> RestoreStats | None:
         """Wait until a restored machine's memory is all in and checked; its statistics (None: not restored)."""

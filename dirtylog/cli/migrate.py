@@ -376,7 +376,8 @@ def run_receive(args: argparse.Namespace) -> int:
     if not args.key_file:
         raise KeyFileError("receive needs --key-file (the pre-shared key both sides hold; dirtylog keygen makes one)")
     load_key(args.key_file)  # a bad key file fails before anything listens
-    listener = Listener(args.listen or "127.0.0.1:7000", memory=args.memory, max_memory=args.max_memory)
+    listener = Listener(args.listen or "127.0.0.1:7000", memory=args.memory, max_memory=args.max_memory,
+                        machine_class=Machine)
     where = listener.address
     if args.json:
         emit_json({"event": "listening", "address": where, "prepared": listener.prepared is not None,

@@ -71,7 +71,9 @@ def _serve(monitor: Monitor, args: argparse.Namespace, what: str) -> int:
     state = str(monitor.vm.state)
     if args.json:
         emit_json({"event": "shutdown", "reason": str(monitor.cause) if monitor.cause else None, "status": status,
-                   "vm": state})
+                   "vm": state, **({"error": monitor.failure} if monitor.failure else {})})
     else:
         console.print(f"shut down ({monitor.cause or 'incoming migration failed'}); the VM was {state}")
+    if monitor.failure:
+        print(f"dirtylog: error: the incoming migration failed: {monitor.failure}", file=sys.stderr)
     return status

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from dirtylog.control.commands import CommandTable
 from dirtylog.control.errors import QmpError
@@ -267,7 +267,7 @@ class MigrationControl:
     def __init__(self, vm: VmControl, emit: EventSink, *, key_file: str | None = None,
                  incoming_memory: int | None = None, incoming_max_memory: int | None = None,
                  io_timeout: float = 30.0, handshake_timeout: float = 5.0,
-                 on_incoming_failure: Callable[[], None] = lambda: None) -> None:
+                 on_incoming_failure: Callable[[str], None] = lambda error: None) -> None:
         self.vm = vm
         self.emit = emit
         self.parameters = default_parameters(vm.machine)
@@ -472,7 +472,7 @@ class MigrationControl:
         told to stop before it arrived, while its pages still come (QEMU starts it in postcopy-active too)."""
         assert job.migration is not None and job.migration.machine is not None
         with self._lock, self.vm.lock:
-            self.vm.machine = job.migration.machine
+            self.vm.machine = cast(Machine, job.migration.machine)  # the Listener builds Machines
             self.vm.transition(RunState.RUNNING if self.vm.autostart else RunState.PAUSED,
                                "RESUME" if self.vm.autostart else None)
         self._postcopy_status(job, "postcopy")
@@ -548,7 +548,8 @@ class MigrationControl:
                 raise QmpError("migrate-incoming needs dirtylog's pre-shared key: start with --key-file FILE, or run "
                                "migrate-set-parameters x-dirtylog-key-file=FILE first")
             try:
-                listener = Listener(address, memory=self.incoming_memory, max_memory=self.incoming_max_memory)
+                listener = Listener(address, memory=self.incoming_memory, max_memory=self.incoming_max_memory,
+                                    machine_class=Machine)
             except DirtylogError as error:
                 raise QmpError(str(error)) from None
             job = _Incoming(listener=listener, socket_address=socket_address(parse_endpoint(listener.address)),
@@ -587,7 +588,7 @@ class MigrationControl:
                     self.vm.transition(RunState.INTERNAL_ERROR, "STOP")
                 self._status_event("failed")
             if job.exit_on_error:
-                self.on_incoming_failure()
+                self.on_incoming_failure(str(failure))
             return
         finally:
             job.listener.close()
@@ -595,8 +596,9 @@ class MigrationControl:
             job.ended = time.perf_counter()
             job.status = "completed"
             postcopy = self.vm.machine is not None  # post-copy ran it here from the switch-over on (or paused it)
-            self.vm.machine = received.machine
-            self.parameters["x-dirtylog-mode"] = default_parameters(received.machine)["x-dirtylog-mode"]
+            machine = cast(Machine, received.machine)  # the Listener builds Machines (machine_class above)
+            self.vm.machine = machine
+            self.parameters["x-dirtylog-mode"] = default_parameters(machine)["x-dirtylog-mode"]
             self._status_event("completed")
             if postcopy:
                 pass

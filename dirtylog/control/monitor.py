@@ -47,13 +47,14 @@ class Monitor:
         self.migration = MigrationControl(self.vm, self.server.broadcast, key_file=key_file,
                                           incoming_memory=incoming_memory, incoming_max_memory=incoming_max_memory,
                                           io_timeout=io_timeout, handshake_timeout=handshake_timeout,
-                                          on_incoming_failure=lambda: self.request_shutdown(None, exit_code=1))
+                                          on_incoming_failure=self._incoming_failed)
         self.rate = RateControl(self.vm, self.migration)
         self.vm.register(self.table)
         self.migration.register(self.table)
         self.rate.register(self.table)
         self.cause: ShutdownCause | None = None
         self.exit_code = 0
+        self.failure: str | None = None  # why the incoming migration failed, when that ended the monitor
         self._shutdown = threading.Event()
         self._lock = threading.Lock()
 
@@ -73,6 +74,11 @@ class Monitor:
             self._shutdown.set()
         final = None if cause is None else Event.now("SHUTDOWN", {"guest": False, "reason": str(cause)})
         self.server.close(final)
+
+    def _incoming_failed(self, error: str) -> None:
+        # QEMU's -incoming ends the process when the load fails; its reason must not end with it.
+        self.failure = error
+        self.request_shutdown(None, exit_code=1)
 
     def wait(self) -> int:
         """Block until the monitor should end (call from the main thread: it handles SIGINT and SIGTERM);

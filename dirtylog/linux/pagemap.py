@@ -75,6 +75,9 @@ class Pagemap:
         # mappings only when their flags are equal, and a self-tracker leaves exactly this mapping out.
         self._map.madvise(mmap.MADV_DONTFORK)
         self.buffer: Regions = np.frombuffer(self._map, dtype=abi.PAGE_REGION_DTYPE)
+        # The fields as arrays of their own, made once: results are slices of them.
+        self.starts: npt.NDArray[np.uint64] = self.buffer["start"]
+        self.ends: npt.NDArray[np.uint64] = self.buffer["end"]
         self._address = self.buffer.ctypes.data
 
     @property

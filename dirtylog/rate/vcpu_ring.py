@@ -46,6 +46,7 @@ class VcpuRingTracker(RingTracker):
             self.machine.vm.reset_dirty_rings()
             bitmap, self._pending = self._pending, DirtyBitmap.empty(self.npages)
             per_vcpu, self._vcpu_pending = self._vcpu_pending, {}
+            self._end_epoch()
         bitmap.set_pages(gfns)
         bitmap |= self.machine.ram.take_host_dirty()
         self.stats.record_collect(time.perf_counter() - start, bitmap.count())

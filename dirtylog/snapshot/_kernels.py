@@ -132,6 +132,19 @@ def chunk_checks(zero: U64, fps: U64, ranks: I64, multipliers: U64, out: U64) ->
 
 
 @njit(cache=True, nogil=True)
+def _faulting_block(messages: U64, m: int, base: int, nblocks: int) -> int:
+    """The block that message ``m`` is a page fault in, or -1 (another event, or an address outside)."""
+    if messages[m * nogil.UFFD_MSG_WORDS] & np.uint64(0xFF) != nogil.UFFD_EVENT_PAGEFAULT:
+        return -1
+    address = messages[m * nogil.UFFD_MSG_WORDS + 2]
+    if address < np.uint64(base):
+        return -1
+    # Through int64: numba would unify a uint64 with the int64 -1 as a float64.
+    b = int(np.int64((address - np.uint64(base)) // np.uint64(PAGE * BLOCK)))
+    return b if b < nblocks else -1
+
+
+@njit(cache=True, nogil=True)
 def _fail(stats: I64, status: int, errno: int, page: int, layer: int) -> int:
     stats[S_STATUS] = status
     stats[S_ERRNO] = errno
@@ -278,14 +291,12 @@ def save_layer(uffd: int, memory: U64, held: U64, ranks: I64, out_fd: int, fps: 
             if count < 0:
                 return _fail(stats, UFFD_ERROR, -count, -1, -1)
             for m in range(count):
-                if messages[m * nogil.UFFD_MSG_WORDS] & np.uint64(0xFF) != nogil.UFFD_EVENT_PAGEFAULT:
+                b = _faulting_block(messages, m, base, nblocks)
+                if b < 0:
                     continue
                 began = nogil.monotonic_ns(clock)
                 if stats[S_FIRST_FAULT_NS] == 0:
                     stats[S_FIRST_FAULT_NS] = began
-                b = int((messages[m * nogil.UFFD_MSG_WORDS + 2] - np.uint64(base)) // np.uint64(PAGE * BLOCK))
-                if b < 0 or b >= nblocks:
-                    continue
                 # A writer waits: copy the block's pages as they are, let it go, then write the copy.
                 was_saved = saved[b] != 0
                 if not was_saved:
@@ -453,14 +464,12 @@ def serve_restore(uffd: int, base: int, held: U64, ranks: I64, zero_addresses: I
             if count < 0:
                 return _fail(stats, UFFD_ERROR, -count, -1, -1)
             for m in range(count):
-                if messages[m * nogil.UFFD_MSG_WORDS] & np.uint64(0xFF) != nogil.UFFD_EVENT_PAGEFAULT:
+                b = _faulting_block(messages, m, base, nblocks)
+                if b < 0:
                     continue
                 began = nogil.monotonic_ns(clock)
                 if stats[S_FIRST_FAULT_NS] == 0:
                     stats[S_FIRST_FAULT_NS] = began
-                b = int((messages[m * nogil.UFFD_MSG_WORDS + 2] - np.uint64(base)) // np.uint64(PAGE * BLOCK))
-                if b < 0 or b >= nblocks:
-                    continue
                 if present[b]:  # installed since the fault was queued: the install woke it already
                     continue
                 status = _install(uffd, base, b, held, ranks, zero_addresses, fps_addresses, fds, checks, checked,

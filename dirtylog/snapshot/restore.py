@@ -21,16 +21,17 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.host import host_architecture
-from dirtylog.guest.machine import State
+from dirtylog.guest.machine import Machine, State
 from dirtylog.guest.memory import plan_slots
 from dirtylog.linux.userfaultfd import Userfaultfd
+from dirtylog.migration.payload.vm import machine_arguments
 from dirtylog.migration.protocol.acceptance import HeaderAcceptance
 from dirtylog.migration.protocol.events import Header
 from dirtylog.snapshot import _kernels
@@ -38,12 +39,11 @@ from dirtylog.snapshot.chain import Chain, ChainArrays, loop_failure, open_chain
 from dirtylog.snapshot.errors import SnapshotError
 from dirtylog.snapshot.format import BLOCK_PAGES
 from dirtylog.snapshot.session import SnapshotChain
-from dirtylog.snapshot.vm import machine_arguments
 from dirtylog.tracking.base import DIRTY_LOG_MODES, DirtyLogMode
 from dirtylog.units import PAGE_SIZE
 
-if TYPE_CHECKING:
-    from dirtylog.machine import Machine
+#: The machine class a restore builds (the facade passes its own: ``dirtylog.machine.Machine``).
+M = TypeVar("M", bound=Machine)
 
 
 @dataclass(frozen=True)
@@ -211,9 +211,10 @@ class Restoring:
         self.chain.close()
 
 
-def restore(cls: type[Machine], path: str | os.PathLike[str], *, lazy: bool = True,
-            track: DirtyLogMode | None = None, resume: bool = True, into: Machine | None = None) -> Machine:
-    """A running machine restored from the snapshot ``path`` and its parents (see the module docstring).
+def restore(cls: type[M], path: str | os.PathLike[str], *, lazy: bool = True, track: DirtyLogMode | None = None,
+            resume: bool = True, into: M | None = None) -> tuple[M, Restoring, SnapshotChain | None]:
+    """A running machine restored from the snapshot ``path`` and its parents (see the module docstring), the
+    restore still bringing its memory in, and the snapshot chain it continues (with ``track``).
 
     The compiled loops are loaded first, once per process (from Numba's cache: ~0.1-0.3 s); the restore's
     timings count from after that. ``into`` is a blank machine built beforehand with the snapshot's memory size
@@ -249,7 +250,7 @@ def restore(cls: type[Machine], path: str | os.PathLike[str], *, lazy: bool = Tr
         raise
     restoring.marks["open"] = opened
     restoring.mark("build")
-    machine._restoring = restoring
+    snapshots: SnapshotChain | None = None
     try:
         if lazy:
             restoring.start()
@@ -259,10 +260,9 @@ def restore(cls: type[Machine], path: str | os.PathLike[str], *, lazy: bool = Tr
         if track is not None:
             snapshots = SnapshotChain(machine, track)
             snapshots.start_from(chain.top.identity, chain.top.path, int(chain.top.info.get("sequence", 0)))
-            machine._snapshots = snapshots
         if not resume:  # the caller starts it; memory arrives meanwhile (a host read of a page brings it first)
             restoring.prefetch()
-            return machine
+            return machine, restoring, snapshots
         with restoring._lock:
             if restoring.error is not None:
                 raise restoring.error
@@ -272,10 +272,10 @@ def restore(cls: type[Machine], path: str | os.PathLike[str], *, lazy: bool = Tr
     except BaseException:
         machine.stop()
         raise
-    return machine
+    return machine, restoring, snapshots
 
 
-def _prepared(machine: Machine, header: Header, track: DirtyLogMode | None) -> Machine:
+def _prepared(machine: M, header: Header, track: DirtyLogMode | None) -> M:
     """``machine``, a blank machine prepared for a restore, after checking it fits ``header``."""
     if not machine.blank or machine.state is not State.CREATED or machine.vcpus:
         raise SnapshotError("a machine to restore into must be new and blank (Machine(..., blank=True)), without "

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,20 +38,18 @@ import xxhash
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.errors import DirtylogError
-from dirtylog.guest.machine import State
+from dirtylog.guest.machine import Machine, State
 from dirtylog.linux import abi as linux_abi
 from dirtylog.linux.userfaultfd import Userfaultfd
 from dirtylog.migration.payload.digest import MULTIPLIERS
+from dirtylog.migration.payload.vm import header_of
 from dirtylog.snapshot import _kernels
 from dirtylog.snapshot.errors import SnapshotChainError, SnapshotError, SnapshotWriteError
 from dirtylog.snapshot.format import SUFFIX, short
 from dirtylog.snapshot.layer import Layer
-from dirtylog.snapshot.vm import header_of
 from dirtylog.snapshot.writer import LayerWriter
 from dirtylog.tracking.base import DIRTY_LOG_MODES, DirtyLogMode
-
-if TYPE_CHECKING:
-    from dirtylog.machine import Machine
+from dirtylog.tracking.modes import open_tracker
 
 #: userfaultfd features of a live snapshot: write-protect faults, and protection of pages never touched yet
 #: (Linux 6.4), whose first write must also wait until the zero page they held is recorded.
@@ -109,7 +107,7 @@ class SnapshotChain:
         _kernels.load_kernels()  # now, not inside the first snapshot's pause
         self.machine = machine
         self.mode = mode
-        self.tracker = machine.dirty_log(mode)
+        self.tracker = open_tracker(machine, mode)
         self.fingerprints: npt.NDArray[np.uint64] | None = None  # every page's, as of the last snapshot
         self.identity: bytes | None = None  # of the last snapshot taken (or restored)
         self.path: Path | None = None

@@ -46,7 +46,12 @@ ResultT = TypeVar("ResultT", bound=DirtySet)
 
 @dataclass
 class TrackerStats:
-    """Running totals of a tracker, in the vocabulary of the KVM selftests' dirty_log_perf_test."""
+    """Running totals of a tracker, in the vocabulary of the KVM selftests' dirty_log_perf_test.
+
+    ``pages_reported``: the pages of every collection, except for a tracker whose results count lazily
+    (:class:`~dirtylog.tracking.process.ProcessTracker`): there, of every collection whose result was
+    counted or read (``count()``, ``pages()``, per-mapping counts), as the CLI's are.
+    """
 
     collections: int = 0
     pages_reported: int = 0
@@ -60,6 +65,10 @@ class TrackerStats:
         self.pages_reported += pages
         self.last_collect_seconds = seconds
         self.total_collect_seconds += seconds
+
+    def add_pages(self, pages: int) -> None:
+        """Pages of a collection counted after it was recorded (a lazily counted result's tally)."""
+        self.pages_reported += pages
 
 
 class TrackerBase(ABC, Generic[ResultT]):
@@ -84,8 +93,12 @@ class TrackerBase(ABC, Generic[ResultT]):
             raise TrackingError(f"{self.mode} tracker is not enabled; call enable() first")
         start = time.perf_counter()
         result = self._collect()
-        self.stats.record_collect(time.perf_counter() - start, result.count())
+        self._account(time.perf_counter() - start, result)
         return result
+
+    def _account(self, seconds: float, result: ResultT) -> None:
+        """Add a collection to :attr:`stats` (a tracker whose results count themselves lazily overrides it)."""
+        self.stats.record_collect(seconds, result.count())
 
     def disable(self) -> None:
         """Stop tracking and release what tracking holds."""

@@ -160,6 +160,8 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         self.stop_timeout = stop_timeout
         self.tracked: list[Mapping] = []
         self._tracked_tuple: tuple[Mapping, ...] = ()  # what results carry, made once per refresh
+        self._span: tuple[int, int] | None = None  # [start, end) of all tracked memory: the steady scan's range
+        self._tally = self.stats.add_pages  # results add their pages to the stats when first counted
         self.untracked: dict[Mapping, str] = {}  # mappings the kernel would not register, and why
         self.exited = False
         self.refreshes = 0
@@ -225,8 +227,10 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
                 raise ProcessExitedError(f"{self.target} has exited; its last collection was already returned")
             self._exit_reported = True
             return ProcessDirty.empty(self.tracked, exited=True)
-        self._swap_buffers()
-        assert self._pagemap is not None
+        pagemap = self._swap_buffers()
+        # The steady path (no refresh due) is kept short: what runs after the walk runs out of the caches
+        # the walk has just streamed the page tables through, so every step there costs ten times its
+        # warm price.
         refreshed = False
         try:
             if self._refresh_due():
@@ -234,39 +238,53 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
                 self._refresh()
                 self._plan()
                 filled = self._scan_all()
+            elif self._span is not None:
+                self.scans += 1
+                filled = self._scan_span(pagemap, *self._span)
             else:
-                filled = self._scan_span()
+                filled = 0
         except ProcessExitedError:
             self.exited = True
             filled = 0
         if refreshed and not self.exited and self._target_gone():
             self.exited = True
-        buffer = self._pagemap.buffer[:filled]
-        self._written_upto[self._current] = max(self._written_upto[self._current], filled)
+        if filled > self._written_upto[self._current]:
+            self._written_upto[self._current] = filled
         if self._rescanned:  # runs were scanned twice: they may repeat or come out of order
-            result = ProcessDirty.from_runs(self.tracked, buffer["start"].copy(), buffer["end"].copy(),
-                                            new=self._new, gone=self._gone, exited=self.exited)
-        else:  # views of the buffer: no copy, no allocation; detached only if still held when it is reused
-            result = ProcessDirty(self._tracked_tuple, buffer["start"], buffer["end"], tuple(self._new),
-                                  tuple(self._gone), self.exited)
+            self._rescanned = False
+            result = ProcessDirty.from_runs(self.tracked, pagemap.starts[:filled].copy(),
+                                            pagemap.ends[:filled].copy(), new=self._new, gone=self._gone,
+                                            exited=self.exited, on_count=self._tally)
+        else:  # views of the buffer: no copy, no allocation, not even read; detached only if still held
+            result = ProcessDirty(self._tracked_tuple, pagemap.starts[:filled], pagemap.ends[:filled],
+                                  tuple(self._new) if self._new else (), tuple(self._gone) if self._gone else (),
+                                  self.exited, self._tally)
             self._handed_out[self._current] = weakref.ref(result)
-        self._rescanned = False
         self._exit_reported = self.exited
-        self._new, self._gone = [], []
-        if self._fresh:  # registered at this collection: from the next one on, they are steady runs
-            self._fresh.clear()
-            self._plan()
+        if refreshed:
+            self._new, self._gone = [], []
+            if self._fresh:  # registered at this collection: from the next one on, they are steady runs
+                self._fresh.clear()
+                self._plan()
         return result
 
-    def _swap_buffers(self) -> None:
+    def _account(self, seconds: float, result: ProcessDirty) -> None:
+        """Record the collection without counting its pages: the result adds them to ``stats.pages_reported``
+        when it is first counted or read. Counting here would read the whole output right after the walk,
+        out of the caches: up to a third of the ioctl's own time at one run per written page."""
+        self.stats.record_collect(seconds, 0)
+
+    def _swap_buffers(self) -> Pagemap:
         """Scan into the other of the two pagemaps' buffers; take back the result still using it, if any."""
         self._current ^= 1
-        self._pagemap = self._pagemaps[self._current]
+        pagemap = self._pagemap = self._pagemaps[self._current]
         previous = self._handed_out[self._current]
-        held = previous() if previous is not None else None
-        if held is not None:
-            held.detach()
-        self._handed_out[self._current] = None
+        if previous is not None:
+            held = previous()
+            if held is not None:
+                held.detach()
+            self._handed_out[self._current] = None
+        return pagemap
 
     def _clear_sentinels(self) -> None:
         """Zero the ``categories`` of every record this buffer holds, before a refresh's checked scans: their
@@ -276,7 +294,8 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         self._pagemap.buffer["categories"][: self._written_upto[self._current]] = 0
         self._written_upto[self._current] = 0
 
-    def _scan_span(self) -> int:
+    @staticmethod
+    def _scan_span(pagemap: Pagemap, start: int, end: int) -> int:
         """The fast path, when no refresh is due: one ``PAGEMAP_SCAN`` over the whole tracked span.
 
         Without ``PM_SCAN_CHECK_WPASYNC`` the kernel skips memory not registered with us in its per-VMA test,
@@ -284,11 +303,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         mapping replaced in place since the last refresh is skipped too; its pages stay unprotected and the
         first scan at the next refresh reports them (a refresh is at most ``refresh_interval`` away).
         """
-        assert self._pagemap is not None
-        if not self.tracked:
-            return 0
-        self.scans += 1
-        return self._pagemap.collect_written(self.tracked[0].start, self.tracked[-1].end, check_registered=False)
+        return pagemap.collect_written(start, end, check_registered=False)
 
     def _scan_all(self) -> int:
         """A refresh's scans, run by run; returns how many regions fill the buffer (first scans filtered)."""
@@ -434,6 +449,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
     def _plan(self) -> None:
         """Group tracked mappings into runs of adjacent ones: one scan each."""
         self._tracked_tuple = tuple(self.tracked)
+        self._span = (self.tracked[0].start, self.tracked[-1].end) if self.tracked else None
         jobs: list[_Job] = []
         for mapping in self.tracked:
             first = mapping in self._fresh

@@ -5,13 +5,15 @@ not one bitmap but a list of written runs ``[start, end)`` of virtual addresses,
 mapping as ``/proc/PID/maps`` names it. :class:`ProcessDirty` keeps them as the kernel returned them, two
 address arrays, and derives the rest on demand: page addresses, counts per mapping or per name, and a
 :class:`~dirtylog.bitmap.DirtyBitmap` per mapping (bit ``i`` is the page at ``mapping.start + i * 4096``).
-Nothing per mapping is computed unless asked: a collection only counts.
+Nothing is computed unless asked, not even the page count: a collection hands out what the kernel wrote
+without reading it (right after its page-table walk, that output is out of the caches, and reading it cost
+more than a tenth of the walk), and the first question pays for it once.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -76,13 +78,18 @@ class ProcessDirty:
     ``gone`` ones were tracked and are no longer mapped. ``exited`` is set on the collection that found the
     process gone: the last one.
 
+    Everything is derived on first use and kept: the page count too. ``on_count`` (a tracker's tally of
+    the pages it reported) is called once, with the count, when it is first known.
+
     A plain class with slots rather than a dataclass: one is made per collection, on the hot path.
     """
 
-    __slots__ = ("__weakref__", "_cache", "ends", "exited", "gone", "mappings", "new", "starts")
+    __slots__ = ("__weakref__", "_cache", "_count", "_on_count", "ends", "exited", "gone", "mappings", "new",
+                 "starts")
 
     def __init__(self, mappings: tuple[Mapping, ...], starts: Addresses, ends: Addresses,
-                 new: tuple[Mapping, ...] = (), gone: tuple[Mapping, ...] = (), exited: bool = False) -> None:
+                 new: tuple[Mapping, ...] = (), gone: tuple[Mapping, ...] = (), exited: bool = False,
+                 on_count: Callable[[int], None] | None = None) -> None:
         self.mappings = mappings
         self.starts = starts
         self.ends = ends
@@ -90,21 +97,25 @@ class ProcessDirty:
         self.gone = gone
         self.exited = exited
         self._cache: dict[str, npt.NDArray[np.generic]] = {}
+        self._count: int | None = None
+        self._on_count = on_count
 
     def detach(self) -> None:
         """Own the run arrays: a tracker hands out views of its scan buffer and calls this before it reuses
-        the buffer while the result is still referenced."""
+        the buffer while the result is still referenced (counting them then, while the copy is in cache)."""
         self.starts = self.starts.copy()
         self.ends = self.ends.copy()
+        self.count()
 
     @classmethod
     def from_runs(cls, mappings: Sequence[Mapping], starts: Addresses, ends: Addresses, *,
-                  new: Sequence[Mapping] = (), gone: Sequence[Mapping] = (), exited: bool = False) -> ProcessDirty:
+                  new: Sequence[Mapping] = (), gone: Sequence[Mapping] = (), exited: bool = False,
+                  on_count: Callable[[int], None] | None = None) -> ProcessDirty:
         """Runs in any order, perhaps overlapping (a scan repeated after a mapping changed under it)."""
         if starts.size > 1 and np.any(starts[1:] < ends[:-1]):
             pages = np.unique(_expand(starts, ends))
             starts, ends = _runs_of(pages)
-        return cls(tuple(mappings), starts, ends, tuple(new), tuple(gone), exited)
+        return cls(tuple(mappings), starts, ends, tuple(new), tuple(gone), exited, on_count)
 
     @classmethod
     def empty(cls, mappings: Sequence[Mapping] = (), *, exited: bool = False) -> ProcessDirty:
@@ -126,14 +137,25 @@ class ProcessDirty:
         """Written pages per mapping, in the order of :attr:`mappings`."""
         starts, ends, owner = self._owned()
         lengths = ((ends - starts) // np.uint64(PAGE_SIZE)).astype(np.int64)
-        return np.bincount(owner, weights=lengths, minlength=len(self.mappings)).astype(np.int64)
+        counts = np.bincount(owner, weights=lengths, minlength=len(self.mappings)).astype(np.int64)
+        if self._count is None:
+            self._counted(int(counts.sum()))
+        return counts
 
     def count(self) -> int:
-        """Written pages in all. The collection's hot path asks this: two sums and no temporary array (each
-        sum may wrap around 2^64; their difference modulo 2^64, the total length, is exact)."""
-        if self.starts.size == 0:
-            return 0
-        return (int(self.ends.sum()) - int(self.starts.sum())) % 2**64 // PAGE_SIZE
+        """Written pages in all: two sums and no temporary array (each sum may wrap around 2^64; their
+        difference modulo 2^64, the total length, is exact), the first time it is asked."""
+        if self._count is None:
+            total = 0 if self.starts.size == 0 else (int(self.ends.sum()) - int(self.starts.sum())) % 2**64
+            self._counted(total // PAGE_SIZE)
+        assert self._count is not None
+        return self._count
+
+    def _counted(self, count: int) -> None:
+        self._count = count
+        if self._on_count is not None:
+            on_count, self._on_count = self._on_count, None
+            on_count(count)
 
     def counts(self) -> dict[Mapping, int]:
         """Written pages of each mapping that has any."""
@@ -155,7 +177,10 @@ class ProcessDirty:
 
     def pages(self) -> Addresses:
         """The virtual address of every written page, ascending."""
-        return _expand(self.starts, self.ends)
+        pages = _expand(self.starts, self.ends)
+        if self._count is None:
+            self._counted(int(pages.size))
+        return pages
 
     def bitmap(self, mapping: Mapping) -> DirtyBitmap:
         """The written pages of ``mapping`` as a bitmap over its pages."""

@@ -18,10 +18,12 @@ from qemu_guest import (
     QemuError,
     QemuGuest,
     build_image,
+    migrate,
     page_tables,
     qemu_unavailable_reason,
 )
 
+from dirtylog.guest.x86 import WORKLOAD_ADDR
 from dirtylog.rate.truth import Truth
 from dirtylog.units import PAGE_SIZE
 from dirtylog.workload import WorkloadSpec
@@ -71,3 +73,47 @@ def test_qemu_runs_our_workload_and_the_truth_holds_there() -> None:
         assert stray.size <= 2 * 2 + 1 and all(p < 256 or p in changed for p in stray)
         answer = guest.calc_dirty_rate(1, "page-sampling")
         assert answer["status"] == "measured" and answer["dirty-rate"] > 0
+
+
+@pytest.mark.kvm
+@needs_qemu
+def test_an_idle_guest_boots_halts_and_qemu_migrates_it_into_a_waiting_destination() -> None:
+    with QemuGuest("256M", 1, "idle") as source:
+        assert source.booted == 1  # left the firmware: host writes into guest RAM are safe from here
+        marker = slice(WORKLOAD_ADDR, WORKLOAD_ADDR + PAGE_SIZE)
+        source.memory[marker] = 0x5A
+        with source.destination() as destination:
+            assert destination.qmp is not None and destination.qmp("query-status")["status"] == "inmigrate"
+            result = migrate(source, destination, downtime_limit_ms=300, max_bandwidth=0)
+            assert result.info["status"] == "completed"
+            assert result.parameters["downtime-limit"] == 300 and result.parameters["max-bandwidth"] == 0
+            assert result.total_ms >= result.downtime_ms >= 0 and result.info["ram"]["transferred"] > 0
+            assert result.stop_to_resume_ms is not None and result.stop_to_resume_ms >= 0
+            assert destination.qmp("query-status")["status"] == "running"
+            assert (destination.memory[marker] == 0x5A).all()
+
+
+@pytest.mark.kvm
+@needs_qemu
+def test_a_writing_guest_keeps_writing_after_qemu_migrates_it() -> None:
+    with QemuGuest("256M", 2, "random", 20000) as source, source.destination() as destination:
+        migrate(source, destination)
+        assert source.qmp is not None and source.qmp("query-status")["status"] == "postmigrate"
+        arrived = destination.vcpu_progress
+        assert sum(arrived) >= source.progress > 0  # the source stopped at the switch-over; its writes came along
+        time.sleep(0.3)
+        assert all(now > then for now, then in zip(destination.vcpu_progress, arrived, strict=True))
+
+
+@pytest.mark.kvm
+@needs_qemu
+def test_migrating_needs_a_started_destination_that_waits_for_one() -> None:
+    with QemuGuest("64M", 1, "idle") as source, QemuGuest("64M", 1, "idle") as plain:
+        with pytest.raises(QemuError, match="must wait for a migration"):
+            migrate(source, plain)
+        unstarted = source.destination()
+        try:
+            with pytest.raises(QemuError, match="start both"):
+                migrate(source, unstarted)
+        finally:
+            unstarted.stop()

@@ -7,12 +7,17 @@ import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dirtylog.cli import main
 from dirtylog.cli.ctl import CtlArgumentError, parse_arguments
+from dirtylog.guest.machine import State
+from dirtylog.machine import Machine
+from dirtylog.migration import MigrationError, migrate
 from tests.cli.test_cli_migrate import DIRTYLOG, json_lines
 from tests.control.conftest import RawClient, Served
+from tests.migration.engine.peers import Proxy
 
 
 def test_key_value_arguments_are_json_when_they_parse() -> None:
@@ -91,3 +96,28 @@ def test_a_signal_ends_a_served_machine_with_shutdown_host_signal(serve: object,
     summary = served.finish()[-1]
     assert summary["reason"] == "host-signal" and served.process.returncode == 0
     assert not Path(served.path).exists()
+
+
+@pytest.mark.kvm
+def test_an_incoming_migration_that_fails_ends_the_destination_and_says_why(serve: object, key_file: str) -> None:
+    destination: Served = serve("destination", "receive", "--key-file", key_file,  # type: ignore[operator]
+                                "--listen", "127.0.0.1:0")
+    port = json.loads(ctl(destination.path, "query-migrate", "--json").stdout)["return"]["socket-address"][0]["port"]
+
+    def cut_mid_stream(way: str, at: int, chunk: bytes) -> bytes | None:
+        return None if way == "up" and at > 1 << 20 else chunk  # past the handshake, among the pages
+
+    proxy = Proxy(f"127.0.0.1:{port}", cut_mid_stream).start()
+    try:
+        with Machine(memory="64M", workload="idle") as source:
+            source.start()
+            source.memory[: 8 << 20] = np.random.default_rng(7).integers(0, 256, 8 << 20, dtype=np.uint8)
+            with pytest.raises(MigrationError):
+                migrate(source, proxy.address, key_file=key_file, encrypt=False)
+            assert source.state is State.RUNNING  # the source keeps its VM
+    finally:
+        proxy.close()
+    out, stderr = destination.process.communicate(timeout=60)
+    summary = json.loads(out.splitlines()[-1])
+    assert destination.process.returncode == 1 and summary["status"] == 1 and summary["vm"] == "inmigrate"
+    assert summary["error"] and f"the incoming migration failed: {summary['error']}" in stderr

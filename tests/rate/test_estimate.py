@@ -1,4 +1,5 @@
-"""The pure calculators of dirtylog.rate: checks, the sampling interval, WSS, heatmap bins, auto, the limiter."""
+"""The pure calculators of dirtylog.rate: checks, the sampling interval, WSS, heatmap bins, auto (the limiter:
+test_limit.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from dirtylog.rate.estimate import (
     sample_needed,
     sample_size,
 )
-from dirtylog.rate.limit import MIN_PERIOD, DirtyLimiter
 
 
 @pytest.mark.parametrize("window", ["5ms", "61s", 0.001, "soon"])
@@ -121,41 +121,3 @@ def test_address_histogram_bins_pages_by_address() -> None:
     dirty = DirtyBitmap.from_pages([0, 1, 511, 512, 1023], 1024)
     assert address_histogram(dirty, 2).tolist() == [3.0, 2.0]
     assert address_histogram(dirty, 4, scale=2.0).tolist() == [4.0, 2.0, 2.0, 2.0]
-
-
-def _simulate(limit: float, speed: float, seconds: float, period_cap: float = 0.02) -> list[float]:
-    """A vCPU that writes at ``speed`` when awake, sampled when the limiter asks: pages per 1 s window."""
-    limiter = DirtyLimiter(1, burst=0.02)
-    limiter.set_limit(limit)
-    now, count, asleep_until = 0.0, 0.0, 0.0
-    per_second = [0.0] * int(seconds)
-    limiter.step(now, {0: 0})
-    while now < seconds:
-        wait = limiter.next_sample(now, period_cap)
-        awake = max(0.0, now + wait - max(now, asleep_until))
-        for t in np.arange(max(now, asleep_until), now + wait, 1e-4):  # spread the writes over the seconds
-            if int(t) < len(per_second):
-                per_second[int(t)] += speed * 1e-4
-        count += speed * awake
-        now += wait
-        for _, sleep in limiter.step(now, {0: int(count)}).items():
-            asleep_until = now + sleep
-    return per_second
-
-
-@pytest.mark.parametrize("limit", [1000, 5000, 20000, 60000])
-def test_limiter_holds_one_second_windows_near_the_limit(limit: float) -> None:
-    windows = _simulate(limit, speed=65000, seconds=6)[2:]  # after the start-up second
-    assert all(abs(w - limit) / limit < 0.08 for w in windows), windows
-
-
-def test_limiter_leaves_an_unlimited_or_slower_vcpu_alone() -> None:
-    limiter = DirtyLimiter(2)
-    limiter.set_limit(10_000, vcpu=0)
-    limiter.step(0.0, {0: 0, 1: 0})
-    assert limiter.step(0.1, {0: 500, 1: 10**6}) == {}
-    with pytest.raises(RateError, match="no vCPU 2"):
-        limiter.set_limit(100, vcpu=2)
-    with pytest.raises(RateError, match="positive"):
-        limiter.set_limit(0)
-    assert limiter.next_sample(0.2) >= MIN_PERIOD

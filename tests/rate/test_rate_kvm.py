@@ -135,6 +135,61 @@ def test_dirty_limit_caps_each_vcpu() -> None:
         assert not controller.limiter.active
 
 
+def test_first_writes_are_each_vcpus_distinct_pages_between_collections() -> None:
+    """The limiter's count on real rings: between two collections, each vCPU's first writes are exactly the
+    distinct pages the ring method reports for it, while the ring entries (harvested and reset every 2 ms,
+    so pages rewritten between two resets are pushed again) are more."""
+    from dirtylog.rate import ring_tracker
+
+    with Machine("64M", 2, "random", prefault=True, dirty_ring=True) as machine:
+        machine.start()
+        tracker = ring_tracker(machine)
+        tracker.enable()
+        tracker.count_first_writes()
+        try:
+            assert tracker.first_writes is not None
+            tracker.collect_per_vcpu()  # what the collections harvest counts in the epoch they end
+            entries, firsts = dict(tracker.vcpu_harvested), dict(tracker.first_writes.totals)
+            for index in range(150):
+                time.sleep(0.002)
+                tracker.sample() if index % 2 else tracker.sample_first_writes()
+            _, per_vcpu = tracker.collect_per_vcpu()
+            entries_after, firsts_after = dict(tracker.vcpu_harvested), dict(tracker.first_writes.totals)
+            for vcpu, pages in enumerate(per_vcpu):
+                first_writes = firsts_after[vcpu] - firsts.get(vcpu, 0)
+                assert first_writes == pages.count() > 1000
+                assert entries_after[vcpu] - entries.get(vcpu, 0) > first_writes  # 8k pages per vCPU: many rewrites
+        finally:
+            tracker.disable()
+
+
+def test_a_limiters_own_epoch_counts_rewritten_pages_again() -> None:
+    """With nobody collecting, the limiter ends epochs itself (new_epoch): the pages must be write-protected
+    again then, or a page rewritten in the next epoch would push no ring entry and go uncounted. Each vCPU
+    rewrites its 8,192 pages over and over: every epoch sees most of them, at most once each."""
+    from dirtylog.rate import ring_tracker
+
+    with Machine("64M", 2, "random", prefault=True, dirty_ring=True) as machine:
+        machine.start()
+        tracker = ring_tracker(machine)
+        tracker.enable()
+        tracker.count_first_writes()
+        assert tracker.first_writes is not None
+        share = machine.ram.npages // 2
+        try:
+            for _ in range(2):
+                tracker.new_epoch()
+                start = dict(tracker.first_writes.totals)
+                deadline = time.monotonic() + 1.5
+                while time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    end = tracker.sample_first_writes()
+                counts = [end[vcpu] - start.get(vcpu, 0) for vcpu in (0, 1)]
+                assert all(share // 2 < count <= share + 16 for count in counts), (counts, share)
+        finally:
+            tracker.disable()
+
+
 def test_the_truth_is_what_changed_in_memory() -> None:
     """Replay against the bytes: pause, copy, run, pause, compare. They agree but for the write a pause can
     catch in flight (the page written, its counter not yet), at most one per vCPU per boundary."""

@@ -328,6 +328,33 @@ def test_shared_mappings_are_tracked_when_asked(commands: CommandTarget, shared:
         tracker.disable()
 
 
+def test_results_held_while_their_buffer_is_reused_keep_their_pages(commands: CommandTarget) -> None:
+    area = commands("map", 64)
+    tracker = ProcessTracker(commands.pid, refresh_interval=60)
+    tracker.enable()
+    try:
+        tracker.collect()
+        held = []
+        for round_ in range(5):  # results are views of two buffers used in turn: each is reused twice here
+            commands("write", area + round_ * 8 * PAGE_SIZE, round_ + 1)
+            held.append(tracker.collect())
+        for round_, dirty in enumerate(held):
+            assert pages_of(dirty.pages(), area, 64) == list(range(round_ * 8, round_ * 8 + round_ + 1))
+        # The stats add a collection's pages when its result is first counted or read, not in collect().
+        assert tracker.stats.collections == 6
+        assert tracker.stats.pages_reported == sum(dirty.count() for dirty in held)
+        before = tracker.stats.pages_reported
+        unread = tracker.collect()
+        commands("write", area, 3)
+        last = tracker.collect()
+        assert tracker.stats.pages_reported == before  # neither is counted yet
+        assert pages_of(last.pages(), area, 64) == [0, 1, 2]
+        assert tracker.stats.pages_reported == before + last.count()
+        assert tracker.stats.pages_reported == before + last.count() + unread.count()
+    finally:
+        tracker.disable()
+
+
 def test_a_target_that_exits_ends_the_tracking_with_its_last_data(commands: CommandTarget) -> None:
     tracker = ProcessTracker(commands.pid)
     tracker.enable()

@@ -153,6 +153,14 @@ class Admission:
             channel.close()
         for thread in pending:
             thread.join(1.0)
+        while True:  # streams admitted after the migration's own were complete: nobody will read them
+            try:
+                late = self._results.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(late, Admitted):
+                late.stream.abort("the destination is no longer admitting streams", AbortCode.PROTOCOL)
+                late.stream.close()
 
     def _refusal(self, result: Admitted, first: Admitted | None,
                  admitted: dict[tuple[Carries, int], Admitted]) -> str | None:
@@ -218,18 +226,32 @@ class Admission:
             header = stream.read_until(Header, "source", _left(deadline))
             stream.index = hello.stream_index
             channel.settimeout(self.io_timeout)
-            if not self.connected_at:
-                self.connected_at = connected_at
-            self._results.put(Admitted(stream, hello, header))
         except ProtocolError as error:  # the connection already told the peer (a REJECT or an Abort)
             stream.close()
-            self._results.put(_Refused(channel.peer, str(error)))
+            self._publish(_Refused(channel.peer, str(error)))
         except (DirtylogError, OSError) as error:
+            reason = str(error) or type(error).__name__
+            stream.abort(f"the destination refused the connection: {reason}", AbortCode.PROTOCOL)
             stream.close()
-            self._results.put(_Refused(channel.peer, str(error) or type(error).__name__))
-        finally:
-            with self._lock:
-                self._pending.pop(threading.current_thread(), None)
+            self._publish(_Refused(channel.peer, reason))
+        else:
+            if not self._publish(Admitted(stream, hello, header), connected_at):
+                stream.abort("the destination is no longer admitting streams", AbortCode.PROTOCOL)
+                stream.close()
+
+    def _publish(self, result: Admitted | _Refused, connected_at: float = 0.0) -> bool:
+        """Hand this thread's result to ``run``; False when admission has ended meanwhile.
+
+        Leaving ``_pending`` and publishing are one step under the lock: ``_end_handshakes`` closes the channels
+        still pending, and an admitted stream must never be among them."""
+        with self._lock:
+            self._pending.pop(threading.current_thread(), None)
+            if self._stop.is_set():
+                return False
+            if isinstance(result, Admitted) and not self.connected_at:
+                self.connected_at = connected_at
+            self._results.put(result)
+            return True
 
 
 def _key(entry: Admitted) -> tuple[Carries, int]:
@@ -244,5 +266,5 @@ def _needed(first: Admitted) -> int:
 def _left(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise MigrationError("the handshake took longer than its deadline")
+        raise MigrationError("the handshake took longer than its deadline (--handshake-timeout)")
     return left

@@ -26,10 +26,9 @@ import numpy as np
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.host import host_architecture
-from dirtylog.guest.machine import State
+from dirtylog.guest.machine import Machine, State
 from dirtylog.guest.memory import host_memory_bytes, plan_slots
 from dirtylog.kvm.system import Kvm
-from dirtylog.machine import Machine
 from dirtylog.migration.engine.admission import Admission, Resumption
 from dirtylog.migration.engine.postcopy_destination import LINK_CODES, PostcopyDestination
 from dirtylog.migration.engine.streams import Stream, close_aborted
@@ -38,7 +37,8 @@ from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.keys import load_key
 from dirtylog.migration.payload.digest import load_kernels
 from dirtylog.migration.payload.memory import DestinationMemory
-from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
+from dirtylog.migration.payload.vm import workload_arguments
+from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus, ProgressCallback
 from dirtylog.migration.protocol.acceptance import HeaderAcceptance
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import (
@@ -63,7 +63,6 @@ from dirtylog.migration.protocol.events import (
 from dirtylog.migration.transports import ChannelListener, Endpoint, listen, parse_endpoint
 from dirtylog.units import PAGE_SIZE
 
-ProgressCallback = Callable[[str, dict[str, Any]], None]
 SCRATCH_BYTES = 4096
 PROGRESS_INTERVAL = 0.2  # seconds between progress records in post-copy
 
@@ -88,7 +87,7 @@ class Listener:
     """
 
     def __init__(self, address: str, *, memory: int | None = None, max_memory: int | None = None,
-                 prefault: bool = True) -> None:
+                 prefault: bool = True, machine_class: type[Machine] = Machine) -> None:
         endpoint = parse_endpoint(address)
         # The compiled fingerprint pass first (0.2 s, or 2-4 s when it compiles on a first run): not in the
         # first round, and not while a source waits, since the source times its handshake as the round trip
@@ -98,9 +97,11 @@ class Listener:
             self.max_vcpus = min(kvm.max_vcpus, host_architecture().layout.max_vcpus)
         self.memory = memory
         self.max_memory = max_memory if max_memory is not None else host_memory_bytes()[0] // 2
+        #: What the machines it receives are (``dirtylog.Machine`` through the top-level ``receive``).
+        self.machine_class = machine_class
         self.prepared: Machine | None = None
         if memory is not None:
-            self.prepared = Machine(memory, 1, "idle", blank=True, prefault=prefault)
+            self.prepared = machine_class(memory, 1, "idle", blank=True, prefault=prefault)
         try:
             self.transport: ChannelListener = listen(endpoint)
         except BaseException:
@@ -149,10 +150,11 @@ def exposure_warning(endpoint: Endpoint) -> str | None:
 
 def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = None, max_memory: int | None = None,
             io_timeout: float = 30.0, accept_timeout: float | None = None, handshake_timeout: float = 5.0,
-            progress: ProgressCallback | None = None,
-            before_resume: Callable[[Machine], None] | None = None, start_paused: bool = False,
-            resume_timeout: float | None = None, resume_listen: str | None = None) -> Received:
-    """Accept one migration at ``listen_on`` and return the running machine.
+            progress: ProgressCallback | None = None, before_resume: Callable[[Machine], None] | None = None,
+            machine_class: type[Machine] = Machine, start_paused: bool = False, resume_timeout: float | None = None,
+            resume_listen: str | None = None) -> Received:
+    """Accept one migration at ``listen_on`` and return the running machine (a ``machine_class``, which a
+    Listener given here already chose).
 
     ``memory``, when given, is the only guest memory size accepted, and the VM is prepared before a source
     connects; ``max_memory`` bounds what a Header may claim otherwise. Connections that do not authenticate
@@ -169,7 +171,8 @@ def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = No
     if isinstance(listen_on, Listener) and (memory is not None or max_memory is not None):
         raise MigrationError("give memory and max_memory to the Listener, which prepares for them")
     listener = listen_on if isinstance(listen_on, Listener) else Listener(listen_on, memory=memory,
-                                                                           max_memory=max_memory)
+                                                                           max_memory=max_memory,
+                                                                           machine_class=machine_class)
     try:
         return DestinationMigration(listener, key, io_timeout=io_timeout, accept_timeout=accept_timeout,
                                     handshake_timeout=handshake_timeout, progress=progress,
@@ -268,14 +271,12 @@ class DestinationMigration:
         pages allocated as they arrive: a size the operator did not prepare is not committed up front)."""
         header = self.header
         assert header is not None
-        workload = header.workload
-        description = dict(workload=workload.get("name", "idle"), rate=workload.get("rate"),
-                           hot_fraction=workload.get("hot_fraction", 0.1), hot_weight=workload.get("hot_weight", 0.9),
-                           writes_per_iteration=workload.get("writes_per_iteration", 0))
+        description = workload_arguments(header)
         try:
             machine = self.listener.take_machine()
             if machine is None:
-                machine = Machine(header.memory_bytes, header.vcpus, slots=len(header.slots), blank=True,
+                machine = self.listener.machine_class(header.memory_bytes, header.vcpus, slots=len(header.slots),
+                                                      blank=True,
                                   **description)
             else:
                 machine.assume_workload(vcpus=header.vcpus, **description)

@@ -33,10 +33,10 @@ import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.errors import DirtylogError
+from dirtylog.guest.machine import Machine
 from dirtylog.linux import abi as linux_abi
 from dirtylog.linux.errors import UserfaultfdError
 from dirtylog.linux.userfaultfd import Userfaultfd
-from dirtylog.machine import Machine
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream
 from dirtylog.migration.engine.urgency import Urgency
 from dirtylog.migration.errors import MigrationError

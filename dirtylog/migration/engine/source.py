@@ -22,15 +22,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap, load_kernels
-from dirtylog.guest.machine import State
-from dirtylog.machine import Machine
+from dirtylog.guest.machine import Machine, State
 from dirtylog.migration.engine.pacer import Pacer
 from dirtylog.migration.engine.postcopy_source import PostcopySource
 from dirtylog.migration.engine.recording import RecordingPeer
@@ -40,9 +38,10 @@ from dirtylog.migration.keys import load_key
 from dirtylog.migration.payload.digest import PageDigest, gather
 from dirtylog.migration.payload.digest import load_kernels as load_digest_kernels
 from dirtylog.migration.payload.pages import make_page_batch, pfns_from_runs
+from dirtylog.migration.payload.vm import header_of
 from dirtylog.migration.policy.parameters import MigrationParameters
 from dirtylog.migration.policy.precopy import Action, PrecopyController, RoundStats
-from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus
+from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus, ProgressCallback
 from dirtylog.migration.protocol.connection import SourceConnection
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import (
@@ -67,9 +66,8 @@ from dirtylog.migration.transports.files import FileWriter
 from dirtylog.rate.limit import DirtyLimitController
 from dirtylog.tracking.base import Tracker
 from dirtylog.tracking.kvm_ring import RingTracker
+from dirtylog.tracking.modes import open_tracker
 from dirtylog.units import PAGE_SIZE
-
-ProgressCallback = Callable[[str, dict[str, Any]], None]
 
 
 def preload() -> None:
@@ -152,7 +150,7 @@ class SourceMigration:
         try:
             phases = self._connect()
             began = time.perf_counter()
-            self.tracker = self.machine.dirty_log(self.params.mode)
+            self.tracker = open_tracker(self.machine, self.params.mode)
             self.tracker.enable()
             phases["enable_logging"] = time.perf_counter() - began
             self.stats.setup_time = time.perf_counter() - start
@@ -183,7 +181,8 @@ class SourceMigration:
         first stream's Header before it accepts the next stream), then wait for every Ready. Returns when each
         setup phase took (connect, handshake, kernels, ready), for the statistics."""
         phases: dict[str, float] = {"connect": 0.0, "handshake": 0.0}
-        header = self.header = self._header()
+        header = self.header = header_of(self.machine, codec=self.params.compression, streams=self.params.streams,
+                                         postcopy=self.params.postcopy)
         migration_id = self.migration_id
         count = self.params.streams
         pace = self._pace if self.params.bandwidth else None
@@ -241,19 +240,6 @@ class SourceMigration:
             transport.close()
             raise
         return stream
-
-    def _header(self) -> Header:
-        spec = self.machine.spec
-        return Header(
-            page_size=PAGE_SIZE,
-            slots=tuple(slot.layout for slot in self.machine.vm.slots.values()),
-            vcpus=spec.vcpus,
-            workload={"name": spec.name, "rate": spec.rate, "hot_fraction": spec.hot_fraction,
-                      "hot_weight": spec.hot_weight, "writes_per_iteration": spec.writes_per_iteration},
-            codec=self.params.compression,
-            streams=self.params.streams,
-            postcopy=self.params.postcopy,
-        )
 
     # --- pre-copy -----------------------------------------------------------------------------------
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dirtylog.migration.policy.postcopy import FaultStats
 from dirtylog.migration.policy.precopy import RoundStats
+
+# progress(kind, record): the engines' live reports ("setup", "round", "refused", ...), for CLIs and QMP.
+ProgressCallback = Callable[[str, dict[str, Any]], None]
 
 
 class MigrationStatus(enum.Enum):
