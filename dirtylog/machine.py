@@ -166,10 +166,10 @@ class Machine(guest.Machine):
             raise self._restoring.error
         super().check()
 
-    def start(self, vcpu_states: list[bytes] | None = None) -> None:
+    def start(self, vcpu_states: list[bytes] | None = None, *, paused: bool = False) -> None:
         if self._restoring is not None and self._restoring.error is not None:
             raise self._restoring.error
-        super().start(vcpu_states)
+        super().start(vcpu_states, paused=paused)
 
     def resume(self) -> None:
         if self._restoring is not None and self._restoring.error is not None:

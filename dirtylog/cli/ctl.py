@@ -22,6 +22,7 @@ from dirtylog.errors import DirtylogError
 from dirtylog.units import format_size
 
 ENDED = ("completed", "failed", "cancelled")
+POSTCOPY_STATES = ("postcopy-active", "postcopy-paused", "postcopy-recover")
 
 
 class CtlArgumentError(DirtylogError):
@@ -130,6 +131,7 @@ def watch_migration(client: QmpClient, interval: float, *, as_json: bool) -> int
     since = 0
     previous: dict[str, Any] | None = None
     waiting_said = False
+    last_postcopy: dict[str, Any] | None = None
     while True:
         info = client.execute("query-migrate")
         assert isinstance(info, dict)
@@ -150,6 +152,11 @@ def watch_migration(client: QmpClient, interval: float, *, as_json: bool) -> int
                 _show_round(record, rows, as_json)
             previous = info
         status = info.get("status")
+        if status in POSTCOPY_STATES:
+            record = postcopy_record(info)
+            if record != last_postcopy:
+                _show_postcopy(record, as_json)
+                last_postcopy = record
         if status is None and not waiting_said and not as_json:
             console.print("no migration yet; waiting for one to start")
             waiting_said = True
@@ -168,6 +175,35 @@ def _show_round(record: dict[str, Any], rows: RowPrinter, as_json: bool) -> None
         round_row(rows, record)
     else:
         console.print(f"switch-over: final {record['pages']:,} pages ({record['bytes'] / 1e6:,.1f} MB)")
+
+
+def postcopy_record(info: dict[str, Any]) -> dict[str, Any]:
+    """What post-copy's live view shows of a query-migrate answer: the source's pages owed, requests and bytes;
+    a destination's blocktime and fault latency (QEMU 10.1's members, when it reports them)."""
+    record: dict[str, Any] = {"status": info["status"]}
+    ram = info.get("ram")
+    if ram:
+        record.update({"remaining_pages": ram["remaining"] // max(ram["page-size"], 1),
+                       "postcopy_requests": ram["postcopy-requests"], "postcopy_bytes": ram["postcopy-bytes"]})
+    if "postcopy-latency" in info:
+        record.update({"postcopy_blocktime_ms": info.get("postcopy-blocktime", 0),
+                       "postcopy_latency_us": round(info["postcopy-latency"] / 1e3, 1),
+                       "faults": sum(info.get("postcopy-latency-dist", []))})
+    return record
+
+
+def _show_postcopy(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit_json({"event": "postcopy", **record})
+        return
+    parts = [record["status"]]
+    if "remaining_pages" in record:
+        parts.append(f"{record['remaining_pages']:,} pages owed, {record['postcopy_requests']:,} page requests, "
+                     f"{record['postcopy_bytes'] / 1e6:,.1f} MB since the switch")
+    if "postcopy_latency_us" in record:
+        parts.append(f"{record['faults']:,} faults answered, mean latency {record['postcopy_latency_us']:,.1f} us, "
+                     f"blocktime {record['postcopy_blocktime_ms']:,} ms")
+    console.print(parts[0] + (": " + "; ".join(parts[1:]) if len(parts) > 1 else ""))
 
 
 def _round_from_info(previous: dict[str, Any] | None, info: dict[str, Any]) -> dict[str, Any] | None:
@@ -198,6 +234,14 @@ def _summary(info: dict[str, Any], as_json: bool) -> None:
                  ("pages", f"{ram['normal']:,} sent with data, {ram['duplicate']:,} zero"),
                  ("dirty sync count", ram["dirty-sync-count"]),
                  ("dirty pages rate", f"{ram['dirty-pages-rate']:,} pages/s")]
+        if ram.get("postcopy-bytes"):
+            rows.append(("post-copy", f"{ram['postcopy-requests']:,} page requests, "
+                                      f"{format_size(ram['postcopy-bytes'])} after the switch"))
+    if "postcopy-latency" in info:
+        rows += [("fault latency", f"mean {info['postcopy-latency'] / 1e3:,.1f} us; per vCPU "
+                                   + ", ".join(f"{v / 1e3:,.1f}" for v in info["postcopy-vcpu-latency"]) + " us"),
+                 ("blocktime", f"{info['postcopy-blocktime']:,} ms all vCPUs at once; per vCPU "
+                               + ", ".join(f"{v:,}" for v in info["postcopy-vcpu-blocktime"]) + " ms")]
     if "error-desc" in info:
         rows.append(("error", info["error-desc"]))
     console.print(key_value_table(f"migration {info['status']}", rows))

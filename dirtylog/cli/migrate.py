@@ -22,7 +22,8 @@ from dirtylog.cli.options import (
     whole_number,
 )
 from dirtylog.cli.output import RowPrinter, console, emit_json, error_console, key_value_table
-from dirtylog.cli.plots import plot_series
+from dirtylog.cli.plots import PlotError, plot_series
+from dirtylog.cli.plots import plot_faults as draw_faults
 from dirtylog.cli.serve import add_qmp_argument, serve_incoming
 from dirtylog.guest.machine import State
 from dirtylog.machine import TRACKING_MODES, Machine
@@ -67,7 +68,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="give up when the source is silent this long")
     recv.add_argument("--accept-timeout", type=positive_duration_arg, default=None,
                       help="give up if no source connects")
+    recv.add_argument("--resume", metavar="ADDRESS", default=None,
+                      help="after a broken link in post-copy, listen here for the source to resume (default: where "
+                           "--listen listens, which stays open)")
+    recv.add_argument("--resume-timeout", type=positive_duration_arg, default=None,
+                      help="after a broken link in post-copy, wait this long for the source to resume (default: as "
+                           "long as the process lives: the VM is lost if nothing resumes it)")
     recv.add_argument("--json", action="store_true", help="JSON lines for machines")
+    recv.add_argument("--plot", metavar="FILE.png", help="draw post-copy's page faults over time and their latencies")
     add_qmp_argument(recv, "run the received VM (--duration does not apply)")
     recv.set_defaults(func=run_receive)
 
@@ -108,6 +116,17 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--auto-converge", action="store_true", help="throttle vCPUs when the guest outruns the link")
     group.add_argument("--dirty-limit", type=positive_int, default=None,
                        help="cap each vCPU's dirty rate (pages/s) when it outruns the link; needs --mode ring")
+    group.add_argument("--postcopy", action="store_true",
+                       help="when pre-copy stops converging, move the VM first and send the rest after, pages the "
+                            "guest touches on demand (QEMU's postcopy-ram)")
+    group.add_argument("--postcopy-after", type=whole_number(0), default=None, metavar="N",
+                       help="switch to post-copy after N rounds of pre-copy (0: at once; implies --postcopy)")
+    group.add_argument("--resume", metavar="ADDRESS", default=None,
+                       help="after a broken link in post-copy, reconnect here to resume (default: --to); the source "
+                            "retries every 0.5 s")
+    group.add_argument("--resume-timeout", type=positive_duration_arg, default=None,
+                       help="give up resuming a broken post-copy after this long (default: never: the destination "
+                            "needs this source's pages)")
 
 
 def run_keygen(args: argparse.Namespace) -> int:
@@ -126,7 +145,8 @@ def parameters_from_args(args: argparse.Namespace) -> MigrationParameters:
         downtime_limit=args.downtime_limit, bandwidth=args.bandwidth, max_time=args.max_time,
         on_timeout=args.on_timeout, streams=args.streams, zero_pages=args.zero_pages,
         compression=args.compression, mode=args.mode, auto_converge=args.auto_converge,
-        dirty_limit=args.dirty_limit, encrypt=args.encrypt)
+        dirty_limit=args.dirty_limit, encrypt=args.encrypt, postcopy=args.postcopy or args.postcopy_after is not None,
+        postcopy_after=args.postcopy_after, resume_to=args.resume, resume_timeout=args.resume_timeout)
 
 
 ROUND_COLUMNS = [("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
@@ -140,9 +160,21 @@ def round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
              f"{record.get('expected_downtime_ms', 0):,.1f}", f"{record['throttle_percentage']}%")
 
 
+POSTCOPY_COLUMNS = [("post-copy s", 11), ("owed", 10), ("pushed", 10), ("requested", 10), ("requests", 9),
+                    ("MB", 8)]
+
+
+def postcopy_row(rows: RowPrinter, record: dict[str, Any], elapsed: float) -> None:
+    """One row of post-copy's live view (the source's side)."""
+    rows.row(f"{elapsed:.2f}", f"{record['remaining']:,}", f"{record['pages_pushed']:,}",
+             f"{record['pages_requested']:,}", f"{record['requests']:,}", f"{record['bytes'] / 1e6:,.1f}")
+
+
 def run_migrate(args: argparse.Namespace) -> int:
     load_key(args.key_file)  # a bad key file, address or parameter fails before any VM starts
     parse_endpoint(args.to)
+    if args.resume:
+        parse_endpoint(args.resume)
     parameters_from_args(args)
     with machine_from_args(args, dirty_ring=args.mode == "ring") as machine:
         machine.start()
@@ -205,15 +237,31 @@ def keep_for_operator(machine: Machine, args: argparse.Namespace) -> int:
 def migrate_with_progress(machine: Machine, args: argparse.Namespace) -> MigrationStats | None:
     """Run the migration with live rows (or JSON lines); None when it failed (already reported)."""
     rows = RowPrinter(ROUND_COLUMNS)
+    postcopy_rows = RowPrinter(POSTCOPY_COLUMNS)
+    began = [0.0]
 
     def progress(kind: str, record: dict[str, Any]) -> None:
         if args.json:
             emit_json({**record, "event": kind})
         elif kind == "round":
             round_row(rows, record)
+        elif kind == "switchover" and record.get("postcopy"):
+            console.print(f"switch-over to post-copy: paused, {record['pages']:,} pages of the system area sent, "
+                          f"{record['pending']:,} pages owed to the destination, {record['paused_ms']:.1f} ms in")
         elif kind == "switchover":
             console.print(f"switch-over: paused, final {record['pages']:,} pages "
                           f"({record['bytes'] / 1e6:,.1f} MB) sent in {record['paused_ms']:.1f} ms")
+        elif kind == "postcopy":
+            began[0] = time.perf_counter()
+            console.print(f"post-copy: {escape(record.get('reason', ''))}")
+        elif kind == "postcopy-progress":
+            postcopy_row(postcopy_rows, record, time.perf_counter() - began[0])
+        elif kind == "postcopy-paused":
+            console.print(f"[yellow]post-copy paused[/yellow]: {escape(record['reason'])}; this source keeps "
+                          f"{record['remaining']:,} pages the destination lacks and reconnects to resume")
+        elif kind == "postcopy-resumed":
+            console.print(f"post-copy resumed at {escape(record['to'])} after {record['paused_ms']:.0f} ms; "
+                          f"{record['remaining']:,} pages still owed")
 
     try:
         stats = migrate(machine, args.to, key_file=args.key_file, parameters=parameters_from_args(args),
@@ -254,16 +302,72 @@ def print_stats(title: str, stats: MigrationStats) -> None:
         ("frames", "encrypted (AES-256-GCM)" if info["encrypted"] else "authenticated, not encrypted"),
         ("memory digest", info["digest"]),
     ]
+    postcopy = info.get("postcopy")
+    if postcopy:
+        rows += [
+            ("post-copy", f"{postcopy['pending_pages']:,} pages owed at the switch-over; "
+                          f"{postcopy['postcopy_time_ms'] or 0:,.1f} ms to the last page"),
+            ("pages pushed / requested", f"{postcopy['pages_pushed']:,} / {postcopy['pages_requested']:,} "
+                                         f"({postcopy['postcopy_requests']:,} requests)"),
+            ("recoveries", f"{postcopy['recoveries']} ({postcopy['paused_ms'] or 0:,.0f} ms paused)"),
+        ]
+        if "faults" in postcopy:
+            rows += [
+                ("faults", f"{postcopy['faults']:,} waited for the source, {postcopy['zero_faults']:,} zero pages"),
+                ("fault latency", f"mean {postcopy['postcopy_latency'] / 1e3:,.1f} us, median ~"
+                                  f"{postcopy['postcopy_latency_median_us']:,.0f} us; per vCPU "
+                                  + ", ".join(f"{v / 1e3:,.0f}" for v in postcopy["postcopy_vcpu_latency"]) + " us"),
+                ("blocktime", f"{postcopy['postcopy_blocktime']:,} ms all vCPUs at once; per vCPU "
+                              + ", ".join(f"{v:,}" for v in postcopy["postcopy_vcpu_blocktime"]) + " ms"),
+                ("latency histogram", histogram_text(postcopy["postcopy_latency_dist"])),
+            ]
     console.print(key_value_table(title, rows))
 
 
+def histogram_text(buckets: list[int]) -> str:
+    """QEMU's 24 power-of-two microsecond buckets, the non-empty ones: ``[128, 256) us: 40``."""
+    return ", ".join(f"[{format_us(1 << n)}, {format_us(2 << n)}): {count:,}" for n, count in enumerate(buckets)
+                     if count) or "no faults"
+
+
+def format_us(micros: int) -> str:
+    return f"{micros} us" if micros < 1000 else f"{micros / 1000:g} ms" if micros < 1_000_000 else \
+        f"{micros / 1e6:g} s"
+
+
 def plot_migration(path: str, stats: MigrationStats) -> None:
-    """Bytes remaining and dirty rate per round."""
+    """Bytes remaining and dirty rate per round; in post-copy, the pages still owed and the faults that reached
+    this source as requests, over time."""
+    if stats.postcopy and stats.postcopy_timeline:
+        start = stats.postcopy_started or 0.0
+        times = [start + t for t, _, _ in stats.postcopy_timeline]
+        counts = [n for _, _, n in stats.postcopy_timeline]
+        per_interval = [b - a for a, b in zip([0, *counts], counts, strict=False)]
+        points = [(r.start + r.seconds, r.dirty_pages * PAGE_SIZE / 1e6, r.bandwidth / 1e6) for r in stats.rounds]
+        points += [(t, owed * PAGE_SIZE / 1e6, 0.0) for t, (_, owed, _) in zip(times, stats.postcopy_timeline,
+                                                                               strict=True)]
+        plot_series(path, "live migration timeline (pre-copy rounds, then post-copy)", [p[0] for p in points],
+                    "seconds since start",
+                    [("remaining / owed", [p[1] for p in points], "MB"),
+                     ("faults sent to the source", [0] * len(stats.rounds) + per_interval, "requests per sample")])
+        return
     rounds = stats.rounds
     plot_series(path, "live migration timeline", [r.start + r.seconds for r in rounds], "seconds since start",
                 [("remaining", [r.dirty_pages * PAGE_SIZE / 1e6 for r in rounds], "MB"),
                  ("dirty rate", [r.dirty_rate for r in rounds], "pages/s"),
                  ("sent", [r.bandwidth / 1e6 for r in rounds], "MB/s")])
+
+
+def plot_faults(path: str, stats: MigrationStats) -> None:
+    """A destination's post-copy faults over time (per 10 ms) and their latencies (QEMU's buckets)."""
+    faults = stats.faults
+    if faults is None:
+        raise PlotError("--plot draws post-copy's page faults: this migration finished by pre-copy, without any")
+    starts, counts = faults.timeline(0.01)
+    if not starts:
+        starts, counts = [0.0], [0]
+    draw_faults(path, starts, counts, faults.histogram, width_ms=10)
+
 
 
 def run_receive(args: argparse.Namespace) -> int:
@@ -290,13 +394,26 @@ def run_receive(args: argparse.Namespace) -> int:
             emit_json({**record, "event": f"received-{kind}"})
         elif kind == "round":
             console.print(f"received round {record['round']}: {record['pages']:,} pages on stream 0")
+        elif kind == "postcopy":
+            console.print(f"post-copy: the VM runs here; {record['pending']:,} pages still to come, on demand or "
+                          "pushed")
+        elif kind == "postcopy-progress":
+            console.print(f"  post-copy: {record['remaining']:,} pages owed ({record['pages_pushed']:,} pushed, "
+                          f"{record['pages_requested']:,} requested), {record['faults']:,} faults "
+                          f"({record['waiting']} waiting), latency median ~{record['latency_median_us']:,.0f} us, "
+                          f"blocktime {record['blocktime_ms']:,.0f} ms")
+        elif kind == "postcopy-paused":
+            console.print(f"[yellow]post-copy paused[/yellow]: {escape(record['reason'])}; {record['remaining']:,} "
+                          "pages missing; vCPUs that touch them wait while the source reconnects")
+        elif kind == "postcopy-resumed":
+            console.print(f"post-copy resumed after {record['paused_ms']:.0f} ms; {record['missing']:,} pages missing")
         elif kind == "refused":
             error_console.print(f"refused a connection from {escape(record['peer'])}: {escape(record['reason'])}")
 
     try:
         received = receive(listener, key_file=args.key_file, io_timeout=args.timeout,
                            accept_timeout=args.accept_timeout, handshake_timeout=args.handshake_timeout,
-                           progress=progress)
+                           progress=progress, resume_timeout=args.resume_timeout, resume_listen=args.resume)
     except MigrationError as error:
         if args.json:
             emit_json({"event": "failed", "error": str(error)})
@@ -306,6 +423,10 @@ def run_receive(args: argparse.Namespace) -> int:
     finally:
         listener.close()
     machine = received.machine
+    if args.plot and received.stats.postcopy:
+        plot_faults(args.plot, received.stats)
+    elif args.plot and not args.json:
+        console.print("--plot: this migration finished by pre-copy: there are no page faults to draw")
     with machine:
         if not args.json:
             console.print(f"[green]verified[/green] digest {received.stats.digest}; the VM runs here now "

@@ -81,3 +81,34 @@ def plot_heatmap(path: str, title: str, x: Sequence[float], rows: Sequence[str],
         raise PlotError(f"cannot write plot {path!r}: {error.strerror}") from None
     finally:
         plt.close(figure)
+
+
+def plot_faults(path: str, starts: Sequence[float], counts: Sequence[int], histogram: Sequence[int],
+                width_ms: float) -> None:
+    """Post-copy's page faults over time (one bar per ``width_ms``) above their latency histogram (QEMU's
+    power-of-two microsecond buckets)."""
+    _check_path(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (timeline, latency) = plt.subplots(2, 1, figsize=(9, 5.4))
+    timeline.bar(list(starts), list(counts), width=width_ms / 1e3, align="edge")
+    timeline.set_xlabel("seconds since the switch-over")
+    timeline.set_ylabel(f"faults\n(per {width_ms:g} ms)")
+    timeline.grid(True, alpha=0.3)
+    labels = [f"{1 << n}" if n < 10 else f"{(1 << n) / 1000:g}m" for n in range(len(histogram))]
+    latency.bar(range(len(histogram)), list(histogram))
+    latency.set_xticks(range(len(histogram)), labels=labels, fontsize=7)
+    latency.set_xlabel("fault latency, from (us; m: ms)")
+    latency.set_ylabel("faults")
+    latency.grid(True, alpha=0.3)
+    figure.suptitle("post-copy page faults")
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as error:
+        raise PlotError(f"cannot write plot {path!r}: {error.strerror}") from None
+    finally:
+        plt.close(figure)

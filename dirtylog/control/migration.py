@@ -1,5 +1,6 @@
 """QEMU's migration commands on dirtylog's engine: parameters, capabilities, ``migrate`` and
-``migrate-incoming`` in the background, ``query-migrate`` while they run, ``migrate_cancel``, and the
+``migrate-incoming`` in the background, ``query-migrate`` while they run, ``migrate_cancel``, post-copy
+(``migrate-start-postcopy``, ``migrate-pause``, ``migrate-recover``, ``migrate`` with ``resume``), and the
 ``MIGRATION`` / ``MIGRATION_PASS`` events.
 
 Names, types and defaults are QEMU's (``qapi/migration.json``, QEMU 9.x) so that an operator's script
@@ -13,6 +14,8 @@ runs unchanged; each maps onto an argument of the engine:
 ``zero-page-detection``        ``none`` sends zero pages as data; ``legacy``/``multifd`` elide them
 ``auto-converge`` + ``cpu-throttle-*``, ``throttle-trigger-threshold``  QEMU's cpu-throttle
 ``dirty-limit`` + ``vcpu-dirty-limit`` (MB/s)  per-vCPU dirty-rate cap, measured from the dirty ring
+``postcopy-ram``               post-copy, started by ``migrate-start-postcopy`` (its requests always take a channel
+                               of their own: ``postcopy-preempt``; fault statistics always: ``postcopy-blocktime``)
 ``x-dirtylog-key-file``        the stream's pre-shared key (dirtylog authenticates every frame)
 ``x-dirtylog-mode``            which dirty log the source collects (log, clear, ring)
 =============================  =========================================================================
@@ -39,7 +42,8 @@ from dirtylog.control.vm import EventSink, RunState, VmControl
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine
-from dirtylog.migration import Listener, MigrationError, MigrationParameters, MigrationStatus, receive
+from dirtylog.migration import Listener, MigrationError, MigrationParameters, MigrationStatus
+from dirtylog.migration.engine.destination import DestinationMigration
 from dirtylog.migration.engine.source import SourceMigration
 from dirtylog.migration.keys import load_key
 from dirtylog.migration.policy.parameters import MAX_STREAMS
@@ -96,7 +100,8 @@ UNSUPPORTED_PARAMETERS: Final = (
     Member("avail-switchover-bandwidth", Unsupported("the switch-over uses the rate the link has shown", (0,)), True),
     Member("x-checkpoint-delay", Unsupported("there is no COLO"), True),
     Member("xbzrle-cache-size", Unsupported("pages are sent whole or compressed, never as XBZRLE deltas"), True),
-    Member("max-postcopy-bandwidth", Unsupported("dirtylog migrates by pre-copy only", (0,)), True),
+    Member("max-postcopy-bandwidth", Unsupported("post-copy shares max-bandwidth (its answers to page requests never "
+                                                 "wait on it)", (0,)), True),
     Member("multifd-zlib-level", Unsupported("there is no zlib compression; use zstd"), True),
     Member("multifd-qatzip-level", Unsupported("there is no QATzip compression; use zstd"), True),
     Member("multifd-zstd-level", Unsupported("zstd runs at level 1 (the fast level)", (1,)), True),
@@ -166,12 +171,12 @@ CAPABILITIES: Final = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks",
                        "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
                        "background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
                        "mapped-ram")
-SUPPORTED_CAPABILITIES: Final = frozenset({"auto-converge", "events", "multifd", "dirty-limit"})
+SUPPORTED_CAPABILITIES: Final = frozenset({"auto-converge", "events", "multifd", "dirty-limit", "postcopy-ram",
+                                           "postcopy-preempt", "postcopy-blocktime"})
 _CAPABILITY_NOTES: Final = {
     "zero-blocks": "it encodes zero blocks of block migration, and the guest has no disks; zero pages are "
                    "elided unless zero-page-detection is 'none'",
     "xbzrle": "pages are sent whole or compressed (multifd-compression), never as XBZRLE deltas",
-    "postcopy-ram": "dirtylog migrates by pre-copy only",
     "return-path": "dirtylog's stream always has a return path (the destination verifies and acknowledges)",
     "background-snapshot": "snapshots come from the snapshot tools, not from migrate",
 }
@@ -194,6 +199,11 @@ MIGRATE_INCOMING_ARGUMENTS: Final = Struct("migrate-incoming", (
     Member("channels", ListOf(Type()), True),
     Member("exit-on-error", Bool(), True),
 ))
+MIGRATE_RECOVER_ARGUMENTS: Final = Struct("migrate-recover", (Member("uri", Str()),))
+POSTCOPY_STATES: Final = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+#: The engines' progress records that change QEMU's post-copy status, and the status each means.
+POSTCOPY_PROGRESS: Final = {"postcopy": "postcopy-active", "postcopy-resumed": "postcopy-active",
+                            "postcopy-paused": "postcopy-paused", "postcopy-recover": "postcopy-recover"}
 QUERY_ROUNDS_ARGUMENTS: Final = Struct("x-dirtylog-query-migrate-rounds", (Member("since", Int(), True),))
 
 
@@ -246,6 +256,7 @@ class _Outgoing(_Job):
 @dataclass
 class _Incoming(_Job):
     listener: Listener | None = None
+    migration: DestinationMigration | None = None
     socket_address: list[dict[str, str]] = field(default_factory=list)
     exit_on_error: bool = True
 
@@ -277,6 +288,9 @@ class MigrationControl:
         table.add("migrate", self.migrate, MIGRATE_ARGUMENTS)
         table.add("migrate-incoming", self.migrate_incoming, MIGRATE_INCOMING_ARGUMENTS)
         table.add("migrate_cancel", self.migrate_cancel)
+        table.add("migrate-start-postcopy", self.start_postcopy)
+        table.add("migrate-recover", self.migrate_recover, MIGRATE_RECOVER_ARGUMENTS)
+        table.add("migrate-pause", self.migrate_pause)
         table.add("query-migrate", self.query_migrate)
         table.add("migrate-set-parameters", self.set_parameters, MIGRATION_PARAMETERS)
         table.add("query-migrate-parameters", self.query_parameters)
@@ -342,10 +356,18 @@ class MigrationControl:
         with self._lock, self.vm.lock:
             if self.vm.state is RunState.INMIGRATE:
                 raise QmpError("Guest is waiting for an incoming migration")
+            job = self.outgoing
+            if args.get("resume"):
+                if job is None or job.status != "postcopy-paused" or job.migration is None:
+                    raise QmpError("Cannot resume if there is no paused migration")
+                to = migration_address(args.get("uri"), args.get("channels"))
+                try:
+                    job.migration.resume(to)
+                except DirtylogError as error:
+                    raise QmpError(str(error)) from None
+                return {}
             if self.active:
                 raise QmpError(MIGRATION_ACTIVE)
-            if args.get("resume"):
-                raise QmpError("Cannot resume if there is no paused migration")
             to = migration_address(args.get("uri"), args.get("channels"))
             if self.vm.state is RunState.POSTMIGRATE:
                 raise QmpError("Can't migrate the vm that was paused due to previous migration")
@@ -377,6 +399,7 @@ class MigrationControl:
         multifd = caps["multifd"]
         compression = {"none": "none", "zstd": "zstd", "x-dirtylog-lz4": "lz4"}[p["multifd-compression"]]
         params = MigrationParameters(
+            postcopy=caps["postcopy-ram"], postcopy_on_request=True,  # QEMU's: only migrate-start-postcopy starts it
             downtime_limit=p["downtime-limit"] / 1e3,
             bandwidth=float(p["max-bandwidth"]) or None,
             auto_converge=caps["auto-converge"],
@@ -408,6 +431,8 @@ class MigrationControl:
         elif kind == "switchover":
             self.vm.transition(RunState.FINISH_MIGRATE, "STOP")
             self._pass_event(stats.dirty_sync_count)
+        elif kind in POSTCOPY_PROGRESS:
+            self._postcopy_status(job, kind)
 
     def _run_outgoing(self, job: _Outgoing) -> None:
         assert job.migration is not None
@@ -434,10 +459,73 @@ class MigrationControl:
                 self.vm.transition(RunState.POSTMIGRATE)
             self._status_event(status)
 
+    def _postcopy_status(self, job: _Job, kind: str) -> None:
+        """QEMU's post-copy statuses, and their MIGRATION events, from the engine's progress records."""
+        status = POSTCOPY_PROGRESS[kind]
+        with self._lock:
+            if job.running and job.status != status:
+                job.status = status
+                self._status_event(status)
+
+    def _postcopy_arrived(self, job: _Incoming) -> None:
+        """The post-copy commit on the destination: the VM is this monitor's from now on, running (RESUME) unless
+        told to stop before it arrived, while its pages still come (QEMU starts it in postcopy-active too)."""
+        assert job.migration is not None and job.migration.machine is not None
+        with self._lock, self.vm.lock:
+            self.vm.machine = cast(Machine, job.migration.machine)  # the Listener builds Machines
+            self.vm.transition(RunState.RUNNING if self.vm.autostart else RunState.PAUSED,
+                               "RESUME" if self.vm.autostart else None)
+        self._postcopy_status(job, "postcopy")
+
+    def start_postcopy(self, args: dict[str, Any]) -> JsonValue:
+        """Switch the outgoing migration to post-copy at its next batch (QEMU's migrate-start-postcopy)."""
+        with self._lock:
+            if not self.capabilities["postcopy-ram"]:
+                raise QmpError("Enable postcopy with migrate_set_capability before the start of migration")
+            job = self.outgoing
+            if job is None or job.migration is None:
+                raise QmpError("Postcopy must be started after migration has been started")
+            job.migration.start_postcopy()  # harmless once the migration has switched over or ended, as in QEMU
+        return {}
+
+    def migrate_recover(self, args: dict[str, Any]) -> JsonValue:
+        """A paused post-copy destination waits for the source at ``uri`` from now on (QEMU's migrate-recover)."""
+        with self._lock:
+            job = self.incoming
+            if job is None or job.migration is None or job.status != "postcopy-paused":
+                raise QmpError("Migrate recover can only be run when postcopy is paused.")
+            address = migration_address(args.get("uri"), None)
+            try:
+                listening = job.migration.recover(address)
+            except DirtylogError as error:
+                raise QmpError(str(error)) from None
+            job.socket_address = socket_address(parse_endpoint(listening))
+        return {}
+
+    def migrate_pause(self, args: dict[str, Any]) -> JsonValue:
+        """Break the post-copy link on purpose, on either end; both pause, to be resumed (QEMU's migrate-pause)."""
+        with self._lock:
+            engine: SourceMigration | DestinationMigration | None = None
+            if self.outgoing is not None and self.outgoing.status in ("postcopy-active", "postcopy-recover"):
+                engine = self.outgoing.migration
+            elif self.incoming is not None and self.incoming.status in ("postcopy-active", "postcopy-recover"):
+                engine = self.incoming.migration
+            if engine is None:
+                raise QmpError("migrate-pause is currently only supported during postcopy-active or "
+                               "postcopy-recover state")
+            try:
+                engine.pause_link()
+            except DirtylogError as error:
+                raise QmpError(str(error)) from None
+        return {}
+
     def migrate_cancel(self, args: dict[str, Any]) -> JsonValue:
         """Cancel the outgoing migration (a no-op without one); the source keeps running."""
         with self._lock:
             job = self.outgoing
+            if job is not None and job.running and job.status in POSTCOPY_STATES:
+                raise QmpError("Postcopy migration in progress, cannot cancel: the destination runs the VM and needs "
+                               "this source's pages (migrate-pause breaks the link, to be resumed)")
             if job is not None and job.running and job.status in ("setup", "active") and job.migration is not None:
                 job.status = "cancelling"
                 self._status_event("cancelling")
@@ -481,14 +569,23 @@ class MigrationControl:
                     self._status_event("active")
             elif kind == "round":
                 job.rounds.append(qmp_keys(record))
+            elif kind == "postcopy":
+                self._postcopy_arrived(job)
+            elif kind in POSTCOPY_PROGRESS:
+                self._postcopy_status(job, kind)
 
         try:
-            received = receive(job.listener, key_file=key_file, io_timeout=self.io_timeout,
-                               handshake_timeout=self.handshake_timeout, progress=progress)
-        except MigrationError as failure:
-            with self._lock:
+            # As QEMU's -S: a destination told to stop before the VM arrives starts it paused, in post-copy too.
+            job.migration = DestinationMigration(job.listener, load_key(key_file), io_timeout=self.io_timeout,
+                                                 accept_timeout=None, handshake_timeout=self.handshake_timeout,
+                                                 progress=progress, start_paused=not self.vm.autostart)
+            received = job.migration.run()
+        except DirtylogError as failure:
+            with self._lock, self.vm.lock:
                 job.ended = time.perf_counter()
                 job.status, job.error = "failed", str(failure)
+                if self.vm.machine is not None:  # it ran here in post-copy, and its missing pages will not come
+                    self.vm.transition(RunState.INTERNAL_ERROR, "STOP")
                 self._status_event("failed")
             if job.exit_on_error:
                 self.on_incoming_failure(str(failure))
@@ -498,11 +595,14 @@ class MigrationControl:
         with self._lock, self.vm.lock:
             job.ended = time.perf_counter()
             job.status = "completed"
+            postcopy = self.vm.machine is not None  # post-copy ran it here from the switch-over on (or paused it)
             machine = cast(Machine, received.machine)  # the Listener builds Machines (machine_class above)
             self.vm.machine = machine
             self.parameters["x-dirtylog-mode"] = default_parameters(machine)["x-dirtylog-mode"]
             self._status_event("completed")
-            if self.vm.autostart:
+            if postcopy:
+                pass
+            elif self.vm.autostart:
                 self.vm.transition(RunState.RUNNING, "RESUME")
             else:
                 received.machine.pause()  # QEMU would not start it at all; here it ran a moment
@@ -519,7 +619,8 @@ class MigrationControl:
                                      downtime_limit=outgoing.downtime_limit, multifd=outgoing.multifd,
                                      error=outgoing.error)
             if incoming is not None:
-                return incoming_info(incoming.status, incoming.socket_address, incoming.error)
+                stats = incoming.migration.stats if incoming.migration is not None else None
+                return incoming_info(incoming.status, incoming.socket_address, incoming.error, stats)
             return {}
 
     def query_rounds(self, args: dict[str, Any]) -> JsonValue:

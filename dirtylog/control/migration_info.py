@@ -15,8 +15,9 @@ from typing import Any
 from dirtylog.migration import MigrationStats
 from dirtylog.migration.transports import Endpoint
 
-ACTIVE_STATES = frozenset({"setup", "active", "cancelling"})
-RAM_STATES = frozenset({"active", "cancelling", "completed"})
+POSTCOPY_STATES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+ACTIVE_STATES = frozenset({"setup", "active", "cancelling"}) | POSTCOPY_STATES
+RAM_STATES = frozenset({"active", "cancelling", "completed"}) | POSTCOPY_STATES
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,13 @@ def ram_stats(stats: MigrationStats, timing: Timing, *, multifd: bool) -> dict[s
         "dirty-pages-rate": round(stats.dirty_pages_rate),
         "mbps": round(throughput * 8 / 1e6, 3),
         "dirty-sync-count": stats.dirty_sync_count,
-        "postcopy-requests": 0,
+        "postcopy-requests": stats.postcopy_requests,
         "page-size": stats.page_size,
         "multifd-bytes": stats.transferred if multifd else 0,
         "pages-per-second": round(pages_per_second),
-        "precopy-bytes": stats.transferred - final_bytes,
+        "precopy-bytes": stats.transferred - final_bytes - stats.postcopy_bytes,
         "downtime-bytes": final_bytes,
-        "postcopy-bytes": 0,
+        "postcopy-bytes": stats.postcopy_bytes,
         "dirty-sync-missed-zero-copy": 0,
     }
 
@@ -95,11 +96,15 @@ def socket_address(endpoint: Endpoint) -> list[dict[str, str]]:
     return []
 
 
-def incoming_info(status: str, address: list[dict[str, str]], error: str = "") -> dict[str, Any]:
-    """The destination side's MigrationInfo: QEMU reports the state and where it listens, not the RAM."""
+def incoming_info(status: str, address: list[dict[str, str]], error: str = "",
+                  stats: MigrationStats | None = None) -> dict[str, Any]:
+    """The destination side's MigrationInfo: QEMU reports the state and where it listens, not the RAM; and, once
+    post-copy ran, its blocktime and fault latencies (QEMU 10.1's postcopy-blocktime members)."""
     info: dict[str, Any] = {"status": status}
     if address:
         info["socket-address"] = address
+    if stats is not None and stats.faults is not None:
+        info.update(stats.faults.as_qmp())
     if status == "failed" and error:
         info["error-desc"] = error
     return info

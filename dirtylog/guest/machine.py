@@ -304,6 +304,11 @@ class Machine:
         return self._runner.vcpus if self._runner is not None else []
 
     @property
+    def vcpu_thread_ids(self) -> list[int]:
+        """The kernel's thread id of each vCPU's host thread (0 until it runs)."""
+        return self._runner.thread_ids if self._runner is not None else []
+
+    @property
     def throttle(self) -> float:
         """Fraction of the time every vCPU is held outside the guest (:meth:`set_throttle`)."""
         return self._runner.throttle if self._runner is not None else 0.0
@@ -365,9 +370,10 @@ class Machine:
             self.load_vcpu_state(index, state)
         self._states_loaded = True
 
-    def start(self, vcpu_states: list[bytes] | None = None) -> None:
+    def start(self, vcpu_states: list[bytes] | None = None, *, paused: bool = False) -> None:
         """Create the vCPUs and run the guest, one host thread per vCPU; with ``vcpu_states`` (or after
-        :meth:`load_vcpu_states`) the vCPUs continue where a paused machine stopped."""
+        :meth:`load_vcpu_states`) the vCPUs continue where a paused machine stopped. ``paused``: the threads
+        start parked, before the guest runs (QEMU's ``-S``); :meth:`resume` runs it."""
         with self._transition:
             if self.state is not State.CREATED:
                 raise MachineError(f"start() needs a new machine; this one is {self.state.value}")
@@ -376,8 +382,8 @@ class Machine:
             self.create_vcpus()
             if not self._states_loaded:
                 self._write_timing()
-            self._threads().start()
-            self.state = State.RUNNING
+            self._threads().start(paused)
+            self.state = State.PAUSED if paused else State.RUNNING
 
     def pause(self) -> None:
         """Stop every vCPU outside the guest with its registers saved; returns when all are parked."""

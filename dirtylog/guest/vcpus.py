@@ -92,12 +92,21 @@ class VcpuThreads:
     def vcpus(self) -> list[Vcpu]:
         return [entry.vcpu for entry in self._threads]
 
-    def start(self) -> None:
-        """One host thread per vCPU, each entering the guest at once."""
-        self._request = _Request.RUN
+    @property
+    def thread_ids(self) -> list[int]:
+        """The kernel's thread id of each vCPU's thread (0 before it started): what a userfaultfd reports as the
+        thread that faulted."""
+        return [entry.thread.native_id or 0 if entry.thread is not None else 0 for entry in self._threads]
+
+    def start(self, paused: bool = False) -> None:
+        """One host thread per vCPU, each entering the guest at once; or, ``paused``, parking before the guest
+        runs one instruction (``resume`` lets them in)."""
+        self._request = _Request.PAUSE if paused else _Request.RUN
         for index, entry in enumerate(self._threads):
             entry.thread = threading.Thread(target=self._loop, args=(index,), name=f"vcpu{index}", daemon=True)
             entry.thread.start()
+        if paused:
+            self._wait_until(lambda: all(t.parked or t.done.is_set() for t in self._threads), "pause")
 
     def pause(self) -> None:
         """Park every thread outside the guest with its registers saved."""

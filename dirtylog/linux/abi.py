@@ -49,6 +49,9 @@ SYS_tgkill = 234
 SYS_userfaultfd = 323
 SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
+SYS_process_madvise = 440
+
+MADV_DONTNEED = 4  # include/uapi/asm-generic/mman-common.h
 
 # The two bytes of x86-64 ``syscall`` (0f 05): what injection executes inside a target.
 SYSCALL_INSTRUCTION = b"\x0f\x05"

@@ -44,3 +44,9 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
 def ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
     """The raw ``ptrace`` system call (not glibc's wrapper, whose PEEK requests differ)."""
     return syscall(abi.SYS_ptrace, request, pid, addr, data)
+
+
+def process_madvise(pidfd: int, iovec: int, count: int, advice: int) -> int:
+    """``process_madvise(pidfd, iovec, count, advice, 0)`` (Linux 5.10; every advice on one's own memory since
+    6.13): ``count`` ``struct iovec`` at address ``iovec``; returns the bytes advised."""
+    return syscall(abi.SYS_process_madvise, pidfd, iovec, count, advice, 0)

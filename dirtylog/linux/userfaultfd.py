@@ -240,17 +240,57 @@ class Userfaultfd:
             data = np.ascontiguousarray(data)
         self._check_range(dst, data.size, "copy")
         mode = (abi.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0) | (abi.UFFDIO_COPY_MODE_WP if wp else 0)
-        request = abi.uffdio_copy(dst=dst, src=data.ctypes.data, len=data.size, mode=mode)
-        self._retrying(abi.UFFDIO_COPY, request, "UFFDIO_COPY")
-        return int(request.copy)
+        return self._copy_from(dst, data.ctypes.data, data.size, mode, skip_present=False)
+
+    def copy_missing(self, dst: int, src: Buffer, *, dontwake: bool = False) -> int:
+        """:meth:`copy`, except that pages already present at ``dst`` are left as they are instead of refused:
+        the pages of ``src`` fill only the holes. Returns the bytes installed. For a handler that races with
+        another installer of the same pages (the first copy of a page wins)."""
+        data = np.frombuffer(src, dtype=np.uint8) if not isinstance(src, np.ndarray) else src
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        self._check_range(dst, data.size, "copy")
+        mode = abi.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0
+        return self._copy_from(dst, data.ctypes.data, data.size, mode, skip_present=True)
+
+    def _copy_from(self, dst: int, src: int, length: int, mode: int, *, skip_present: bool) -> int:
+        # The kernel copies page by page; stopped part way (EAGAIN: the address space changed, or a page it met
+        # was present), it says how far it got in ``copy``: go on from there, skipping a present page if allowed.
+        installed = done = 0
+        for _ in range(100 + length // PAGE_SIZE):
+            if done >= length:
+                return installed
+            request = abi.uffdio_copy(dst=dst + done, src=src + done, len=length - done, mode=mode)
+            try:
+                self._ioctl(abi.UFFDIO_COPY, request, "UFFDIO_COPY")
+                return installed + length - done
+            except UserfaultfdError as error:
+                progress = max(int(request.copy), 0)
+                installed, done = installed + progress, done + progress
+                if error.errno == errno.EEXIST and skip_present:
+                    done += PAGE_SIZE
+                elif error.errno != errno.EAGAIN:
+                    raise
+        raise UserfaultfdError("UFFDIO_COPY kept failing with EAGAIN (the mapping keeps changing)", errno.EAGAIN)
 
     def zeropage(self, start: int, length: int, *, dontwake: bool = False) -> int:
         """Map zero pages over missing memory and wake its waiters (unless ``dontwake``); returns bytes mapped."""
         self._check_range(start, length, "zeropage")
-        request = abi.uffdio_zeropage(range=abi.uffdio_range(start, length),
-                                      mode=abi.UFFDIO_ZEROPAGE_MODE_DONTWAKE if dontwake else 0)
-        self._retrying(abi.UFFDIO_ZEROPAGE, request, "UFFDIO_ZEROPAGE")
-        return int(request.zeropage)
+        mode = abi.UFFDIO_ZEROPAGE_MODE_DONTWAKE if dontwake else 0
+        mapped = done = 0
+        for _ in range(100 + length // PAGE_SIZE):
+            if done >= length:
+                return mapped
+            request = abi.uffdio_zeropage(range=abi.uffdio_range(start + done, length - done), mode=mode)
+            try:
+                self._ioctl(abi.UFFDIO_ZEROPAGE, request, "UFFDIO_ZEROPAGE")
+                return mapped + length - done
+            except UserfaultfdError as error:
+                progress = max(int(request.zeropage), 0)  # part of the range done before the kernel stopped
+                mapped, done = mapped + progress, done + progress
+                if error.errno != errno.EAGAIN:
+                    raise
+        raise UserfaultfdError("UFFDIO_ZEROPAGE kept failing with EAGAIN (the mapping keeps changing)", errno.EAGAIN)
 
     def wake(self, start: int, length: int) -> None:
         """Wake the threads waiting on faults in the range (after resolving them with ``dontwake``)."""
@@ -314,14 +354,3 @@ class Userfaultfd:
             if code == errno.ESRCH:
                 raise ProcessExitedError(f"{what}: {self.owner} has exited (its memory is gone)", code) from None
             raise UserfaultfdError(f"{what} failed: {describe_errno(code)}", code) from None
-
-    def _retrying(self, request: int, arg: ctypes.Structure, what: str) -> None:
-        # EAGAIN: the address space changed under the call (the kernel asks to retry, as QEMU does).
-        for _ in range(100):
-            try:
-                self._ioctl(request, arg, what)
-                return
-            except UserfaultfdError as error:
-                if error.errno != errno.EAGAIN:
-                    raise
-        raise UserfaultfdError(f"{what} kept failing with EAGAIN (the mapping keeps changing)", errno.EAGAIN)

@@ -138,7 +138,7 @@ def test_dirty_limit_needs_a_dirty_ring_and_excludes_auto_converge(monitors: Mon
     states = {c["capability"]: c["state"] for c in ring_client.cmd("query-migrate-capabilities")}
     assert states["dirty-limit"] and not states["auto-converge"] and len(states) >= 22
     assert "not supported by dirtylog" in error_of(
-        ring_client, "migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+        ring_client, "migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True}])
 
 
 def test_migrate_without_a_key_says_how_to_give_one(monitors: Monitors) -> None:

@@ -157,3 +157,47 @@ def test_several_slots_cover_the_memory() -> None:
         assert sum(s.memory_size for s in machine.vm.slots.values()) == 64 << 20
         machine.start()
         wait_for(lambda: min(machine.iterations) >= 1, what="a pass over all slots")
+
+
+def test_a_machine_may_start_paused_before_the_guest_runs_an_instruction() -> None:
+    """QEMU's -S: the vCPU threads start parked, the guest has written nothing, and resume runs it."""
+    with Machine("64M", vcpus=2, workload="sequential") as machine:
+        machine.start(paused=True)
+        assert machine.state is State.PAUSED
+        time.sleep(0.05)
+        assert machine.progress == 0
+        assert all(tid > 0 for tid in machine.vcpu_thread_ids)  # the threads exist (a userfaultfd names them)
+        machine.resume()
+        wait_for(lambda: machine.progress > 1000, what="the guest to run after resume")
+
+
+def test_discarded_pages_read_as_zero_again_and_huge_pages_can_be_turned_off() -> None:
+    import numpy as np
+
+    from dirtylog.guest.memory import GuestMemory
+
+    memory = GuestMemory(64 << 20)
+    memory.pages[:] = 7
+    starts = np.array([3, 100, 4000], dtype=np.uint64)
+    lengths = np.array([1, 50, 2], dtype=np.uint64)
+    memory.huge_pages(False)
+    memory.discard(starts, lengths)
+    gone = np.zeros(memory.npages, dtype=bool)
+    for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+        gone[start:start + length] = True
+    assert not memory.pages[gone].any() and (memory.pages[~gone] == 7).all()
+    with pytest.raises(GuestMemoryError, match="go past guest memory"):
+        memory.discard(np.array([memory.npages - 1], dtype=np.uint64), np.array([2], dtype=np.uint64))
+    memory.huge_pages(True)
+    memory.close()
+
+
+def test_guest_memory_closes_twice_while_a_view_still_holds_it() -> None:
+    from dirtylog.guest.memory import GuestMemory
+
+    memory = GuestMemory(4 << 20)
+    view = memory.pages[3]  # e.g. a post-copy source still holding its pages after the machine stopped
+    view[:] = 9
+    memory.close()
+    memory.close()  # a machine stopped by its monitor, then by its `with` block
+    assert view[0] == 9 and not hasattr(memory, "bytes")

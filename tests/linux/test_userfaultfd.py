@@ -207,3 +207,17 @@ def test_thread_id_and_messages_as_records(area: Area) -> None:
         assert int(messages["arg2"][0]) & 0xFFFFFFFF == thread.native_id
         uffd.zeropage(area.page(7), PAGE_SIZE)
         thread.join(5)
+
+
+def test_copy_missing_fills_the_holes_and_leaves_present_pages_alone(area: Area) -> None:
+    """Two installers racing on the same pages (post-copy's push and its answers): the first copy of a page wins,
+    the later one skips it instead of failing, and says how much it installed."""
+    with Userfaultfd.create() as uffd:
+        uffd.api()
+        uffd.register(area.address, area.size, missing=True)
+        uffd.copy(area.page(2), np.full(PAGE_SIZE, 5, dtype=np.uint8))
+        uffd.copy(area.page(5), np.full(PAGE_SIZE, 5, dtype=np.uint8))
+        data = np.full(6 * PAGE_SIZE, 9, dtype=np.uint8)
+        assert uffd.copy_missing(area.page(1), data) == 4 * PAGE_SIZE
+        assert area.bytes[PAGE_SIZE:7 * PAGE_SIZE:PAGE_SIZE].tolist() == [9, 5, 9, 9, 5, 9]  # pages 0, 7: missing
+        assert uffd.copy_missing(area.page(1), data[:PAGE_SIZE]) == 0  # all present: nothing to do

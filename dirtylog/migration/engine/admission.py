@@ -24,6 +24,7 @@ from dirtylog.migration.protocol.acceptance import HeaderAcceptance
 from dirtylog.migration.protocol.connection import DestinationConnection
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import AbortCode, Header, Hello
+from dirtylog.migration.protocol.events import Channel as Carries
 from dirtylog.migration.transports import Channel, ChannelListener, ListenerExhaustedError
 
 #: Handshakes in progress at once; more connections than this are closed on arrival (and reported).
@@ -43,6 +44,14 @@ class Admitted:
     header: Header
 
 
+@dataclass(frozen=True)
+class Resumption:
+    """The paused post-copy migration an admission waits for: its id and its Header."""
+
+    migration_id: bytes
+    header: Header
+
+
 @dataclass
 class _Refused:
     peer: str
@@ -53,7 +62,8 @@ class Admission:
     """Accept connections on ``transport`` until every stream of one migration is in."""
 
     def __init__(self, transport: ChannelListener, key: bytes, acceptance: HeaderAcceptance, *, io_timeout: float,
-                 handshake_timeout: float, on_refused: RefusalCallback) -> None:
+                 handshake_timeout: float, on_refused: RefusalCallback, resumption: Resumption | None = None) -> None:
+        self.resumption = resumption
         self.transport = transport
         self.key = key
         self.acceptance = acceptance
@@ -73,7 +83,7 @@ class Admission:
         """The streams of the first migration to authenticate, by index; MigrationError if none came in time
         (``accept_timeout``; None waits for ever) or its other streams never came."""
         waited_since = time.monotonic()
-        admitted: dict[int, Admitted] = {}
+        admitted: dict[tuple[Carries, int], Admitted] = {}
         first: Admitted | None = None
         first_at = 0.0
         # Connections are accepted on a thread of their own, so that a stream admitted is taken at once, not
@@ -81,13 +91,16 @@ class Admission:
         acceptor = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
         acceptor.start()
         try:
-            while first is None or len(admitted) < first.hello.stream_count:
+            while first is None or len(admitted) < _needed(first):
                 now = time.monotonic()
                 if first is None and accept_timeout is not None and now - waited_since > accept_timeout:
                     raise MigrationError(f"no source authenticated within {accept_timeout:g} s")
                 if first is not None and now - first_at > self.io_timeout:
-                    missing = sorted(set(range(first.hello.stream_count)) - set(admitted))
-                    raise MigrationError(f"parallel stream(s) {missing} of the migration never connected")
+                    missing = sorted(set(range(first.hello.stream_count)) - {i for c, i in admitted
+                                                                             if c is Carries.STREAM})
+                    if missing:
+                        raise MigrationError(f"parallel stream(s) {missing} of the migration never connected")
+                    raise MigrationError("the post-copy channel of the migration never connected")
                 if self._failure is not None:
                     raise MigrationError(self._failure)
                 if self._exhausted:
@@ -112,7 +125,7 @@ class Admission:
                         continue
                     if first is None:
                         first, first_at = result, time.monotonic()
-                    admitted[result.hello.stream_index] = result
+                    admitted[_key(result)] = result
         except BaseException:
             for entry in admitted.values():
                 entry.stream.abort("the destination gave up waiting for the migration's streams", AbortCode.INTERNAL)
@@ -120,7 +133,7 @@ class Admission:
             raise
         finally:
             self._end_handshakes()  # the acceptor ends by itself within POLL; what it accepts meanwhile is closed
-        return [admitted[index] for index in sorted(admitted)]
+        return [admitted[key] for key in sorted(admitted, key=lambda k: (k[0] is Carries.POSTCOPY, k[1]))]
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set() and not self._exhausted:
@@ -149,14 +162,24 @@ class Admission:
                 late.stream.abort("the destination is no longer admitting streams", AbortCode.PROTOCOL)
                 late.stream.close()
 
-    def _refusal(self, result: Admitted, first: Admitted | None, admitted: dict[int, Admitted]) -> str | None:
+    def _refusal(self, result: Admitted, first: Admitted | None,
+                 admitted: dict[tuple[Carries, int], Admitted]) -> str | None:
         """Why an authenticated stream cannot join the migration being received, or None."""
+        hello, waited = result.hello, self.resumption
+        if waited is None and hello.resume:
+            return "there is no paused post-copy migration to resume here"
+        if waited is not None:
+            if not hello.resume or hello.migration_id != waited.migration_id:
+                return "this destination waits for a paused post-copy migration to resume; no other migration"
+            if result.header != waited.header:
+                return "the resumed migration's Header differs from the one it began with"
         if first is None:
             return None
-        if result.hello.migration_id != first.hello.migration_id:
+        if hello.migration_id != first.hello.migration_id:
             return "another migration is being received here; one at a time"
-        if result.hello.stream_index in admitted:
-            return f"stream {result.hello.stream_index} of this migration is already connected"
+        if _key(result) in admitted:
+            what = "post-copy channel" if hello.channel is Carries.POSTCOPY else f"stream {hello.stream_index}"
+            return f"the {what} of this migration is already connected"
         if result.header != first.header:
             return f"stream {result.hello.stream_index} sent a different Header than stream {first.hello.stream_index}"
         return None
@@ -229,6 +252,15 @@ class Admission:
                 self.connected_at = connected_at
             self._results.put(result)
             return True
+
+
+def _key(entry: Admitted) -> tuple[Carries, int]:
+    return entry.hello.channel, entry.hello.stream_index
+
+
+def _needed(first: Admitted) -> int:
+    """Connections the migration of ``first`` opens: its streams, and its post-copy channel if it may need one."""
+    return first.hello.stream_count + (1 if first.header.postcopy else 0)
 
 
 def _left(deadline: float) -> float:

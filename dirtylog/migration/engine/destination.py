@@ -4,6 +4,12 @@ A destination never resumes a partial VM. It builds a blank machine from the sou
 page batches as they come (a page sent in two rounds on two streams keeps the later round's copy), and
 only when every stream has completed, the memory digest matches the source's, and the source has
 committed does it load the vCPU states and run the guest. Any failure before that discards the copy.
+
+A post-copy migration (PostcopyStart instead of Complete) hands the VM over before all of its memory: the pages
+kept are verified, the owed ones dropped and put under userfaultfd (``engine/postcopy_destination.py``), the
+source commits, and the guest runs while the rest arrives, on demand and pushed. A broken link then pauses the
+migration instead of failing it: the destination listens for the source to resume (on its listener, or where
+:meth:`DestinationMigration.recover` says), tells it which pages it still lacks, and goes on.
 """
 
 from __future__ import annotations
@@ -15,13 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.host import host_architecture
 from dirtylog.guest.machine import Machine, State
 from dirtylog.guest.memory import host_memory_bytes, plan_slots
 from dirtylog.kvm.system import Kvm
-from dirtylog.migration.engine.admission import Admission
+from dirtylog.migration.engine.admission import Admission, Resumption
+from dirtylog.migration.engine.postcopy_destination import LINK_CODES, PostcopyDestination
 from dirtylog.migration.engine.streams import Stream, close_aborted
+from dirtylog.migration.engine.urgency import short_switch_interval
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.keys import load_key
 from dirtylog.migration.payload.digest import load_kernels
@@ -35,10 +46,14 @@ from dirtylog.migration.protocol.events import (
     NEED_DATA,
     Abort,
     AbortCode,
+    Channel,
     Commit,
     Complete,
     Header,
+    Missing,
     PageBatch,
+    PostcopyPages,
+    PostcopyStart,
     Ready,
     Resumed,
     RoundEnd,
@@ -49,6 +64,7 @@ from dirtylog.migration.transports import ChannelListener, Endpoint, listen, par
 from dirtylog.units import PAGE_SIZE
 
 SCRATCH_BYTES = 4096
+PROGRESS_INTERVAL = 0.2  # seconds between progress records in post-copy
 
 
 @dataclass
@@ -135,7 +151,8 @@ def exposure_warning(endpoint: Endpoint) -> str | None:
 def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = None, max_memory: int | None = None,
             io_timeout: float = 30.0, accept_timeout: float | None = None, handshake_timeout: float = 5.0,
             progress: ProgressCallback | None = None, before_resume: Callable[[Machine], None] | None = None,
-            machine_class: type[Machine] = Machine) -> Received:
+            machine_class: type[Machine] = Machine, start_paused: bool = False, resume_timeout: float | None = None,
+            resume_listen: str | None = None) -> Received:
     """Accept one migration at ``listen_on`` and return the running machine (a ``machine_class``, which a
     Listener given here already chose).
 
@@ -145,7 +162,10 @@ def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = No
     the listener goes on until a source authenticates or ``accept_timeout`` passes. Raises
     :class:`MigrationError` if the migration fails; nothing is resumed here then, and the source keeps the VM.
     ``before_resume`` sees the verified machine after the source committed and before its vCPUs run (to
-    inspect or copy the memory exactly as migrated).
+    inspect or copy the memory exactly as migrated; not called in post-copy, whose memory is not all there yet).
+    ``start_paused``: the VM arrives paused (QEMU's ``-S``), and its pages still come in post-copy. After a post-copy
+    link broke, the destination waits up to ``resume_timeout`` (None: for as long as it lives) for the source to
+    resume, at ``listen_on``, or at ``resume_listen`` when given.
     """
     key = load_key(key_file)
     if isinstance(listen_on, Listener) and (memory is not None or max_memory is not None):
@@ -156,7 +176,8 @@ def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = No
     try:
         return DestinationMigration(listener, key, io_timeout=io_timeout, accept_timeout=accept_timeout,
                                     handshake_timeout=handshake_timeout, progress=progress,
-                                    before_resume=before_resume).run()
+                                    before_resume=before_resume, start_paused=start_paused,
+                                    resume_timeout=resume_timeout, resume_listen=resume_listen).run()
     finally:
         if not isinstance(listen_on, Listener):
             listener.close()
@@ -167,8 +188,18 @@ class DestinationMigration:
 
     def __init__(self, listener: Listener, key: bytes, *, io_timeout: float, accept_timeout: float | None,
                  handshake_timeout: float, progress: ProgressCallback | None,
-                 before_resume: Callable[[Machine], None] | None = None) -> None:
+                 before_resume: Callable[[Machine], None] | None = None, start_paused: bool = False,
+                 resume_timeout: float | None = None, resume_listen: str | None = None) -> None:
         self.listener = listener
+        self.start_paused = start_paused
+        self.resume_timeout = resume_timeout
+        self.resume_listen = resume_listen
+        self.channel: Stream | None = None  # the post-copy channel
+        self.postcopy: PostcopyDestination | None = None
+        self._postcopy_start: PostcopyStart | None = None
+        self._recover_at: ChannelListener | None = None  # set by recover(): where to wait for the source
+        self._recover_lock = threading.Lock()
+        self.paused = False
         self.key = key
         self.io_timeout = io_timeout
         self.accept_timeout = accept_timeout
@@ -198,7 +229,9 @@ class DestinationMigration:
                                   on_refused=self._refused)
             admitted = admission.run(self.accept_timeout)
             self._connected_at = admission.connected_at
-            self.streams = [entry.stream for entry in admitted]
+            self.streams = [entry.stream for entry in admitted if entry.hello.channel is Channel.STREAM]
+            self.channel = next((e.stream for e in admitted if e.hello.channel is Channel.POSTCOPY), None)
+            self.migration_id = admitted[0].hello.migration_id
             self.header = admitted[0].header
             phases = {"admission": time.perf_counter()}
             self._build_machine()
@@ -208,6 +241,8 @@ class DestinationMigration:
                 self.streams[0].conn.place_runs_with(self.memory)
             for stream in self.streams:
                 stream.send(Ready())
+            if self.channel is not None:
+                self.channel.send(Ready())
             phases["ready"] = time.perf_counter()
             self.stats.setup_time = phases["ready"] - self._connected_at
             marks = [self._connected_at, *phases.values()]
@@ -222,7 +257,7 @@ class DestinationMigration:
                 reader.start()
                 self._readers.append(reader)
             self._await_completion()
-            received = self._take_over(start)
+            received = self._take_over(start) if self._postcopy_start is None else self._take_over_postcopy()
         except BaseException as error:
             self._discard(error)
             raise self._as_error(error) from (None if isinstance(error, DirtylogError) else error)
@@ -284,21 +319,29 @@ class DestinationMigration:
                         break
                     if not self._handle(stream, event):
                         return
-                    if isinstance(event, Complete) and stream.index == 0:
+                    if isinstance(event, Complete | PostcopyStart) and stream.index == 0:
                         # A live source says nothing more until our Verified; a recorded one (a file) must not
                         # run ahead of it either, or its Commit would arrive before we had verified.
                         self._wait(lambda: self._verified)
                 if count == 0:
                     raise MigrationError(f"stream {stream.index}: the source closed the connection")
         except TimeoutError:
-            self._fail(f"stream {stream.index}: the source sent nothing for {self.io_timeout:.0f} s")
+            self._stream_failed(stream, f"stream {stream.index}: the source sent nothing for {self.io_timeout:.0f} s")
         except ProtocolError as error:
             stream.reply_best_effort(error.reply)
-            self._fail(str(error))
+            self._stream_failed(stream, str(error))
         except (DirtylogError, OSError) as error:
-            self._fail(str(error))
+            self._stream_failed(stream, str(error))
         except Exception as error:  # a failing progress callback, say: the migration fails, nothing hangs
             self._fail(f"{type(error).__name__}: {error}")
+
+    def _stream_failed(self, stream: Stream, reason: str) -> None:
+        """A stream ended abnormally: before the post-copy commit the migration fails; after it the link broke."""
+        postcopy = self.postcopy
+        if postcopy is None or not self._committed:
+            self._fail(reason)
+        elif self.streams and stream is self.streams[0]:  # a stream of an earlier link has nothing more to say
+            postcopy.break_link(reason)
 
     def _handle(self, stream: Stream, event: object) -> bool:
         """Act on one event; False when this stream has nothing more to say."""
@@ -314,6 +357,15 @@ class DestinationMigration:
                 self.progress("round", record)
         elif isinstance(event, VcpuState):
             self._vcpu_states[event.index] = event.state
+        elif isinstance(event, PostcopyPages):
+            assert self.postcopy is not None  # the rules allow them only after the post-copy commit
+            self.postcopy.install(event)
+        elif isinstance(event, PostcopyStart):
+            with self._done:
+                self._postcopy_start = event
+                self._done.notify_all()
+        elif isinstance(event, Complete) and self.postcopy is not None:
+            self.postcopy.complete("stream", event)  # every page owed was sent: Verified once all are here
         elif isinstance(event, Complete):
             with self._done:
                 self._completes[stream.index] = event
@@ -323,9 +375,15 @@ class DestinationMigration:
             with self._done:
                 self._committed = True
                 self._done.notify_all()
-            return False
+            return self.postcopy is not None  # in post-copy the pages follow
         elif isinstance(event, Abort):
-            self._fail(f"the source aborted the migration: {event.reason}")
+            if self.postcopy is not None and self._committed:
+                if event.code in LINK_CODES:
+                    self.postcopy.break_link(f"the source refused a frame: {event.reason}")
+                else:
+                    self.postcopy.give_up(f"the source gave up in post-copy: {event.reason}")
+            else:
+                self._fail(f"the source aborted the migration: {event.reason}")
             return False
         elif event is not None and not isinstance(event, Verified | Resumed):
             self._fail(f"unexpected {type(event).__name__} from the source")
@@ -363,7 +421,9 @@ class DestinationMigration:
 
     def _await_completion(self) -> None:
         count = len(self.streams)
-        self._wait(lambda: all(i in self._completes for i in range(count)))
+        self._wait(lambda: all(i in self._completes for i in range(count)) or self._postcopy_start is not None)
+        if self._postcopy_start is not None:
+            return
         frames = {c.stream_frames for c in self._completes.values()}
         if len(frames) != 1:
             raise MigrationError("the streams disagree on how many frames each carried: frames were lost")
@@ -390,7 +450,7 @@ class DestinationMigration:
         if self.before_resume is not None:
             self.before_resume(self.machine)
         try:
-            self.machine.start()
+            self.machine.start(paused=self.start_paused)
         except DirtylogError as error:  # after the commit: tell the source, which then resumes its copy
             raise _ResumeRefusedError(f"the VM could not start here after the commit: {error}") from None
         primary.send(Resumed())
@@ -400,7 +460,150 @@ class DestinationMigration:
         self.stats.total_time = time.perf_counter() - self._connected_at
         for stream in self.streams:
             stream.close()
+        if self.channel is not None:  # pre-copy finished it: the post-copy channel was never needed
+            self.channel.close()
         return Received(self.machine, self.stats, self.rounds)
+
+    # --- post-copy ----------------------------------------------------------------------------------------
+
+    def _take_over_postcopy(self) -> Received:
+        """The post-copy switch: verify what we keep, drop what is owed, commit, run, then take the rest."""
+        assert self.machine is not None and self.memory is not None and self._postcopy_start is not None
+        switch = self._postcopy_start
+        primary = self.streams[0]
+        if self.channel is None:
+            raise MigrationError("the source switched to post-copy without a post-copy channel")
+        owed = switch.pending.pages()
+        kept = self.memory.digest_as_zero(owed)
+        if kept != switch.digest:
+            raise _VerifyFailedError(f"the digest of the pages kept differs from the source's ({kept.hex()} against "
+                                     f"{switch.digest.hex()}); the copy is discarded and the source keeps the VM")
+        try:
+            self.machine.load_vcpu_states([self._vcpu_states[i] for i in range(self.machine.spec.vcpus)])
+        except DirtylogError as error:
+            raise _ResumeRefusedError(f"KVM refused the source's vCPU state: {error}") from None
+        self.postcopy = PostcopyDestination(self.machine, self.memory, switch.pending, self.stats,
+                                            io_timeout=self.io_timeout)
+        self.postcopy.prepare()  # owed pages dropped, guest RAM under userfaultfd, the fault handler waiting
+        self.stats.postcopy, self.stats.postcopy_pending = True, len(owed)
+        self.stats.faults = self.postcopy.faults
+        primary.send(Verified(kept))
+        with self._done:
+            self._verified = True
+            self._done.notify_all()
+        self._wait(lambda: self._committed)
+        self.postcopy.attach(self.channel)
+        try:
+            self.machine.start(paused=self.start_paused)
+        except DirtylogError as error:
+            raise _ResumeRefusedError(f"the VM could not start here after the commit: {error}") from None
+        primary.send(Resumed())
+        committed_at = time.perf_counter()
+        self.stats.status = MigrationStatus.POSTCOPY_ACTIVE
+        self.progress("postcopy", {"pending": len(owed)})
+        with short_switch_interval():
+            while (outcome := self.postcopy.wait(timeout=PROGRESS_INTERVAL)) != "done":
+                if outcome == "broken":
+                    self._resume_link()
+                else:
+                    record = self.postcopy.progress_record()
+                    self.stats.postcopy_timeline.append((time.perf_counter() - committed_at, int(record["remaining"]),
+                                                         int(record["requests"])))
+                    self.progress("postcopy-progress", record)
+        digest = self.memory.digest()
+        if digest != self.postcopy.digest_claimed:
+            raise MigrationError(f"memory digest mismatch after post-copy: ours {digest.hex()}, the source's "
+                                 f"{(self.postcopy.digest_claimed or b'').hex()}: a page arrived other than the source "
+                                 "sent it, and the guest may have read it")
+        self.postcopy.close()  # every page is here: the handler's work and the channel's are over
+        self.streams[0].send(Verified(digest))
+        self.channel.send(Verified(digest))
+        self.streams[0].drain(self.io_timeout)
+        self.stats.postcopy_time = time.perf_counter() - committed_at
+        self.stats.digest = digest.hex()
+        self.stats.status = MigrationStatus.COMPLETED
+        self.stats.total_time = time.perf_counter() - self._connected_at
+        for stream in [*self.streams, self.channel]:
+            stream.close()
+        self._close_recovery()
+        self.progress("postcopy-completed", self.stats.postcopy_dict())
+        return Received(self.machine, self.stats, self.rounds)
+
+    def recover(self, address: str) -> str:
+        """Wait for the source to resume at ``address`` from now on (QMP's migrate-recover); only while paused.
+        Returns the address listened on (with the port the kernel chose for port 0)."""
+        if not self.paused:
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        transport = listen(parse_endpoint(address))
+        with self._recover_lock:
+            old, self._recover_at = self._recover_at, transport
+        if old is not None:
+            old.close()
+        return transport.address
+
+    def _close_recovery(self) -> None:
+        with self._recover_lock:
+            transport, self._recover_at = self._recover_at, None
+        if transport is not None:
+            transport.close()
+
+    def pause_link(self) -> None:
+        """Break the post-copy link on purpose (QMP's migrate-pause)."""
+        if self.postcopy is None or not self._committed or self.paused:
+            raise MigrationError("migrate-pause is only possible in post-copy, while its link is up")
+        self.postcopy.break_link("paused on request (migrate-pause)")
+
+    def _resume_link(self) -> None:
+        """The link broke: drop it, wait for the source to come back, tell it what we lack, attach the new link."""
+        assert self.postcopy is not None and self.header is not None
+        postcopy = self.postcopy
+        paused_at = time.perf_counter()
+        self.paused = True
+        self.stats.status = MigrationStatus.POSTCOPY_PAUSED
+        postcopy.detach()
+        reason = postcopy.broken
+        for stream in [*self.streams, *([self.channel] if self.channel else [])]:
+            stream.close()
+        if self.resume_listen is not None and self._recover_at is None:
+            self._recover_at = listen(parse_endpoint(self.resume_listen))
+        self.progress("postcopy-paused", {"reason": reason, "remaining": postcopy.remaining})
+        deadline = None if self.resume_timeout is None else time.monotonic() + self.resume_timeout
+        waited = Resumption(self.migration_id, self.header)
+        while True:
+            with self._recover_lock:
+                transport = self._recover_at or self.listener.transport
+            admission = Admission(transport, self.key, self.listener.acceptance(), io_timeout=self.io_timeout,
+                                  handshake_timeout=self.handshake_timeout, on_refused=self._refused,
+                                  resumption=waited)
+            try:
+                admitted = admission.run(1.0)
+                break
+            except MigrationError as error:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise MigrationError(f"the post-copy link broke ({reason}) and the source did not resume within "
+                                         f"{self.resume_timeout:g} s ({error})") from None
+                if postcopy.fatal:
+                    raise MigrationError(postcopy.fatal) from None
+        self.stats.status = MigrationStatus.POSTCOPY_RECOVER
+        self.progress("postcopy-recover", {})
+        stream = next(e.stream for e in admitted if e.hello.channel is Channel.STREAM)
+        channel = next(e.stream for e in admitted if e.hello.channel is Channel.POSTCOPY)
+        with postcopy.lock:
+            missing = DirtyBitmap.from_pages(np.flatnonzero(postcopy.missing), len(postcopy.missing))
+        stream.send(Missing(missing))
+        channel.send(Ready())
+        self.streams, self.channel = [stream], channel
+        stream.start(reader=False)
+        reader = threading.Thread(target=self._read, args=(stream,), name="recv0", daemon=True)
+        reader.start()
+        self._readers = [reader]
+        postcopy.attach(channel)
+        self.paused = False
+        self.stats.recoveries += 1
+        self.stats.paused_time += time.perf_counter() - paused_at
+        self.stats.status = MigrationStatus.POSTCOPY_ACTIVE
+        self.progress("postcopy-resumed", {"missing": missing.count(),
+                                           "paused_ms": round((time.perf_counter() - paused_at) * 1e3, 3)})
 
     def _discard(self, error: BaseException) -> None:
         """Tell the source, drop the streams and the unfinished VM (never resumed)."""
@@ -411,11 +614,17 @@ class DestinationMigration:
             code = AbortCode.RESUME_FAILED
         elif isinstance(error, ProtocolError):
             code = AbortCode.PROTOCOL
-        for stream in self.streams:
+        streams = [*self.streams, *([self.channel] if self.channel is not None else [])]
+        for stream in streams:
             stream.abort(str(error), code)
+        if self.postcopy is not None:
+            self.postcopy.close()
+        self._close_recovery()
         if self.machine is not None and self.machine.state is State.CREATED:
             self.machine.close()  # never run: the VM is the source's
-        close_aborted(self.streams)
+        elif self.machine is not None and self.postcopy is not None and self._committed:
+            self.machine.stop()  # it ran here without all of its pages, which will not come now: it is lost
+        close_aborted(streams)
         self.stats.status = MigrationStatus.FAILED
         self.stats.error = str(error)
 
@@ -426,6 +635,9 @@ class DestinationMigration:
             why = f"the migration stream failed: {error}"
         else:
             why = f"{type(error).__name__}: {error}"
+        if self.postcopy is not None and self._committed:
+            return MigrationError(f"{why}. The VM ran here in post-copy and lacked pages the source holds; it is "
+                                  "stopped here (the source keeps its memory as of the switch-over)")
         return MigrationError(f"{why} (nothing was resumed here)")
 
 

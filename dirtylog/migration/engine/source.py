@@ -6,6 +6,11 @@ off, the vCPUs resumed if switch-over had paused them, and a :class:`MigrationEr
 only ever read here, so it is intact. After Commit the destination owns the VM and the source machine is
 handed off: it never resumes (two-phase commit: see ``protocol/rules.py``). A stream to a file has no
 destination to take the VM over: the machine stays paused, and may be resumed or stopped.
+
+With post-copy allowed (``postcopy=True``) the source also opens the migration's post-copy channel at setup, and
+when pre-copy is told to stop (after some rounds, when it does not converge, or on request) it hands the VM over
+before all of its memory (:meth:`SourceMigration._switch_postcopy`), then sends the rest
+(``engine/postcopy_source.py``), paused for good but keeping its memory until the destination has every page.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy.typing as npt
 from dirtylog.bitmap import DirtyBitmap, load_kernels
 from dirtylog.guest.machine import Machine, State
 from dirtylog.migration.engine.pacer import Pacer
+from dirtylog.migration.engine.postcopy_source import PostcopySource
 from dirtylog.migration.engine.recording import RecordingPeer
 from dirtylog.migration.engine.streams import QUEUE_DEPTH, Stream, close_aborted
 from dirtylog.migration.errors import MigrationError
@@ -42,16 +48,20 @@ from dirtylog.migration.protocol.events import (
     Abort,
     AbortCode,
     Accepted,
+    Channel,
     Commit,
     Complete,
+    Header,
     PageBatch,
+    PostcopyStart,
     Ready,
     Resumed,
     RoundEnd,
     VcpuState,
     Verified,
 )
-from dirtylog.migration.transports import Channel, connect, parse_endpoint
+from dirtylog.migration.transports import Channel as Transport
+from dirtylog.migration.transports import Endpoint, connect, parse_endpoint
 from dirtylog.migration.transports.files import FileWriter
 from dirtylog.rate.limit import DirtyLimitController
 from dirtylog.tracking.base import Tracker
@@ -97,6 +107,8 @@ class SourceMigration:
         self.endpoint = parse_endpoint(to)
         if self.endpoint.scheme == "file" and params.streams != 1:
             raise MigrationError(f"a migration to {to} writes one stream; use streams=1")
+        if self.endpoint.scheme == "file" and params.postcopy:
+            raise MigrationError(f"post-copy needs a destination that runs the VM and asks for pages; {to} is a file")
         self.key = key
         self.params = params
         self.progress = progress or (lambda kind, record: None)
@@ -113,6 +125,13 @@ class SourceMigration:
         self.paused_by_us = False
         self._limiter: DirtyLimitController | None = None
         self._cancel = threading.Event()  # set by cancel() from another thread
+        self._start_postcopy = threading.Event()  # set by start_postcopy() (QMP's migrate-start-postcopy)
+        self.migration_id = os.urandom(16)
+        self.header: Header | None = None
+        #: The post-copy channel (requests and their answers), opened at setup when post-copy is allowed.
+        self.postcopy_channel: Stream | None = None
+        self.postcopy: PostcopySource | None = None  # the phase after the post-copy commit
+        self.link_broken = ""  # why the link broke between the post-copy commit and Resumed
         self._next_stream = self._last_stream = 0
         # One stream is written from this thread, several by a sender thread each (see streams.py).
         self._sender_threads = params.streams > 1
@@ -139,8 +158,11 @@ class SourceMigration:
             self.stats.status = MigrationStatus.ACTIVE
             self.progress("setup", {"setup_time_ms": round(self.stats.setup_time * 1e3, 3),
                                     "setup_phases_ms": self.stats.as_dict()["setup_phases_ms"]})
-            pending = self._precopy(start)
-            self._switchover(pending, start)
+            pending, action = self._precopy(start)
+            if action is Action.POSTCOPY:
+                self._switch_postcopy(pending, start)
+            else:
+                self._switchover(pending, start)
         except BaseException as error:
             self._fail(error, start)
             failure = self._as_migration_error(error)
@@ -159,13 +181,14 @@ class SourceMigration:
         first stream's Header before it accepts the next stream), then wait for every Ready. Returns when each
         setup phase took (connect, handshake, kernels, ready), for the statistics."""
         phases: dict[str, float] = {"connect": 0.0, "handshake": 0.0}
-        header = header_of(self.machine, codec=self.params.compression, streams=self.params.streams)
-        migration_id = os.urandom(16)
+        header = self.header = header_of(self.machine, codec=self.params.compression, streams=self.params.streams,
+                                         postcopy=self.params.postcopy)
+        migration_id = self.migration_id
         count = self.params.streams
         pace = self._pace if self.params.bandwidth else None
         for index in range(count):
             began = time.perf_counter()
-            channel: Channel = connect(self.endpoint, self.params.connect_timeout)
+            channel: Transport = connect(self.endpoint, self.params.connect_timeout)
             phases["connect"] += time.perf_counter() - began
             if isinstance(channel, FileWriter):
                 channel = RecordingPeer(channel, self.key)  # nobody answers a file: answer ourselves
@@ -182,24 +205,54 @@ class SourceMigration:
             self.rtt = time.perf_counter() - began if index == 0 else min(self.rtt, time.perf_counter() - began)
             phases["handshake"] += time.perf_counter() - began
             stream.send(header)
+        if self.params.postcopy:
+            # Before any Ready: the destination admits the channel with the streams, and builds the VM after.
+            began = time.perf_counter()
+            self.postcopy_channel = self.open_channel(Channel.POSTCOPY, resume=False, to=self.endpoint)
+            phases["handshake"] += time.perf_counter() - began
         began = time.perf_counter()
         preload()  # while the destination builds its VM, so that no round pays for them (free once loaded)
         phases["kernels"] = time.perf_counter() - began
         began = time.perf_counter()
         for stream in self.streams:
             stream.read_until(Ready, "destination", self.params.io_timeout)
+        if self.postcopy_channel is not None:
+            self.postcopy_channel.read_until(Ready, "destination", self.params.io_timeout)
         phases["ready"] = time.perf_counter() - began
         for stream in self.streams:
             stream.start(sender=self._sender_threads)
         return phases
 
+    def open_channel(self, channel: Channel, *, resume: bool, to: Endpoint) -> Stream:
+        """A connection of this migration (the same id and key) through its handshake and Header, no threads yet:
+        the post-copy channel, or, when resuming a broken post-copy, the stream again."""
+        assert self.header is not None
+        transport = connect(to, self.params.connect_timeout)
+        transport.settimeout(self.params.io_timeout)
+        conn = SourceConnection(self.key, migration_id=self.migration_id, encrypt=self.stats.encrypted,
+                                channel=channel, resume=resume)
+        stream = Stream(0, transport, conn, self._pace if self.params.bandwidth else None)
+        try:
+            stream.write_now(conn.initiate())
+            stream.read_until(Accepted, "destination", self.params.io_timeout)
+            stream.send(self.header)
+        except BaseException:
+            transport.close()
+            raise
+        return stream
+
     # --- pre-copy -----------------------------------------------------------------------------------
 
-    def _precopy(self, start: float) -> DirtyBitmap:
-        """Send rounds until the controller says switch over; return the pages still to send."""
+    def _precopy(self, start: float) -> tuple[DirtyBitmap, Action]:
+        """Send rounds until the controller says switch over (or switch to post-copy); return the pages still to
+        send and which it is."""
         assert self.tracker is not None
         npages = self.machine.ram.npages
         pending = DirtyBitmap.full(npages)  # round 0: everything (zero pages are elided, not sent)
+        at_once = self.controller.before_rounds()
+        if at_once is not None:
+            self.stats.postcopy_reason = at_once.reason
+            return pending, at_once.action
         round_ = 0
         stop_at = None if self.params.max_time is None else start + self.params.max_time
         while True:
@@ -213,7 +266,8 @@ class SourceMigration:
             round_stats = RoundStats(round_, began - start, time.perf_counter() - began, pages, zero, wire,
                                      self.stats.remaining_pages, self.controller.throttle,
                                      self.controller.dirty_limited)
-            decision = self.controller.after_round(round_stats, time.perf_counter() - start)
+            decision = self.controller.after_round(round_stats, time.perf_counter() - start,
+                                                   start_postcopy=self._start_postcopy.is_set())
             self.stats.rounds.append(round_stats)
             self.stats.expected_downtime = decision.expected_downtime
             self._apply_convergence(decision.throttle, decision.dirty_limited)
@@ -225,7 +279,10 @@ class SourceMigration:
                 raise MigrationError(f"migration cancelled: {decision.reason}. Raise --max-time or the downtime "
                                      "limit, or use --auto-converge")
             if decision.action is Action.SWITCHOVER:
-                return dirty
+                return dirty, decision.action
+            if decision.action is Action.POSTCOPY:
+                self.stats.postcopy_reason = decision.reason
+                return dirty, decision.action
             self._raise_if_cancelled()
             pending = dirty
             round_ += 1
@@ -241,7 +298,8 @@ class SourceMigration:
         unsent: DirtyBitmap | None = None
         self.stats.remaining_pages = pending.count()
         for starts, lengths in pending.batches(self.params.batch_pages_for(PAGE_SIZE)):
-            if stop_at is not None and time.perf_counter() >= stop_at:
+            if (stop_at is not None and time.perf_counter() >= stop_at) or (
+                    not final and self.params.postcopy and self._start_postcopy.is_set()):
                 unsent = self._rest_of(pending, int(starts[0]))
                 break
             self._raise_if_cancelled()
@@ -348,8 +406,27 @@ class SourceMigration:
 
     def cancel(self) -> None:
         """Stop at the next batch (or before the commit): the migration then fails with status CANCELLED and
-        the source keeps running. Too late once Commit is sent (the destination owns the VM): no effect."""
+        the source keeps running. Too late once Commit is sent (the destination owns the VM, and in post-copy
+        needs the pages this source still holds): no effect."""
         self._cancel.set()
+
+    def start_postcopy(self) -> None:
+        """Switch to post-copy at the next batch (QMP's migrate-start-postcopy); needs ``postcopy=True``. Harmless
+        once the migration has switched over or ended."""
+        self._start_postcopy.set()
+
+    def resume(self, to: str | None = None) -> None:
+        """Reconnect a post-copy migration whose link broke, now, to ``to`` (default: where it reconnects anyway);
+        QMP's ``migrate`` with ``resume: true``. MigrationError when nothing is paused."""
+        if self.postcopy is None or not self.postcopy.paused:
+            raise MigrationError("Cannot resume if there is no paused migration")
+        self.postcopy.resume(parse_endpoint(to) if to else None)
+
+    def pause_link(self) -> None:
+        """Break the post-copy link on purpose (QMP's migrate-pause): both sides pause, to be resumed."""
+        if self.postcopy is None or self.postcopy.paused:
+            raise MigrationError("migrate-pause is only possible in post-copy, while its link is up")
+        self.postcopy.break_link("paused on request (migrate-pause)")
 
     def _raise_if_cancelled(self) -> None:
         if self._cancel.is_set():
@@ -445,6 +522,95 @@ class SourceMigration:
         self.stats.remaining_pages = 0
         for stream in self.streams:
             stream.close()
+        if self.postcopy_channel is not None:  # pre-copy finished the migration: the channel was never needed
+            self.postcopy_channel.close()
+
+    def _switch_postcopy(self, pending: DirtyBitmap, start: float) -> None:
+        """Hand the VM over before all of its memory, then send the rest: the post-copy switch."""
+        self._stop_helpers()
+        self.stats.postcopy = True
+        self.stats.status = MigrationStatus.POSTCOPY_ACTIVE
+        paused_at = time.perf_counter()
+        deadline = paused_at + self.params.switchover_deadline
+        self.machine.pause()
+        self.paused_by_us = True
+        try:
+            owed = self._handover(pending, start, paused_at, deadline)
+        except MigrationError as error:
+            if time.perf_counter() < deadline or self.committed:
+                raise
+            raise MigrationError(f"the switch-over took longer than its {self.params.switchover_deadline:.1f} s "
+                                 f"deadline (the destination is slow or stalled: {error})") from None
+        self.postcopy = PostcopySource(self, owed)
+        self.postcopy.run(broken=self.link_broken)
+        self.stats.remaining_pages = 0
+
+    def _handover(self, pending: DirtyBitmap, start: float, paused_at: float, deadline: float) -> DirtyBitmap:
+        """With the guest paused: what the host itself reads, the vCPUs, the pages still owed, the two-phase commit.
+        Returns the pages owed (the destination fetches them on demand meanwhile)."""
+        assert self.tracker is not None
+        for stream in self.streams:
+            stream.channel.settimeout(self._left(deadline))
+        phases = {"pause": time.perf_counter()}
+        final = pending | self.tracker.collect()
+        self.stats.dirty_sync_count += 1
+        self.tracker.disable()  # the source never runs again once it commits; before that a failure resumes it
+        began = phases["final_collect"] = time.perf_counter()
+        # The host reads pages of the system area (page tables, the program, the vCPUs' control blocks) while the
+        # guest runs; on the destination a host thread must never wait for a page, since it would wait holding
+        # the GIL that the fault handler needs. They go now, within the downtime: a few pages.
+        system = DirtyBitmap.empty(len(final))
+        system.set_range(0, self.machine.workload_pages.start)
+        eager = final & system
+        owed = final - eager
+        pages, zero, wire, _ = self._send_round(len(self.stats.rounds), eager, final=True)
+        primary = self.streams[0]
+        for vcpu in range(self.machine.spec.vcpus):
+            primary.send(VcpuState(vcpu, self.machine.vcpu_state(vcpu)))
+        kept = self.digest.digest_as_zero(owed.pages())
+        primary.send(PostcopyStart(owed, kept, (primary.conn.frames_sent,)))
+        primary.drain(self._left(deadline))
+        phases["final_send"] = time.perf_counter()
+        self.stats.rounds.append(RoundStats(len(self.stats.rounds), began - start, time.perf_counter() - began,
+                                            pages, zero, wire, owed.count(), self.controller.throttle,
+                                            self.controller.dirty_limited, final=True))
+        self.stats.postcopy_pending = self.stats.remaining_pages = owed.count()
+        self.progress("switchover", {"pages": pages, "bytes": wire, "postcopy": True, "pending": owed.count(),
+                                     "paused_ms": round((time.perf_counter() - paused_at) * 1e3, 3)})
+        verified = primary.next_event(self._left(deadline), "Verified")
+        if isinstance(verified, Abort):
+            raise MigrationError(f"the destination refused the post-copy switch: {verified.reason}")
+        if not isinstance(verified, Verified) or verified.digest != kept:
+            raise MigrationError(f"the destination answered {type(verified).__name__} instead of verifying the pages "
+                                 "it keeps")
+        phases["verify"] = time.perf_counter()
+        self._raise_if_cancelled()  # the last moment a cancel can still leave the VM here
+        primary.send(Commit())
+        primary.drain(self._left(deadline))
+        self.committed = True
+        try:
+            answer = primary.next_event(self._left(deadline), "Resumed")
+        except MigrationError as error:
+            # The link broke after the commit: the destination runs the VM (or will), and needs our pages. Not a
+            # failure: post-copy begins paused and resumes.
+            self.machine.hand_off(self.to)
+            self.link_broken = str(error)
+            self.stats.postcopy_started = time.perf_counter() - start
+            self.stats.postcopy_pending = owed.count()
+            return owed
+        if isinstance(answer, Abort):
+            self.refused_after_commit = True
+            raise MigrationError(f"the destination could not run the VM after the commit: {answer.reason}")
+        if not isinstance(answer, Resumed):
+            raise MigrationError(f"the destination answered {type(answer).__name__} instead of Resumed")
+        self.machine.hand_off(self.to)  # paused for good; its memory stays until the destination has every page
+        phases["commit_resume"] = time.perf_counter()
+        self.stats.downtime = max(0.0, phases["commit_resume"] - paused_at - self.rtt / 2)
+        self.stats.postcopy_started = phases["commit_resume"] - start
+        marks = [paused_at, *phases.values()]
+        self.stats.switchover = {name: round((end - begin) * 1e3, 3)
+                                 for name, begin, end in zip(phases, marks, marks[1:], strict=False)}
+        return owed
 
     @staticmethod
     def _left(deadline: float) -> float:
@@ -466,7 +632,10 @@ class SourceMigration:
         code = AbortCode.CANCELLED if cancelled else AbortCode.INTERNAL
         if isinstance(error, ProtocolError):
             code = AbortCode.PROTOCOL
-        for stream in self.streams:
+        channels = self.streams if self.postcopy is None else self.postcopy.streams
+        if self.postcopy_channel is not None and self.postcopy is None:
+            channels = [*channels, self.postcopy_channel]
+        for stream in channels:
             stream.abort(str(error) or type(error).__name__, code)
         if self.tracker is not None and self.tracker.enabled:
             # The machine must be resumed even if KVM refuses this.
@@ -474,7 +643,7 @@ class SourceMigration:
                 self.tracker.disable()
         if self.machine.state is State.PAUSED and self.paused_by_us and self.source_owns_vm:
             self.machine.resume()
-        close_aborted(self.streams)  # the guest runs again: now let the Abort arrive
+        close_aborted(channels)  # the guest runs again: now let the Abort arrive
 
     def _as_migration_error(self, error: BaseException) -> MigrationError:
         """The error for the caller: why, then what became of the source VM."""
@@ -486,6 +655,13 @@ class SourceMigration:
             why = "migration interrupted"
         else:
             why = f"migration failed: {type(error).__name__}: {error}"
+        if not self.source_owns_vm and self.postcopy is not None:
+            owed = self.postcopy.remaining
+            return MigrationError(
+                f"{why}. This was post-copy: the destination has run the VM since the switch-over and lacks {owed:,} "
+                "of its pages, which this source keeps, paused (the VM as it was at the switch-over). Neither copy is "
+                "whole: do not resume the source unless the destination is gone for good, which rolls the VM back to "
+                "the switch-over")
         if not self.source_owns_vm:
             return MigrationError(f"{why}. The commit was sent and the destination went silent: it may be running the "
                                   "VM, so the source stays paused; check the destination before resuming anything")

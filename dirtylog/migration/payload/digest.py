@@ -111,6 +111,12 @@ class PageDigest:
         """16 bytes: xxh3-128 over the fingerprints."""
         return xxhash.xxh3_128_digest(self.values.data)
 
+    def digest_as_zero(self, pfns: npt.NDArray[np.uint64]) -> bytes:
+        """The digest with pages ``pfns`` counted as zero pages (post-copy's check of the pages it keeps)."""
+        values = self.values.copy()
+        values[pfns] = 0
+        return xxhash.xxh3_128_digest(values.data)
+
 
 def memory_digest(memory: npt.NDArray[np.uint8], page_size: int = 4096, batch_pages: int = 4096) -> bytes:
     """The digest of ``memory`` computed from scratch (what a migration's digest must equal)."""

@@ -65,6 +65,16 @@ class DestinationMemory:
         with self._lock:
             return self._digest.digest()
 
+    def digest_as_zero(self, pfns: NDArray[np.uint64]) -> bytes:
+        """The digest with pages ``pfns`` counted as zero pages (post-copy's check of the pages kept)."""
+        with self._lock:
+            return self._digest.digest_as_zero(pfns)
+
+    def installed(self, pfns: NDArray[np.uint64], fingerprints: NDArray[np.uint64]) -> None:
+        """Pages ``pfns`` were installed by other means (post-copy's userfaultfd) with these fingerprints."""
+        with self._lock:
+            self._digest.set(pfns, fingerprints)
+
     def _apply_run(self, round_: int, first: int, data: NDArray[np.uint8]) -> bool:
         """Pages ``first``, ``first + 1``, ... now hold ``data``. False, with nothing applied, when a later
         round of one of them already arrived."""

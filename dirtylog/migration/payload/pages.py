@@ -27,6 +27,8 @@ def runs_from_pfns(pfns: ArrayLike) -> tuple[NDArray[np.uint64], NDArray[np.uint
     p = np.asarray(pfns, dtype=np.uint64).ravel()
     if p.size == 0:
         return np.empty(0, np.uint64), np.empty(0, np.uint32)
+    if p.size == 1:  # post-copy's usual request: one page, no array passes
+        return p.copy(), np.ones(1, np.uint32)
     if np.any(p[1:] <= p[:-1]):
         raise LocalProtocolError("page numbers of a batch must be strictly ascending (sort and deduplicate them)")
     breaks = np.flatnonzero(np.diff(p) != 1) + 1
@@ -37,6 +39,9 @@ def runs_from_pfns(pfns: ArrayLike) -> tuple[NDArray[np.uint64], NDArray[np.uint
 
 def pfns_from_runs(starts: NDArray[np.uint64], lengths: NDArray[np.uint32]) -> NDArray[np.uint64]:
     """Every page number the runs cover, in order (validated runs: below 2**52, so int64 is exact)."""
+    if len(starts) == 1:  # one run: a range (post-copy's requests and answers)
+        first = int(starts[0])
+        return np.arange(first, first + int(lengths[0]), dtype=np.uint64)
     lens = lengths.astype(np.int64)
     total = int(lens.sum())
     # Page k of run r is starts[r] + (k - first_index[r]): one repeat and one arange, no loop.

@@ -10,8 +10,9 @@ from dirtylog.migration.protocol.events import Codec, Header
 from dirtylog.units import PAGE_SIZE
 
 
-def header_of(machine: Machine, *, codec: Codec = "none", streams: int = 1) -> Header:
-    """The Header a migration of ``machine`` sends: page size, memory slots, vCPUs, workload."""
+def header_of(machine: Machine, *, codec: Codec = "none", streams: int = 1, postcopy: bool = False) -> Header:
+    """The Header a migration of ``machine`` sends: page size, memory slots, vCPUs, workload (and whether the
+    migration may switch to post-copy)."""
     spec = machine.spec
     return Header(
         page_size=PAGE_SIZE,
@@ -21,6 +22,7 @@ def header_of(machine: Machine, *, codec: Codec = "none", streams: int = 1) -> H
                   "hot_weight": spec.hot_weight, "writes_per_iteration": spec.writes_per_iteration},
         codec=codec,
         streams=streams,
+        postcopy=postcopy,
     )
 
 

@@ -21,7 +21,7 @@ from dirtylog.units import UnitError, parse_duration, parse_rate
 MAX_STREAMS = 64
 
 #: Parameters given as durations (seconds, or strings like "50ms") and as rates (bytes/s, or "1G").
-_DURATIONS = ("downtime_limit", "max_time", "connect_timeout", "io_timeout", "switchover_timeout")
+_DURATIONS = ("downtime_limit", "max_time", "connect_timeout", "io_timeout", "switchover_timeout", "resume_timeout")
 _RATES = ("bandwidth",)
 
 
@@ -38,6 +38,10 @@ class MigrationParameters(PrecopyPolicy):
     io_timeout: float = 30.0
     switchover_timeout: float | None = None  # None: derived from the downtime limit (switchover_deadline)
     encrypt: bool | None = None  # None: when the bytes leave this host (not loopback TCP or a Unix socket)
+    # After the post-copy commit a broken link pauses the migration; the source reconnects (to ``resume_to``, by
+    # default the address it migrated to) until ``resume_timeout`` (None: for as long as the process lives).
+    resume_to: str | None = None
+    resume_timeout: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,6 +56,11 @@ class MigrationParameters(PrecopyPolicy):
                 "the dirty limit measures each vCPU's dirty rate with the dirty ring: use mode 'ring'")
         if not 1 <= self.batch_pages <= 4096:
             raise MigrationParameterError(f"batch of {self.batch_pages} pages: choose 1 to 4096 pages per frame")
+        if self.postcopy and self.streams != 1:
+            raise MigrationParameterError(f"post-copy runs on one stream and its own post-copy channel: use streams=1, "
+                                          f"not {self.streams}")
+        if self.resume_timeout is not None and self.resume_timeout <= 0:
+            raise MigrationParameterError(f"resume timeout must be positive, got {self.resume_timeout} s")
         if self.switchover_timeout is not None and self.switchover_timeout <= 0:
             raise MigrationParameterError(f"switch-over timeout must be positive, got {self.switchover_timeout} s")
         for name in ("connect_timeout", "io_timeout"):

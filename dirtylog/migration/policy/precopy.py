@@ -18,7 +18,12 @@ The rules, and where they come from:
   the dirty rate, measured from the dirty ring; vCPUs that dirty faster sleep off the excess (the engine uses
   ``dirtylog.rate.limit``, as ``Machine.dirty_limit`` does).
 * **Time limit**: past ``max_time`` the migration is cancelled (the source keeps running) or forced to
-  switch over whatever the downtime, as the user chose.
+  switch over whatever the downtime, as the user chose; with post-copy allowed it switches to post-copy.
+* **Post-copy** (QEMU's ``postcopy-ram``, started there by ``migrate-start-postcopy``): when allowed, a
+  migration that would finish within the downtime limit still finishes by pre-copy; otherwise it switches to
+  post-copy after ``postcopy_after`` rounds, or, without a count, when pre-copy stops converging (the same
+  trigger as auto-converge's: two rounds dirtying more than ``throttle_trigger`` of what they sent), instead of
+  throttling the guest.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class PrecopyPolicy:
     throttle_max: float = 0.99  # QEMU: max-cpu-throttle 99 %
     throttle_trigger: float = 0.5  # QEMU: throttle-trigger-threshold 50 %
     dirty_limit: float | None = None  # pages per second per vCPU
+    postcopy: bool = False  # QEMU's postcopy-ram: the VM may move before all of its memory
+    postcopy_after: int | None = None  # rounds of pre-copy before post-copy; None: when pre-copy stops converging
+    postcopy_on_request: bool = False  # only when asked (QMP's migrate-start-postcopy), as QEMU does
 
     def __post_init__(self) -> None:
         if self.downtime_limit <= 0:
@@ -60,6 +68,9 @@ class PrecopyPolicy:
                 f"dirty limit must be a positive number of pages/s per vCPU, got {self.dirty_limit}")
         if not 0 < self.throttle_initial <= self.throttle_max < 1:
             raise MigrationParameterError("throttle settings must satisfy 0 < initial <= max < 1")
+        if self.postcopy_after is not None and (self.postcopy_after < 0 or not self.postcopy):
+            raise MigrationParameterError(
+                f"postcopy_after {self.postcopy_after}: a number of rounds (0 or more) and only with postcopy=True")
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,7 @@ class RoundStats:
 class Action(enum.Enum):
     CONTINUE = "continue"
     SWITCHOVER = "switchover"
+    POSTCOPY = "postcopy"
     CANCEL = "cancel"
 
 
@@ -141,13 +153,24 @@ class PrecopyController:
             return 0.0
         return pending_pages / rate if rate > 0 else float("inf")
 
-    def after_round(self, stats: RoundStats, elapsed: float) -> Decision:
-        """Record ``stats`` (the round just sent, with the dirty pages found after it) and decide."""
+    def before_rounds(self) -> Decision | None:
+        """Post-copy at once, before any round (``postcopy_after=0``), or None to start pre-copy."""
+        if self.policy.postcopy and self.policy.postcopy_after == 0:
+            return self._decide(Action.POSTCOPY, float("inf"), "post-copy from the start (postcopy_after=0)")
+        return None
+
+    def after_round(self, stats: RoundStats, elapsed: float, *, start_postcopy: bool = False) -> Decision:
+        """Record ``stats`` (the round just sent, with the dirty pages found after it) and decide.
+        ``start_postcopy``: the operator asked for post-copy (QMP's migrate-start-postcopy)."""
         self.rounds.append(stats)
         expected = self.expected_downtime(stats.dirty_pages)
         if expected <= self.policy.downtime_limit:
             return self._decide(Action.SWITCHOVER, expected,
                                 f"expected downtime {expected * 1e3:.1f} ms is within the limit")
+        if self.policy.postcopy:
+            why = self._postcopy_reason(stats, elapsed, start_postcopy)
+            if why:
+                return self._decide(Action.POSTCOPY, expected, why)
         if self.policy.max_time is not None and elapsed >= self.policy.max_time:
             if self.policy.on_timeout == "force":
                 return self._decide(Action.SWITCHOVER, expected,
@@ -159,13 +182,37 @@ class PrecopyController:
         return self._decide(Action.CONTINUE, expected,
                             f"expected downtime {expected * 1e3:.1f} ms is over the limit")
 
+    def _postcopy_reason(self, stats: RoundStats, elapsed: float, asked: bool) -> str:
+        """Why to switch to post-copy now, or "" to go on with pre-copy."""
+        high = self._high(stats)
+        if asked:
+            return "post-copy requested (migrate-start-postcopy)"
+        if self.policy.postcopy_on_request:
+            return ""
+        after = self.policy.postcopy_after
+        if after is not None and len(self.rounds) >= after:
+            return f"post-copy after {after} round{'s' * (after != 1)} of pre-copy"
+        if self.policy.max_time is not None and elapsed >= self.policy.max_time:
+            return f"time limit {self.policy.max_time:.1f} s reached: switching to post-copy"
+        if after is None and high and self._high_rounds >= 2:
+            return (f"pre-copy is not converging ({stats.dirty_pages:,} pages dirtied while "
+                    f"{stats.pages - stats.zero_pages:,} were sent, twice): switching to post-copy")
+        return ""
+
+    def _high(self, stats: RoundStats) -> bool:
+        """Counts a round that dirtied more than the trigger fraction of what it sent (QEMU's threshold)."""
+        sent = stats.pages - stats.zero_pages
+        if stats.dirty_pages > self.policy.throttle_trigger * max(sent, 1):
+            self._high_rounds += 1
+            return True
+        return False
+
     def _converge(self, stats: RoundStats) -> None:
         """QEMU's trigger: dirtied more than a fraction of what was sent, in two rounds since the last step."""
         if not (self.policy.auto_converge or self.policy.dirty_limit):
             return
-        sent = stats.pages - stats.zero_pages
-        if stats.dirty_pages > self.policy.throttle_trigger * max(sent, 1):
-            self._high_rounds += 1
+        if not self.policy.postcopy:  # with post-copy the round was counted when it was looked at
+            self._high(stats)
         if self._high_rounds < 2:
             return
         self._high_rounds = 0

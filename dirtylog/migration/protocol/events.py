@@ -14,6 +14,7 @@ from typing import Any, Final, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from dirtylog.bitmap import DirtyBitmap
 from dirtylog.kvm.memslot import SlotLayout
 
 #: Compression of a PageBatch's data block. The Header names the one codec the source may use;
@@ -34,6 +35,15 @@ class Role(enum.Enum):
     @property
     def peer(self) -> Role:
         return Role.DESTINATION if self is Role.SOURCE else Role.SOURCE
+
+
+class Channel(enum.Enum):
+    """What a connection carries: a migration's stream (pages, vCPUs, the commit), or its post-copy channel (page
+    requests and their answers, apart from the pages the source pushes, so that they never queue behind them:
+    QEMU's postcopy-preempt channel)."""
+
+    STREAM = "stream"
+    POSTCOPY = "postcopy"
 
 
 class Sentinel(enum.Enum):
@@ -78,6 +88,8 @@ class Hello:
     stream_index: int
     stream_count: int
     encrypted: bool = False  # the source asked for encrypted frames
+    channel: Channel = Channel.STREAM
+    resume: bool = False  # the source reconnects to resume a post-copy migration whose link broke
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +110,14 @@ class Header:
     workload: dict[str, Any] = field(default_factory=dict)
     codec: Codec = "none"
     streams: int = 1
+    #: The source may switch to post-copy: the destination must take pages on demand (userfaultfd) and receive
+    #: the migration's post-copy channel.
+    postcopy: bool = False
+
+    @property
+    def end_gfn(self) -> int:
+        """One past the highest guest frame number of the layout (the span page sets are laid over)."""
+        return max(s.base_gfn + s.npages for s in self.slots)
 
     @property
     def total_pages(self) -> int:
@@ -203,6 +223,59 @@ class Resumed:
     """Destination → source: the VM runs on the destination."""
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class PostcopyStart:
+    """Source → destination, instead of Complete: the VM moves now, before all of its memory has.
+
+    ``pending`` are the pages the destination does not have (never sent, or written since they were sent): it
+    drops any copy of them and takes them as they come, on demand or pushed. ``digest`` is the memory digest of
+    every other page, with the pending pages counted as zero pages: the destination compares it with its own
+    before it takes the VM. ``stream_frames`` counts the frames of each stream, as Complete's does.
+    """
+
+    pending: DirtyBitmap
+    digest: bytes
+    stream_frames: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PageRequest:
+    """Destination → source, on the post-copy channel: send these pages first (a vCPU waits for them).
+    Ascending, disjoint runs of guest frame numbers (QEMU's return path carries one start and length)."""
+
+    starts: NDArray[np.uint64]
+    lengths: NDArray[np.uint32]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PostcopyPages:
+    """Source → destination after the post-copy switch: pending pages, as they are at the switch-over, in
+    ascending runs. ``requested``: the answer to a PageRequest (on the post-copy channel); else pushed in the
+    background (on the stream). ``zero`` as in PageBatch; ``fingerprints[i]`` is the digest fingerprint of page
+    ``i`` (in run order, zero pages 0), which the destination checks before the guest may see the page; ``data``
+    the non-zero pages, raw."""
+
+    starts: NDArray[np.uint64]
+    lengths: NDArray[np.uint32]
+    zero: NDArray[np.bool_] | None
+    fingerprints: NDArray[np.uint64]
+    data: BytesLike
+    requested: bool = False
+    page_size: int = 4096
+
+    @property
+    def npages(self) -> int:
+        return int(self.lengths.sum(dtype=np.uint64)) if len(self.lengths) != 1 else int(self.lengths[0])
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Missing:
+    """Destination → source, answering the Header of a resumed post-copy stream: the pages it still lacks (what
+    was in flight when the link broke is among them)."""
+
+    pages: DirtyBitmap
+
+
 @dataclass(frozen=True, slots=True)
 class Abort:
     """Either side: give up; the connection is unusable afterwards."""
@@ -223,5 +296,9 @@ Event = (
     | Verified
     | Commit
     | Resumed
+    | PostcopyStart
+    | PageRequest
+    | PostcopyPages
+    | Missing
     | Abort
 )

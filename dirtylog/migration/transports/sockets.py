@@ -51,6 +51,10 @@ class SocketChannel:
     def recv_into(self, view: memoryview) -> int:
         return self.sock.recv_into(view)
 
+    def fileno(self) -> int:
+        """The socket's descriptor, to wait on it with others (post-copy's fault handler)."""
+        return self.sock.fileno()
+
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
 

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dirtylog.migration import Listener, Received, receive
+from dirtylog.migration import Listener, Received
+from dirtylog.migration.engine.destination import DestinationMigration
+from dirtylog.migration.keys import load_key
 
 
 @dataclass
@@ -21,6 +23,7 @@ class Receiver:
     result: Received | None = None
     error: BaseException | None = None
     memory_at_resume: Any = None
+    migration: DestinationMigration | None = None  # the engine, while it runs
 
     @property
     def address(self) -> str:
@@ -44,9 +47,13 @@ def start_receiver(key_file: str, *, listen: str = "127.0.0.1:0", before_resume:
             before_resume(machine)
 
     def run() -> None:
+        # receive(), with the engine kept where the test can look at it while it runs
+        options: dict[str, Any] = {"io_timeout": 10.0, "accept_timeout": None, "handshake_timeout": 5.0,
+                                   "progress": None, **kwargs}
         try:
-            receiver.result = receive(receiver.listener, key_file=key_file, before_resume=keep_memory,
-                                      **{"io_timeout": 10.0, **kwargs})
+            receiver.migration = DestinationMigration(receiver.listener, load_key(key_file), before_resume=keep_memory,
+                                                      **options)
+            receiver.result = receiver.migration.run()
         except BaseException as error:  # reported to the test, which asserts on it
             receiver.error = error
         finally:
@@ -73,6 +80,12 @@ class Proxy:
     mutate: Mutator
     sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
     cut: threading.Event = field(default_factory=threading.Event)
+    connections: int = 0  # connections relayed so far
+    _pumps: dict[threading.Thread, int] = field(default_factory=dict)
+
+    def connection_of(self, pump: threading.Thread) -> int:
+        """Which connection (0 for the first the relay accepted) a pump thread carries."""
+        return self._pumps.get(pump, -1)
 
     @property
     def address(self) -> str:
@@ -92,7 +105,10 @@ class Proxy:
             server = socket.create_connection((host, int(port)))
             done = threading.Barrier(2, action=lambda c=client, s=server: (c.close(), s.close()))
             for direction, source, target in (("up", client, server), ("down", server, client)):
-                threading.Thread(target=self._pump, args=(direction, source, target, done), daemon=True).start()
+                pump = threading.Thread(target=self._pump, args=(direction, source, target, done), daemon=True)
+                self._pumps[pump] = self.connections
+                pump.start()
+            self.connections += 1
 
     def _pump(self, direction: str, source: socket.socket, target: socket.socket, done: threading.Barrier) -> None:
         # Like a real relay: an end that closes cleanly is passed on as a half-close, so what the other

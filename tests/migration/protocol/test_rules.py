@@ -535,7 +535,8 @@ def test_the_rules_table_names_one_speaker_per_phase() -> None:
         if kind.sender is not None:  # Abort and REJECT: either side, racing the peer
             for phase in kind.moves:
                 speakers.setdefault(phase, set()).add(kind.sender.value)
-    assert all(len(who) == 1 for who in speakers.values()), speakers
+    # Post-copy's channel is the one place where requests and answers cross (test_postcopy_stream.py).
+    assert all(len(who) == 1 for phase, who in speakers.items() if phase is not Phase.REQUESTS), speakers
     assert set(speakers) == set(Phase) - {Phase.DONE, Phase.ERROR}
 
 
