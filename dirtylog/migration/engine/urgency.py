@@ -13,7 +13,7 @@ a fault answered in 50 us of work could wait milliseconds for the GIL. Two measu
 The GIL is not the only queue: a woken thread also waits for a core, and on a host whose cores run busy vCPUs (the
 guest that faults is running) that wait is most of a fault's latency. :func:`raise_thread_priority` gives the two
 latency-critical threads (the destination's fault handler, the source's answers) a lower nice value, so the
-scheduler runs them before the vCPUs they serve when they wake (bench/migration.py, postcopy section: median fault
+scheduler runs them before the vCPUs they serve when they wake (docs/performance.md, post-copy: median fault
 latency ~25 % lower beside a guest writing at full speed on 2 cores).
 """
 
