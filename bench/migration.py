@@ -23,6 +23,9 @@ Each migration goes to a separate, ready `dirtylog receive --memory` process ove
   * a guest that dirties faster than a capped link: cancelled at the time limit without help,
     converging with auto-converge and with the dirty limit;
   * compression: none / lz4 / zstd on half-compressible memory;
+  * post-copy (issue 17): the guest that never converges unaided, moved by post-copy, auto-converge and the dirty
+    limit in turn within each repeat: total time against size / bandwidth, downtime, the guest time lost, bytes,
+    pages pushed against requested, and post-copy's fault latency (exact percentiles, QEMU's 24-bucket histogram);
   * budget: the CPU cost per GB of the raw copy and of each pass the engine adds over every byte (the
     source's copy out of the guest with its fingerprints, the MAC on each side, the destination's
     fingerprints), alone and while a raw copy runs beside them, and the throughput ratio those costs allow
@@ -241,28 +244,42 @@ def fill(machine: Machine, compressible: bool) -> None:
 
 def run_migration(key: str, memory: int, *, workload: str = "idle", rate: int | None = None,
                   filled: bool = True, compressible: bool = False, warmup: float = 0.5, ready: bool = True,
-                  **options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+                  guest: dict[str, float] | None = None, **options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """One migration of a fresh machine to a `dirtylog receive` process; (source stats, destination's word).
     The destination is ready (``--memory``: its guest memory allocated before the source connects) unless
     ``ready`` is False: without it, memory is allocated as pages arrive, inside round 0, and round 0 measures
-    this host's page allocation (bench/compare_trees.py shows both)."""
+    this host's page allocation (bench/compare_trees.py shows both). ``guest``, when given, receives the guest's
+    progress (pages written, summed over vCPUs): ``rate_alone`` over the second half of the warm-up, and the
+    counts ``at_start`` (migrate called), ``at_switchover`` (the guest paused for the switch-over) and
+    ``at_end`` (migrate returned)."""
     destination = Destination(key, memory if ready else None)
     marks: list[tuple[float, float, float]] = []
 
     def mark_cpu(kind: str, record: dict[str, Any]) -> None:  # at the start of round 0 and at its end
         if kind == "setup" or (kind == "round" and len(marks) == 1):
             marks.append((time.process_time(), process_cpu(destination.process.pid), time.perf_counter()))
+        if guest is not None and kind == "switchover":
+            guest["at_switchover"] = machine.progress
 
     ring = 4096 if options.get("mode") == "ring" else 0
     with Machine(memory, vcpus=2, workload=workload, rate=rate, prefault=True, dirty_ring=ring) as machine:  # type: ignore[arg-type]
         if filled:
             fill(machine, compressible)
         machine.start()
-        time.sleep(warmup)
+        if guest is None:
+            time.sleep(warmup)
+        else:
+            time.sleep(warmup / 2)
+            before, began = machine.progress, time.perf_counter()
+            time.sleep(warmup / 2)
+            guest["at_start"] = machine.progress
+            guest["rate_alone"] = (guest["at_start"] - before) / (time.perf_counter() - began)
         try:
             stats = migrate(machine, destination.address, key_file=key, progress=mark_cpu, **options).as_dict()
         except MigrationError as error:
             stats = {**(error.stats.as_dict() if error.stats else {}), "status": "failed", "error": str(error)}
+        if guest is not None:
+            guest["at_end"] = machine.progress
     if len(marks) == 2 and stats.get("rounds"):
         gigabytes = stats["rounds"][0]["bytes"] / 1e9
         cpu = {"source": marks[1][0] - marks[0][0], "destination": marks[1][1] - marks[0][1]}
@@ -663,12 +680,151 @@ def print_encryption(result: dict[str, Any]) -> None:
     print(f"  encrypted / clear throughput: {summary['ratio']:.2f}x {summary['ratios']}")
 
 
+#: Post-copy against the throttles, each case once per repeat, in this order.
+POSTCOPY_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("post-copy at once", {"postcopy": True, "postcopy_after": 0}),
+    ("post-copy when pre-copy stalls", {"postcopy": True}),
+    ("auto-converge", {"auto_converge": True}),
+    ("dirty-limit 2000 pages/s/vCPU", {"mode": "ring", "dirty_limit": 2000}),
+]
+#: Fault latency with the cores free: the same memory and cap, a guest writing 500 pages/s per vCPU (it sleeps in
+#: between, so its vCPUs leave the two cores to the fault path); not part of the comparison above.
+QUIET_CASE = ("post-copy at once, guest at 500 pages/s/vCPU", {"postcopy": True, "postcopy_after": 0, "rate": 500})
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, lowest and highest of ``values`` (NaN when empty)."""
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+def guest_time_lost(elapsed: float, written: float, rate_alone: float) -> float:
+    """Seconds of its own time the guest lost during ``elapsed``: it wrote ``written`` pages, which at the rate it
+    keeps alone (``rate_alone`` pages/s) take ``written / rate_alone``; the rest it was stopped, throttled, or
+    waiting for pages. The same measure for every method (and it includes the downtime)."""
+    if rate_alone <= 0:
+        return float("nan")
+    return max(0.0, elapsed - written / rate_alone)
+
+
+def histogram_mode(histogram: list[int]) -> tuple[int, int, float]:
+    """The bucket of a QEMU latency histogram (bucket N: [2^N, 2^(N+1)) us) holding the most faults: (from us,
+    to us, its share of all faults); (0, 0, 0.0) for an empty histogram."""
+    total = sum(histogram)
+    if not total:
+        return 0, 0, 0.0
+    bucket = max(range(len(histogram)), key=lambda index: histogram[index])
+    return 1 << bucket, 1 << (bucket + 1), histogram[bucket] / total
+
+
+def postcopy_sample(case: str, stats: dict[str, Any], received: dict[str, Any], guest: dict[str, float],
+                    ideal: float) -> dict[str, Any]:
+    """One run's figures: the source's totals, the destination's fault statistics, the guest's lost time."""
+    elapsed = (stats.get("total_time_ms") or 0) / 1e3
+    completed = stats.get("status") == "completed" and received.get("event") == "completed"
+    # The guest's progress travels with it: on the destination it goes on from where the source paused it.
+    written = (received["progress_at_resume"] if completed else guest["at_end"]) - guest["at_start"]
+    sample: dict[str, Any] = {
+        "case": case, "status": stats.get("status"), "error": stats.get("error", "")[:100],
+        "total_s": elapsed, "setup_s": (stats.get("setup_time_ms") or 0) / 1e3, "ratio": elapsed / ideal,
+        "downtime_ms": stats.get("downtime_ms"), "bytes": stats.get("ram", {}).get("transferred", 0),
+        "rounds": len([r for r in stats.get("rounds", []) if not r["final"]]),
+        "throttle_pct": stats.get("cpu_throttle_percentage"), "rate_alone": guest["rate_alone"],
+        "lost_s": guest_time_lost(elapsed, written, guest["rate_alone"]),
+    }
+    source_postcopy = stats.get("postcopy")
+    if source_postcopy:
+        faults = received.get("stats", {}).get("postcopy") or {}
+        sample.update(
+            postcopy_started_s=(source_postcopy["started_ms"] or 0) / 1e3, pushed=source_postcopy["pages_pushed"],
+            requested=source_postcopy["pages_requested"], requests=source_postcopy["postcopy_requests"],
+            faults=faults.get("faults", 0), blocktime_ms=faults.get("postcopy_blocktime", 0),
+            vcpu_blocktime_ms=faults.get("postcopy_vcpu_blocktime", []),
+            latency_mean_us=faults.get("postcopy_latency", 0) / 1e3,
+            **{f"latency_p{q}_us": faults.get(f"postcopy_latency_p{q}_us", 0.0) for q in (50, 90, 99)},
+            histogram=faults.get("postcopy_latency_dist", []))
+    return sample
+
+
+def postcopy(key: str, memory: int, bandwidth: float, repeat: int) -> dict[str, Any]:
+    """The guest that outruns the link (random pages at full speed, every page written), moved by each method of
+    POSTCOPY_CASES once per repeat, in turn."""
+    preload()  # the compiled passes, loaded once here rather than in the first migration's setup
+    ideal = memory / bandwidth
+    samples: list[dict[str, Any]] = []
+    cases = [*POSTCOPY_CASES, QUIET_CASE]
+    for _ in range(repeat):
+        for case, extra in cases:
+            guest: dict[str, float] = {}
+            # ready=False: a destination that builds its VM when the source connects, as measured for issue 17
+            stats, received = run_migration(key, memory, workload="random", warmup=1.0, guest=guest, ready=False,
+                                            downtime_limit="50ms", bandwidth=bandwidth, max_time="60s",
+                                            **{"rate": None, **extra})
+            samples.append(postcopy_sample(case, stats, received, guest, ideal))
+    rows = []
+    for case, _ in cases:
+        runs = [s for s in samples if s["case"] == case]
+        done = [s for s in runs if s["status"] == "completed"]
+        row: dict[str, Any] = {"case": case, "runs": len(runs), "completed": len(done),
+                               "errors": sorted({s["error"] for s in runs if s["error"]})}
+        for name in ("total_s", "setup_s", "ratio", "downtime_ms", "bytes", "lost_s", "rounds", "throttle_pct",
+                     "postcopy_started_s", "pushed", "requested", "requests", "faults", "blocktime_ms",
+                     "latency_mean_us", "latency_p50_us", "latency_p90_us", "latency_p99_us"):
+            values = [float(s[name]) for s in done if s.get(name) is not None]
+            if values:
+                row[name] = spread(values)
+        histograms = [s["histogram"] for s in done if s.get("histogram")]
+        if histograms:
+            row["histogram"] = [sum(column) for column in zip(*histograms, strict=True)]
+        rows.append(row)
+    # Each method against post-copy at once in the same repeat (the machine's speed drifts over minutes).
+    per_repeat = [samples[i:i + len(cases)] for i in range(0, len(samples), len(cases))]
+    for row in rows:
+        ratios = [next(s for s in group if s["case"] == row["case"])["total_s"] / group[0]["total_s"]
+                  for group in per_repeat
+                  if group[0]["status"] == "completed" and next(s for s in group if s["case"] == row["case"])[
+                      "status"] == "completed"]
+        row["total_vs_postcopy"] = [round(r, 2) for r in ratios]
+    return {"memory": memory, "bandwidth": bandwidth, "ideal_s": ideal, "repeat": repeat, "rows": rows,
+            "samples": samples}
+
+
+def print_postcopy(result: dict[str, Any]) -> None:
+    def show(row: dict[str, Any], name: str, scale: float = 1.0, digits: int = 2) -> str:
+        if name not in row:
+            return "-"
+        value = row[name]
+        return (f"{value['median'] * scale:,.{digits}f} ({value['min'] * scale:,.{digits}f}-"
+                f"{value['max'] * scale:,.{digits}f})")
+
+    print(f"post-copy vs throttles ({result['memory'] >> 20} MiB, random at full speed, every page written, "
+          f"{result['bandwidth'] / 1e6:.0f} MB/s cap, 50 ms limit, 60 s max; size / bandwidth "
+          f"{result['ideal_s']:.2f} s; medians (ranges) of {result['repeat']})")
+    for row in result["rows"]:
+        print(f"  {row['case']}: {row['completed']}/{row['runs']} completed {row['errors'] or ''}")
+        print(f"    total {show(row, 'total_s')} s = {show(row, 'ratio')}x size/bandwidth (setup "
+              f"{show(row, 'setup_s', 1e3, 0)} ms; vs post-copy at once {row['total_vs_postcopy']}); downtime "
+              f"{show(row, 'downtime_ms', 1, 1)} ms; {show(row, 'bytes', 1e-6, 0)} MB; guest time lost "
+              f"{show(row, 'lost_s')} s; {show(row, 'rounds', 1, 0)} pre-copy rounds, throttle "
+              f"{show(row, 'throttle_pct', 1, 0)} %")
+        if "faults" in row:
+            low, high, share = histogram_mode(row.get("histogram", []))
+            print(f"    post-copy after {show(row, 'postcopy_started_s')} s: pages pushed {show(row, 'pushed', 1, 0)}"
+                  f", requested {show(row, 'requested', 1, 0)} ({show(row, 'requests', 1, 0)} requests); "
+                  f"blocktime {show(row, 'blocktime_ms', 1, 0)} ms")
+            print(f"    fault latency us: median {show(row, 'latency_p50_us', 1, 0)}, mean "
+                  f"{show(row, 'latency_mean_us', 1, 0)}, p90 {show(row, 'latency_p90_us', 1, 0)}, p99 "
+                  f"{show(row, 'latency_p99_us', 1, 0)}; most in {low}-{high} us ({share:.0%})")
+            print(f"    histogram (all runs, bucket N = [2^N, 2^(N+1)) us): {row.get('histogram')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1G,4G")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1G only, one repeat")
-    parser.add_argument("--sections", default="throughput,dirtying,convergence,compression,budget",
+    parser.add_argument("--sections", default="throughput,dirtying,convergence,compression,budget,postcopy",
                         help="comma-separated subset to run; also qemu and encryption")
     parser.add_argument("--qemu-rate", type=int, default=50_000,
                         help="qemu section: pages/s of the working-set writer (default 50000)")
@@ -693,6 +849,7 @@ def main() -> None:
             "convergence": lambda: convergence(key, parse_size("128M"), "100M"),
             "compression": lambda: compression(key, parse_size("1G")),
             "budget": lambda: budget(parse_size("1G")),
+            "postcopy": lambda: postcopy(key, parse_size("256M"), 100e6, repeat),
         }
         results: dict[str, Any] = {name: sections[name]() for name in args.sections.split(",")}
     if args.json:
@@ -736,6 +893,8 @@ def main() -> None:
             print(f"  {name:>12}: {b['alone_s_per_gb'][name]:.3f} alone, {b['beside_raw_copy_s_per_gb'][name]:.3f} "
                   "beside a raw copy")
         print(f"  throughput ratio these costs allow: {b['ratio_bound']:.2f}x")
+    if "postcopy" in results:
+        print_postcopy(results["postcopy"])
 
 
 if __name__ == "__main__":

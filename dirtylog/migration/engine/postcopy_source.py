@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream, StreamFailure
-from dirtylog.migration.engine.urgency import Urgency, short_switch_interval
+from dirtylog.migration.engine.urgency import Urgency, raise_thread_priority, short_switch_interval
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.payload.digest import gather
 from dirtylog.migration.payload.pages import pfns_from_runs, runs_from_pfns
@@ -233,6 +233,7 @@ class PostcopySource:
     # --- answering ----------------------------------------------------------------------------------------
 
     def _answer_loop(self) -> None:
+        raise_thread_priority()  # a fault waits for this thread: run it before the busy threads around it
         stream = self.channel
         conn, transport = stream.conn, stream.channel
         view = memoryview(bytearray(RECV_CHUNK))

@@ -45,6 +45,7 @@ class FaultStats:
     non_vcpu_latency_total: float = 0.0
     non_vcpu_resolved: int = 0
     fault_times: list[float] = field(default_factory=list)  # seconds since ``start``, one per fault
+    latencies: list[float] = field(default_factory=list)  # seconds, one per resolved fault (what the histogram counts)
     _waiting: dict[int, list[_Waiter]] = field(default_factory=dict)  # page -> who waits since when
     _vcpu_blocktime: list[float] = field(default_factory=list)
     _vcpu_latency_total: list[float] = field(default_factory=list)
@@ -98,6 +99,7 @@ class FaultStats:
         micros = latency * 1e6
         bucket = 0 if micros < 1 else min(BUCKETS - 1, int(math.log2(micros)))
         self.histogram[bucket] += 1
+        self.latencies.append(latency)
         if vcpu is None or not 0 <= vcpu < self.vcpus:
             self.non_vcpu_latency_total += latency
             self.non_vcpu_resolved += 1
@@ -145,6 +147,17 @@ class FaultStats:
                 return math.sqrt(2.0 ** bucket * 2.0 ** (bucket + 1)) / 1e6
         return 0.0  # not reached
 
+    def latency_percentile(self, percent: float) -> float:
+        """The exact ``percent``-th percentile (0-100) of the fault latencies, in seconds, interpolated between the
+        nearest two (0 before any): the histogram's buckets are a factor of two wide, too coarse to judge a goal."""
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        rank = percent / 100 * (len(ordered) - 1)
+        low = int(rank)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
     def timeline(self, width: float) -> tuple[list[float], list[int]]:
         """Faults per ``width`` seconds since post-copy began: (bin starts, counts)."""
         if not self.fault_times:
@@ -171,5 +184,6 @@ class FaultStats:
         """For ``--json`` and the engine's statistics: the QMP members in snake_case, counts and the median."""
         out = {key.replace("-", "_"): value for key, value in self.as_qmp().items()}
         out.update(faults=self.faults, zero_faults=self.zero_faults, waiting=len(self._waiting),
-                   postcopy_latency_median_us=round(self.median_latency() * 1e6, 1))
+                   postcopy_latency_median_us=round(self.median_latency() * 1e6, 1),
+                   **{f"postcopy_latency_p{q}_us": round(self.latency_percentile(q) * 1e6, 1) for q in (50, 90, 99)})
         return out

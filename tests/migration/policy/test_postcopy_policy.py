@@ -136,6 +136,19 @@ def test_extreme_latencies_land_in_the_end_buckets_and_the_median_is_read_from_t
     assert 128e-6 < stats.median_latency() < 256e-6
 
 
+def test_exact_percentiles_of_the_latencies_not_the_buckets() -> None:
+    stats = FaultStats(vcpus=1)
+    assert stats.latency_percentile(50) == 0.0
+    for page, latency in enumerate((70e-6, 90e-6, 110e-6, 120e-6, 1e-3)):  # all but one in buckets 6 and 7
+        stats.fault(page=page, vcpu=0, at=1.0)
+        stats.installed([page], at=1.0 + latency)
+    assert stats.latency_percentile(50) == pytest.approx(110e-6)
+    assert stats.latency_percentile(0) == pytest.approx(70e-6) and stats.latency_percentile(100) == pytest.approx(1e-3)
+    assert stats.latency_percentile(90) == pytest.approx(120e-6 + 0.6 * (1e-3 - 120e-6))
+    shown = stats.as_dict()
+    assert shown["postcopy_latency_p50_us"] == 110.0 and shown["postcopy_latency_p99_us"] == pytest.approx(964.8)
+
+
 def test_faults_over_time() -> None:
     stats = FaultStats(vcpus=1, start=5.0)
     for page, at in enumerate((5.001, 5.002, 5.025)):
