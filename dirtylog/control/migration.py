@@ -38,7 +38,7 @@ from dirtylog.control.json_stream import JsonValue
 from dirtylog.control.migration_info import Timing, incoming_info, outgoing_info, qmp_keys, socket_address
 from dirtylog.control.protocol import Event
 from dirtylog.control.schema import Bool, Enum, Int, ListOf, Member, Str, Struct, Type, UInt
-from dirtylog.control.vm import EventSink, RunState, VmControl
+from dirtylog.control.vm import DIRTY_LOG_IN_USE, EventSink, RunState, VmControl
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine
@@ -375,8 +375,7 @@ class MigrationControl:
             if self.vm.state is not RunState.RUNNING or machine is None or machine.state is not State.RUNNING:
                 raise QmpError(f"dirtylog migrates running VMs only (live); this one is {self.vm.state}: cont first")
             if machine.tracker is not None:
-                raise QmpError("the VM's dirty log is in use (a vCPU dirty limit, or a dirty-rate measurement): "
-                               "cancel-vcpu-dirty-limit, or wait for query-dirty-rate to say measured, then migrate")
+                raise QmpError(f"{DIRTY_LOG_IN_USE}, then migrate")
             job = _Outgoing(multifd=self.capabilities["multifd"],
                             downtime_limit=self.parameters["downtime-limit"] / 1e3)
             try:
@@ -385,7 +384,7 @@ class MigrationControl:
                 raise QmpError(str(error)) from None
             job.thread = threading.Thread(target=self._run_outgoing, args=(job,), name="qmp-migrate", daemon=True)
             self.outgoing = job
-            self.vm.busy = "a migration is in progress"
+            self.vm.busy = "a migration is in progress; wait for it to end, or migrate_cancel it"
             self._status_event("setup")
             job.thread.start()
         return {}

@@ -32,7 +32,7 @@ from dirtylog.control.migration import MIGRATION_ACTIVE, MigrationControl
 from dirtylog.control.protocol import Event
 from dirtylog.control.rate import RateControl
 from dirtylog.control.schema import Bool, ListOf, Member, Str, Struct
-from dirtylog.control.vm import EventSink, RunState, VmControl
+from dirtylog.control.vm import DIRTY_LOG_IN_USE, EventSink, RunState, VmControl
 from dirtylog.errors import DirtylogError
 from dirtylog.guest.machine import State
 from dirtylog.machine import Machine
@@ -267,7 +267,7 @@ class SnapshotControl:
         with self.vm.lock:
             machine, running = self._machine("snapshot-save")
             parent, depth = self._parent(machine, full)
-            self.vm.busy = "a snapshot job is running"
+            self.vm.busy = "a snapshot job is running; wait for it to conclude (query-jobs)"
             if running and not live:  # QEMU's save stops the VM (STOP ... RESUME); a live one keeps it running
                 self.vm.transition(RunState.PAUSED, "STOP")
         try:
@@ -296,8 +296,7 @@ class SnapshotControl:
             raise JobError(f"Snapshot '{tag}' does not exist (no {path})")
         machine, _ = self._machine("snapshot-load")
         if machine.tracker is not None and (self.last is None or self.last[0] is not machine):
-            raise JobError("the VM's dirty log is in use (a vCPU dirty limit, or a dirty-rate measurement): "
-                             "cancel-vcpu-dirty-limit, or wait for query-dirty-rate to say measured")
+            raise JobError(DIRTY_LOG_IN_USE)
         measurement = self.rate.measurement
         if measurement is not None and measurement.status == "measuring":
             raise JobError("a dirty-rate measurement is running: wait for query-dirty-rate to say measured")

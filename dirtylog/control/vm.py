@@ -27,6 +27,11 @@ from dirtylog.machine import Machine
 
 EventSink = Callable[[Event], None]
 
+#: Why a command that needs the VM's dirty log cannot have it, and what frees it.
+DIRTY_LOG_IN_USE = ("the VM's dirty log is in use (a vCPU dirty limit, a dirty-rate measurement, or the snapshot chain "
+                    "that snapshot-save keeps): cancel-vcpu-dirty-limit, wait for query-dirty-rate to say measured, "
+                    "or x-dirtylog-end-snapshot-chain")
+
 
 class RunState(enum.StrEnum):
     """The members of QEMU's RunState that a dirtylog machine can be in."""
@@ -167,7 +172,7 @@ class VmControl:
 
     def _refuse_if_busy(self, command: str) -> None:
         if self.busy:
-            raise QmpError(f"{command} is refused while {self.busy}; wait for it to end, or migrate_cancel it")
+            raise QmpError(f"{command} is refused while {self.busy}")
 
     @staticmethod
     def _machine_call(action: Callable[[], None]) -> None:
