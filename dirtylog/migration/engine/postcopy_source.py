@@ -25,19 +25,22 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap
+from dirtylog.guest.machine import Machine
+from dirtylog.migration.engine.pacer import Pacer
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream, StreamFailure
 from dirtylog.migration.engine.urgency import Urgency, raise_thread_priority, short_switch_interval
 from dirtylog.migration.errors import MigrationError
-from dirtylog.migration.payload.digest import gather
+from dirtylog.migration.payload.digest import PageDigest, gather
 from dirtylog.migration.payload.pages import pfns_from_runs, runs_from_pfns
 from dirtylog.migration.payload.postcopy import make_postcopy_pages
-from dirtylog.migration.policy.stats import MigrationStatus
+from dirtylog.migration.policy.parameters import MigrationParameters
+from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus, ProgressCallback
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import (
     CLOSED,
@@ -55,9 +58,6 @@ from dirtylog.migration.protocol.rules import Phase
 from dirtylog.migration.transports import Endpoint, parse_endpoint
 from dirtylog.units import PAGE_SIZE
 
-if TYPE_CHECKING:
-    from dirtylog.migration.engine.source import SourceMigration
-
 PUSH_PAGES = 256  # pages per pushed frame (1 MiB): short installs on the destination, little per-frame cost
 ANSWER_PAGES = 64  # pages per answer frame (a request for more is answered in several)
 SCAN_WINDOW = 1 << 16  # pages the push looks through at a time for the next pages owed
@@ -73,10 +73,29 @@ class LinkBrokenError(MigrationError):
     raised to the caller)."""
 
 
+class PostcopyOwner(Protocol):
+    """What the post-copy phase uses of the migration that committed it (``engine/source.py``'s SourceMigration):
+    named here so that this module does not import the one that imports it."""
+
+    machine: Machine
+    stats: MigrationStats
+    params: MigrationParameters
+    endpoint: Endpoint
+    digest: PageDigest
+    pacer: Pacer
+    streams: list[Stream]
+    postcopy_channel: Stream | None
+    progress: ProgressCallback
+
+    def open_channel(self, channel: Channel, *, resume: bool, to: Endpoint) -> Stream:
+        """A new authenticated connection of ``channel``'s kind to ``to``."""
+        ...
+
+
 class PostcopySource:
     """Sends the pages ``pending`` (a page set of the source machine) after the post-copy commit."""
 
-    def __init__(self, owner: SourceMigration, pending: DirtyBitmap) -> None:
+    def __init__(self, owner: PostcopyOwner, pending: DirtyBitmap) -> None:
         self.owner = owner
         self.pages = owner.machine.ram.pages
         self.stats = owner.stats
