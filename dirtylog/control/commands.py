@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from dirtylog.control.errors import ErrorClass, QmpError
+from dirtylog.control.errors import ErrorClass, QmpError, report_internal_error
 from dirtylog.control.json_stream import JsonValue
 from dirtylog.control.protocol import QmpConnection, Request
 from dirtylog.control.schema import NO_ARGUMENTS, Enum, ListOf, Member, Struct
@@ -76,6 +76,9 @@ class Dispatcher:
                 return self._run(connection, request)
             except QmpError as error:
                 return error
+            except Exception as error:  # a bug: this command fails, the monitor goes on
+                report_internal_error(f"the QMP command {request.command}")
+                return QmpError(f"internal error in {request.command}: {type(error).__name__}: {error}")
 
     def _run(self, connection: QmpConnection, request: Request) -> JsonValue:
         if request.command == "qmp_capabilities":

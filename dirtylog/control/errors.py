@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import sys
+import traceback
 
 from dirtylog.errors import DirtylogError
 
@@ -28,3 +30,10 @@ class QmpError(DirtylogError):
 
 class ControlError(DirtylogError):
     """The control socket itself cannot be set up or reached (bad address, socket in use, refused)."""
+
+
+def report_internal_error(where: str) -> None:
+    """Print the exception being handled to stderr: a bug in one command or event must cost that
+    command or event, never the monitor every client depends on, and must still be seen."""
+    print(f"dirtylog: internal error in {where} (please report it):", file=sys.stderr)
+    traceback.print_exc(file=sys.stderr)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dirtylog.control.commands import Dispatcher
-from dirtylog.control.errors import ControlError
+from dirtylog.control.errors import ControlError, QmpError, report_internal_error
 from dirtylog.control.json_stream import MAX_MESSAGE_BYTES
 from dirtylog.control.protocol import Event, QmpConnection, Refusal
 
@@ -215,7 +215,10 @@ class QmpServer:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + TICK_SECONDS
                     if self.on_tick is not None:
-                        self.on_tick()
+                        try:
+                            self.on_tick()
+                        except Exception:  # a bug: the monitor goes on
+                            report_internal_error("the monitor's periodic check")
             self._deliver_events()
             if self._final is not None:
                 self._send_to_all(self._final)
@@ -255,7 +258,12 @@ class QmpServer:
             else:
                 result = self.dispatcher.dispatch(client.connection, item)
                 self._deliver_events()  # what the command caused goes out before its answer
-                answer = client.connection.answer(item.id, result)
+                try:
+                    answer = client.connection.answer(item.id, result)
+                except ValueError as error:  # a bug: a value JSON cannot carry (NaN, infinity)
+                    report_internal_error(f"the answer to {item.command}")
+                    answer = client.connection.answer(item.id, QmpError(
+                        f"internal error in {item.command}: its answer is not JSON: {error}"))
             client.output += answer
             if self._closing.is_set():
                 break  # quit: nothing after it runs
@@ -288,8 +296,13 @@ class QmpServer:
             self._send_to_all(event)
 
     def _send_to_all(self, event: Event) -> None:
-        for client in self._clients.values():
-            client.output += client.connection.event(event)
+        try:
+            messages = [(client, client.connection.event(event)) for client in self._clients.values()]
+        except ValueError:  # a bug: a value JSON cannot carry; that event is lost, not the monitor
+            report_internal_error(f"the event {event.name}")
+            return
+        for client, message in messages:
+            client.output += message
 
     def _flush_all(self, selector: selectors.BaseSelector) -> None:
         deadline = time.monotonic() + FLUSH_SECONDS

@@ -31,10 +31,15 @@ class Served:
 
     process: subprocess.Popen[str]
     address: str  # unix:PATH
+    stderr_path: Path  # a file rather than a pipe: nothing blocks on it, and it outlives the process
 
     @property
     def path(self) -> str:
         return self.address[5:]
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
 
     def finish(self, timeout: float = 30) -> list[dict[str, object]]:
         """Wait for the process to end (after quit); its remaining JSON lines."""
@@ -97,20 +102,25 @@ def serve(tmp_path: Path) -> Iterator[object]:
 
     def start(name: str, *argv: str) -> Served:
         address = f"unix:{tmp_path / (name + '.sock')}"
-        process = subprocess.Popen([*DIRTYLOG, *argv, "--qmp", address, "--json"], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        served = Served(process, address)
+        stderr_path = tmp_path / (name + ".stderr")
+        with stderr_path.open("w") as stderr:
+            process = subprocess.Popen([*DIRTYLOG, *argv, "--qmp", address, "--json"], stdout=subprocess.PIPE,
+                                       stderr=stderr, text=True)
+        served = Served(process, address, stderr_path)
         started.append(served)
         assert process.stdout is not None
         line = process.stdout.readline()
         if not line:
-            raise AssertionError(f"dirtylog {' '.join(argv)} ended before serving QMP: "
-                                 f"{process.stderr.read() if process.stderr else ''}")
+            process.wait(30)
+            raise AssertionError(f"dirtylog {' '.join(argv)} ended before serving QMP: {served.stderr}")
         assert json.loads(line) == {"event": "listening", "qmp": address}
         return served
 
     yield start
     for served in started:
+        if served.process.poll() not in (None, 0) or served.stderr.strip():
+            # shown with the test's report when it fails: why a process ended early, or what it complained of
+            print(f"--- {served.path} (exit {served.process.returncode}) stderr:\n{served.stderr}", file=sys.stderr)
         if served.process.poll() is None:
             served.process.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -117,7 +117,7 @@ def test_an_incoming_migration_that_fails_ends_the_destination_and_says_why(serv
             assert source.state is State.RUNNING  # the source keeps its VM
     finally:
         proxy.close()
-    out, stderr = destination.process.communicate(timeout=60)
+    out, _ = destination.process.communicate(timeout=60)
     summary = json.loads(out.splitlines()[-1])
     assert destination.process.returncode == 1 and summary["status"] == 1 and summary["vm"] == "inmigrate"
-    assert summary["error"] and f"the incoming migration failed: {summary['error']}" in stderr
+    assert summary["error"] and f"the incoming migration failed: {summary['error']}" in destination.stderr

@@ -203,5 +203,5 @@ def test_qemu_qmp_client_drives_postcopy_and_its_recovery_between_two_processes(
     assert statuses(seen["destination-events"]) == expected
     assert "RESUME" in names(seen["destination-events"]) and "STOP" in names(seen["source-events"])
     source_lines, destination_lines = source.finish(), destination.finish()
-    assert source_lines[-1]["vm"] == "postmigrate" and source.process.returncode == 0, source.process.stderr
+    assert source_lines[-1]["vm"] == "postmigrate" and source.process.returncode == 0, source.stderr
     assert destination_lines[-1]["vm"] == "running" and destination.process.returncode == 0

@@ -29,6 +29,9 @@ def server(tmp_path: Path) -> Iterator[QmpServer]:
     table.add("say", lambda args: holder[0].broadcast(Event.now("SAID", {"text": args["text"]})) or {},
               Struct("say", (Member("text", Str()),)))
     table.add("echo", lambda args: args, Struct("echo", (Member("text", Str()),)))
+    table.add("x-broken", lambda args: {}["missing"])  # a handler with a bug
+    table.add("x-not-json", lambda args: {"rate": float("nan")})
+    table.add("x-bad-event", lambda args: holder[0].broadcast(Event.now("BAD", {"rate": float("inf")})) or {})
     qmp = QmpServer(f"unix:{tmp_path / 'qmp.sock'}", Dispatcher(table), VERSION)
     holder.append(qmp)
     qmp.start()
@@ -119,6 +122,29 @@ def test_bad_input_is_answered_and_the_connection_keeps_working(server: QmpServe
     client.send(b'{"execute": "echo", "arguments": {"text": "still here"}, "id": "v"}')
     assert client.read() == {"return": {"text": "still here"}, "id": "v"}
     client.close()
+
+
+def test_a_bug_in_a_command_or_event_costs_that_answer_not_the_monitor(
+        server: QmpServer, capfd: pytest.CaptureFixture[str]) -> None:
+    client, other = RawClient(str(server.address)), RawClient(str(server.address))
+    client.negotiate()
+    other.negotiate()
+    client.send(b'{"execute": "x-broken", "id": 1}')
+    assert client.read() == {"id": 1, "error": {"class": "GenericError",
+                                                "desc": "internal error in x-broken: KeyError: 'missing'"}}
+    client.send(b'{"execute": "x-not-json", "id": 2}')
+    assert client.read()["error"]["desc"].startswith("internal error in x-not-json: its answer is not JSON")
+    client.send(b'{"execute": "x-bad-event", "id": 3}')
+    assert client.read() == {"id": 3, "return": {}}  # the event is dropped; the command did its work
+    client.send(b'{"execute": "say", "arguments": {"text": "alive"}}')
+    assert client.read()["data"] == {"text": "alive"} and client.read() == {"return": {}}
+    assert other.read()["data"] == {"text": "alive"}  # the other client was never disconnected
+    client.close()
+    other.close()
+    reported = capfd.readouterr().err
+    assert all(f"internal error in {where}" in reported for where in
+               ("the QMP command x-broken", "the answer to x-not-json", "the event BAD"))
+    assert "KeyError: 'missing'" in reported  # the traceback, for the bug report
 
 
 def test_a_message_over_64_mib_is_refused_and_the_session_goes_on(server: QmpServer) -> None:
