@@ -267,6 +267,8 @@ class PostcopySource:
                     if event is CLOSED:
                         raise OSError("the destination closed the post-copy channel")
                     if isinstance(event, PageRequest):
+                        with self.lock:  # every request received counts, as the destination counts every one sent
+                            self.stats.postcopy_requests += 1
                         if stream.conn.phase is not Phase.CHANNEL_END:  # else it crossed our Complete: sent already
                             with self.urgency.urgent():
                                 self._answer(event)
@@ -300,7 +302,6 @@ class PostcopySource:
 
     def _answer_pages(self, wanted: npt.NDArray[np.uint64]) -> None:
         with self.lock:
-            self.stats.postcopy_requests += 1
             owed = self.unsent[wanted]
             self.unsent[wanted] = False
             self.remaining -= int(np.count_nonzero(owed))
