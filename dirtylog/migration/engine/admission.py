@@ -177,11 +177,11 @@ class Admission:
             return None
         if hello.migration_id != first.hello.migration_id:
             return "another migration is being received here; one at a time"
+        what = "post-copy channel" if hello.channel is Carries.POSTCOPY else f"stream {hello.stream_index}"
         if _key(result) in admitted:
-            what = "post-copy channel" if hello.channel is Carries.POSTCOPY else f"stream {hello.stream_index}"
             return f"the {what} of this migration is already connected"
         if result.header != first.header:
-            return f"stream {result.hello.stream_index} sent a different Header than stream {first.hello.stream_index}"
+            return f"the {what} sent a different Header than stream {first.hello.stream_index}"
         return None
 
     def _refuse(self, stream: Stream, reason: str) -> None:
