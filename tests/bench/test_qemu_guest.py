@@ -24,7 +24,7 @@ from qemu_guest import (
 )
 
 from dirtylog.guest.x86 import WORKLOAD_ADDR
-from dirtylog.rate.truth import Truth
+from dirtylog.rate.truth import Reading, Truth
 from dirtylog.units import PAGE_SIZE
 from dirtylog.workload import WorkloadSpec
 
@@ -67,10 +67,14 @@ def test_qemu_runs_our_workload_and_the_truth_holds_there() -> None:
         changed = np.flatnonzero((before.reshape(-1, PAGE_SIZE) != after.reshape(-1, PAGE_SIZE)).any(axis=1))
         replayed = truth.pages(start, end).pages().astype(np.int64)
         assert replayed.size > 1000
-        # apart from a write caught in flight per vCPU and boundary, only the firmware's kvmclock page
-        # (below 1 MiB, updated by KVM itself) differs
+        # A vCPU stopped between its write and publishing its count leaves that write in flight: at the
+        # start, write number `progress` is already in `before` (replayed, unchanged); at the end, the
+        # newest write is in `after` (changed, not replayed). Apart from those, only the firmware's
+        # kvmclock page (below 1 MiB, updated by KVM itself) may differ.
+        next_writes = truth.pages(start, Reading(start.t, tuple(n + 1 for n in start.progress))).pages()
         stray = np.setxor1d(changed, replayed)
-        assert stray.size <= 2 * 2 + 1 and all(p < 256 or p in changed for p in stray)
+        assert stray.size <= 2 * 2 + 1, stray
+        assert all(p < 256 or p in changed or p in next_writes for p in stray), (stray, next_writes)
         answer = guest.calc_dirty_rate(1, "page-sampling")
         assert answer["status"] == "measured" and answer["dirty-rate"] > 0
 
