@@ -283,13 +283,21 @@ class Connection:
         if self.phase is Phase.DONE:
             self._closed = True
             return CLOSED
-        if self.phase in POSTCOPY_LIVE:
+        if self.phase in (Phase.REQUESTS, Phase.CHANNEL_END):
+            # The post-copy channel is up from the start; only the main stream knows whether the switch came.
+            outcome = ("the post-copy channel broke: before the switch to post-copy the source still owns the VM; "
+                       "after it, the destination runs the VM and the source holds pages it lacks: resume the "
+                       "migration to finish it")
+        elif self.phase in POSTCOPY_LIVE:
             outcome = ("in post-copy: the destination runs the VM and the source holds pages it lacks; resume the "
                        "migration to finish it")
         elif self.role is Role.DESTINATION:
             outcome = "the migration is incomplete: do not resume this copy of the VM"
-        elif self.phase in (Phase.RESUME, Phase.POSTCOPY_RESUME):
+        elif self.phase is Phase.RESUME:
             outcome = "after Commit: the destination may be running the VM, check it before resuming the source by hand"
+        elif self.phase is Phase.POSTCOPY_RESUME:
+            outcome = ("after the post-copy Commit: check the destination; if it runs the VM, it lacks pages the "
+                       "source holds: resume the migration to finish it; if not, the source may be resumed by hand")
         else:
             outcome = "the migration did not finish: the source still owns the VM"
         raise TruncatedStreamError(

@@ -122,13 +122,20 @@ def exchange(pair: Pair, *steps: Event) -> None:
         assert len(got) == 1 and type(got[0]) is type(event), got
 
 
-def switched(vcpus: int = 1) -> Pair:
-    """A stream past the post-copy commit: the guest runs on the destination, pages 5..9 and 66 owed."""
+def committed(vcpus: int = 1) -> Pair:
+    """A stream whose source sent the post-copy Commit, and no Resumed came yet; pages 5..9 and 66 owed."""
     pair = handshaken()
     exchange(pair, Header(PAGE, SLOTS, vcpus=vcpus, postcopy=True), Ready(),
              make_page_batch(0, np.arange(5), None, MEMORY[:5], page_size=PAGE), RoundEnd(0, 5),
              *[VcpuState(i, b"regs") for i in range(vcpus)],
-             PostcopyStart(pageset([5, 6, 7, 8, 9, 66]), DIGEST, (3 + vcpus,)), Verified(DIGEST), Commit(), Resumed())
+             PostcopyStart(pageset([5, 6, 7, 8, 9, 66]), DIGEST, (3 + vcpus,)), Verified(DIGEST), Commit())
+    return pair
+
+
+def switched(vcpus: int = 1) -> Pair:
+    """A stream past the post-copy commit: the guest runs on the destination, pages 5..9 and 66 owed."""
+    pair = committed(vcpus)
+    exchange(pair, Resumed())
     return pair
 
 
@@ -191,7 +198,10 @@ def test_the_received_pages_are_checked_against_their_fingerprints() -> None:
     (switched, "destination", r"in phase POSTCOPY .*the destination runs the VM and the source holds pages it "
                               r"lacks; resume the migration"),
     (switched, "source", r"in phase POSTCOPY .*resume the migration to finish it"),
-    (channel, "source", r"in phase REQUESTS"),
+    (committed, "source", r"in phase POSTCOPY_RESUME .*after the post-copy Commit: check the destination; if it "
+                          r"runs the VM, .*resume the migration to finish it; if not, the source may be resumed"),
+    (channel, "source", r"in phase REQUESTS .*post-copy channel broke: before the switch to post-copy the source "
+                        r"still owns the VM; after it, .*resume the migration to finish it"),
 ])
 def test_eof_in_postcopy_says_to_resume(build: object, reader: str, match: str) -> None:
     pair = build()  # type: ignore[operator]
