@@ -242,7 +242,7 @@ class PostcopySource:
             with self.lock:  # not sent: still owed (a resumed link learns what arrived from the destination anyway)
                 self.unsent[pfns] = True
                 self.remaining += int(pfns.size)
-            raise self._link_error(str(error)) from None
+            raise self._link_error(str(error), peer_abort=True) from None
         with self.lock:
             self.stats.pages_pushed += int(pfns.size)
             self.stats.postcopy_bytes += self.stream.bytes_sent - before

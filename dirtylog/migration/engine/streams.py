@@ -22,6 +22,7 @@ from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.protocol.connection import Connection
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import CLOSED, NEED_DATA, Abort, AbortCode, Event
+from dirtylog.migration.protocol.rules import Phase
 from dirtylog.migration.transports import Channel
 
 RECV_CHUNK = 1 << 20
@@ -78,7 +79,15 @@ class Stream:
         if self.failure is not None:
             raise MigrationError(self.failure.reason)
         with self.lock:
-            buffers = self.conn.send(event)
+            # Ended before this send: the reader has just seen the link fail (an Abort, a bad frame) and not yet
+            # said so in ``failure``. Otherwise a refusal is an event out of its place: our bug, to be seen as one.
+            ended = self.conn.phase is Phase.ERROR
+            try:
+                buffers = self.conn.send(event)
+            except ProtocolError as error:
+                if not ended:
+                    raise
+                raise MigrationError(str(error)) from None
         if self._sender is None:
             try:
                 self._write(buffers)
