@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 import hmac
-from typing import Final
+import threading
+from typing import Final, Protocol
 
 from blake3 import blake3
 from cryptography.exceptions import InvalidTag
@@ -86,6 +87,29 @@ def _aes(key: bytes) -> AES:
     return AES(key)  # checked once per key, not once per frame
 
 
+#: Bytes encrypted or decrypted per call: the scratch they pass through stays in cache, so copying back is cheap.
+CRYPT_CHUNK: Final = 1 << 18
+_scratch = threading.local()
+
+
+class _GcmContext(Protocol):
+    def update_into(self, data: BytesLike, buf: bytearray) -> int: ...
+
+
+def _crypt_in_place(gcm: _GcmContext, part: memoryview) -> None:
+    """Run ``part`` through ``gcm`` and write the result over it. Through a scratch buffer: cryptography 51
+    refuses an output that overlaps the input ("data and buf must not overlap"), as OpenSSL's rules say."""
+    scratch: bytearray | None = getattr(_scratch, "buffer", None)
+    if scratch is None:
+        scratch = _scratch.buffer = bytearray(CRYPT_CHUNK + 16)  # + a block: update_into's documented margin
+    data = part.cast("B") if part.format != "B" or part.ndim != 1 else part
+    written = 0  # output follows input in order and never runs ahead of it, so it never clobbers unread input
+    for offset in range(0, len(data), CRYPT_CHUNK):
+        count = gcm.update_into(data[offset:offset + CRYPT_CHUNK], scratch)
+        data[written:written + count] = scratch[:count]
+        written += count
+
+
 def seal_frame(key: bytes, seq: int, header: BytesLike, *payload: memoryview) -> bytes:
     """Encrypt the payload parts of frame ``seq`` in place (writable views) and return the tag, which also
     authenticates ``header``."""
@@ -93,7 +117,7 @@ def seal_frame(key: bytes, seq: int, header: BytesLike, *payload: memoryview) ->
     gcm.authenticate_additional_data(header)
     for part in payload:
         if len(part):
-            gcm.update_into(part, part)
+            _crypt_in_place(gcm, part)
     gcm.finalize()
     tag: bytes = gcm.tag[:MAC_SIZE]
     return tag
@@ -106,7 +130,7 @@ def open_frame(key: bytes, seq: int, header: BytesLike, tag: bytes, *payload: me
     gcm.authenticate_additional_data(header)
     for part in payload:
         if len(part):
-            gcm.update_into(part, part)
+            _crypt_in_place(gcm, part)
     try:
         gcm.finalize()
     except InvalidTag:
