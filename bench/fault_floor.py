@@ -18,7 +18,9 @@ Each ``--busy N`` row runs beside N processes spinning ``while True: pass``, as 
 the same cores. Beside the fault over TCP, each row also has the same fault answered inside the handler thread
 (no socket, no source process): what userfaultfd itself costs. Times are microseconds, exact percentiles of
 ``--faults`` faults (after ``--warmup`` untimed ones). The clock read is a system call here; its cost (two
-reads back to back) is printed and is inside every figure.
+reads back to back) is printed and is inside every figure. The TCP faults are also grouped by how many of
+their four wake-ups (handler, source, handler again, vCPU) crossed from one CPU to the other, from the CPU
+each thread sampled (``getcpu``) after its step: where the three threads sit decides most of a fault's time.
 
 Not in the loop, measured separately in this process and printed beside: one AES-256-GMAC of a 4 KiB frame
 through dirtylog's ``frame_mac`` (Python calling OpenSSL), the frame MAC a compiled path would add twice per
@@ -57,6 +59,7 @@ _ARM64: Final = platform.machine() in ("aarch64", "arm64")
 #: System calls nogil.py does not wrap: (x86-64, arm64's generic table).
 SYS_WRITE: Final = (1, 64)[_ARM64]
 SYS_NANOSLEEP: Final = (35, 101)[_ARM64]
+SYS_GETCPU: Final = (309, 168)[_ARM64]
 ETIMEDOUT: Final = 110
 EPROTO: Final = 71  # a page came back with the wrong stamp
 PAGE_WORDS: Final = PAGE_SIZE // 8
@@ -66,6 +69,14 @@ SOCKET_TIMEOUT_S: Final = 2  # SO_RCVTIMEO: a silent peer ends the run with ETIM
 # control: one int64 array shared by the threads of one run and the Python that watches them.
 STOP, HANDLER_STATUS, HANDLED, VCPU_STATUS, TOUCHED = range(5)
 CONTROL_WORDS: Final = 5
+
+
+@njit(cache=True, nogil=True)
+def _getcpu(scratch: NDArray[np.int64]) -> int:
+    """The CPU this thread runs on; ``scratch``: 1 int64."""
+    scratch[0] = 0
+    syscall6(SYS_GETCPU, scratch.ctypes.data, 0, 0, 0, 0, 0)
+    return int(scratch[0] & 0xFFFF_FFFF)
 
 
 @njit(cache=True, nogil=True)
@@ -103,9 +114,11 @@ def _recv_all(fd: int, address: int, count: int) -> int:
 
 @njit(cache=True, nogil=True)
 def serve_pages(sock: int, page: NDArray[np.uint64], control: NDArray[np.int64]) -> None:
-    """The source: answer each 8-byte request (a page number) with ``page`` stamped with that number + 1,
-    until the destination closes the socket, something fails (``control[HANDLER_STATUS]``) or ``control[STOP]``."""
+    """The source: answer each 8-byte request (a page number) with ``page`` stamped with that number + 1 (and,
+    in its second word, the CPU it answers from), until the destination closes the socket, something fails
+    (``control[HANDLER_STATUS]``) or ``control[STOP]``."""
     request = np.zeros(1, dtype=np.int64)
+    cpu = np.zeros(1, dtype=np.int64)
     while control[STOP] == 0:
         got = _recv_all(sock, request.ctypes.data, 8)
         if got == -nogil.EAGAIN:
@@ -114,6 +127,7 @@ def serve_pages(sock: int, page: NDArray[np.uint64], control: NDArray[np.int64])
             control[HANDLER_STATUS] = got if got < 0 else 0  # < 8 bytes: end of stream
             return
         page[0] = np.uint64(request[0] + 1)
+        page[1] = np.uint64(_getcpu(cpu))
         put = _send_all(sock, page.ctypes.data, PAGE_SIZE)
         if put < 0:
             control[HANDLER_STATUS] = put
@@ -122,14 +136,17 @@ def serve_pages(sock: int, page: NDArray[np.uint64], control: NDArray[np.int64])
 
 
 @njit(cache=True, nogil=True)
-def handle_faults(uffd: int, sock: int, base: int, expected: int, control: NDArray[np.int64]) -> None:
+def handle_faults(uffd: int, sock: int, base: int, expected: int, control: NDArray[np.int64],
+                  cpus: NDArray[np.int64]) -> None:
     """The destination's fault thread: resolve ``expected`` missing-page faults of the range at ``base``, asking
     the source on ``sock`` for each page (``sock`` < 0: answer here, stamped alike). Stops early on
-    ``control[STOP]`` or an error (``control[HANDLER_STATUS]``: -errno)."""
+    ``control[STOP]`` or an error (``control[HANDLER_STATUS]``: -errno). Row ``n`` of ``cpus`` gets, for the
+    n-th fault, the CPUs the handler installed it from (column 1) and the source answered from (2)."""
     scratch = np.zeros(8, dtype=np.int64)
     messages = np.zeros(64 * nogil.UFFD_MSG_WORDS, dtype=np.uint64)
     page = np.zeros(PAGE_WORDS, dtype=np.uint64)
     request = np.zeros(1, dtype=np.int64)
+    cpu = np.zeros(1, dtype=np.int64)
     handled = 0
     while handled < expected and control[STOP] == 0:
         ready = nogil.poll_in(uffd, POLL_NS, scratch)
@@ -163,17 +180,22 @@ def handle_faults(uffd: int, sock: int, base: int, expected: int, control: NDArr
             if result < 0 and result != -nogil.EEXIST:
                 control[HANDLER_STATUS] = result
                 return
+            if handled < cpus.shape[0]:
+                cpus[handled, 1] = _getcpu(cpu)
+                cpus[handled, 2] = cpus[handled, 1] if sock < 0 else np.int64(page[1])
             handled += 1
             control[HANDLED] = handled
 
 
 @njit(cache=True, nogil=True)
 def touch_pages(memory: NDArray[np.uint64], pages: NDArray[np.int64], gap_ns: int, times: NDArray[np.int64],
-                control: NDArray[np.int64]) -> None:
+                control: NDArray[np.int64], cpus: NDArray[np.int64]) -> None:
     """The vCPU: read the first word of each page of ``pages``, ``gap_ns`` apart (asleep), each read's time in
-    ``times`` (ns); a page without its stamp stops it (``control[VCPU_STATUS]`` = -EPROTO)."""
+    ``times`` (ns) and the CPU it woke on in ``cpus[i, 0]``; a page without its stamp stops it
+    (``control[VCPU_STATUS]`` = -EPROTO)."""
     clock = np.zeros(2, dtype=np.int64)
     sleep = np.zeros(2, dtype=np.int64)
+    cpu = np.zeros(1, dtype=np.int64)
     for i in range(pages.size):
         if control[STOP] != 0:
             return
@@ -187,6 +209,7 @@ def touch_pages(memory: NDArray[np.uint64], pages: NDArray[np.int64], gap_ns: in
         value = memory[number * PAGE_WORDS]  # blocks until the handler installs the page
         ended = nogil.monotonic_ns(clock)
         times[i] = ended - began
+        cpus[i, 0] = _getcpu(cpu)
         if np.int64(value) != number + 1:
             control[VCPU_STATUS] = -EPROTO
             return
@@ -207,9 +230,9 @@ def _compile() -> None:
     stopped = np.zeros(CONTROL_WORDS, dtype=np.int64)
     stopped[STOP] = 1
     serve_pages(-1, np.zeros(PAGE_WORDS, dtype=np.uint64), stopped)
-    handle_faults(-1, -1, 0, 0, stopped)
+    handle_faults(-1, -1, 0, 0, stopped, np.zeros((1, 3), dtype=np.int64))
     touch_pages(np.zeros(PAGE_WORDS, dtype=np.uint64), np.zeros(0, dtype=np.int64), 0, np.zeros(0, dtype=np.int64),
-                stopped)
+                stopped, np.zeros((1, 3), dtype=np.int64))
     clock_pairs(np.zeros(1, dtype=np.int64))
 
 
@@ -237,6 +260,16 @@ def _status(code: int) -> str:
     return os.strerror(-int(code)) if code else "ok"
 
 
+def _by_wakeups(times_ns: NDArray[np.int64], cpus: NDArray[np.int64]) -> dict[str, dict[str, float]]:
+    """The faults grouped by how many of their wake-ups crossed CPUs, as far as the CPUs sampled after each step
+    tell: of the four over TCP (handler, source, handler, vCPU), 0 (all three on one CPU), 2 (one pair apart)
+    or 4 (both); of the two in the handler (its source column is its own CPU), 0 or 2."""
+    crossings = 2 * (cpus[:, 0] != cpus[:, 1]) + 2 * (cpus[:, 1] != cpus[:, 2])
+    return {str(hops): {"share": round(float(np.mean(crossings == hops)), 2),
+                        **_percentiles(times_ns[crossings == hops])}
+            for hops in (0, 2, 4) if np.any(crossings == hops)}
+
+
 def _percentiles(times_ns: NDArray[np.int64]) -> dict[str, float]:
     p50, p90, p99 = np.percentile(times_ns / 1e3, [50, 90, 99])
     return {"median_us": round(float(p50), 1), "p90_us": round(float(p90), 1), "p99_us": round(float(p99), 1)}
@@ -258,6 +291,7 @@ def faults(count: int, warmup: int, busy: int, gap_ns: int, memory_size: int, ov
     control = np.zeros(CONTROL_WORDS, dtype=np.int64)
     pages = np.random.default_rng().choice(memory_size // PAGE_SIZE, warmup + count, replace=False).astype(np.int64)
     times = np.zeros(warmup + count, dtype=np.int64)
+    cpus = np.full((warmup + count, 3), -1, dtype=np.int64)
     threads: list[threading.Thread] = []
     try:
         for child in children:
@@ -271,9 +305,10 @@ def faults(count: int, warmup: int, busy: int, gap_ns: int, memory_size: int, ov
         base = memory.ctypes.data
         uffd.register(base, memory_size, missing=True)
         threads = [threading.Thread(target=handle_faults, name="fault-handler", daemon=True,
-                                    args=(uffd.fd, -1 if sock is None else sock.fileno(), base, pages.size, control)),
+                                    args=(uffd.fd, -1 if sock is None else sock.fileno(), base, pages.size, control,
+                                          cpus)),
                    threading.Thread(target=touch_pages, name="vcpu", daemon=True,
-                                    args=(memory, pages, gap_ns, times, control))]
+                                    args=(memory, pages, gap_ns, times, control, cpus))]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 30 + pages.size * (gap_ns / 1e9 + 0.01)
@@ -305,7 +340,9 @@ def faults(count: int, warmup: int, busy: int, gap_ns: int, memory_size: int, ov
         if not any(thread.is_alive() for thread in threads):
             del memory
             area.close()  # else leave it mapped: a thread still inside it would crash the process
-    return {"busy": busy, "faults": count, "over_tcp": over_tcp, **_percentiles(times[warmup:])}
+    row: dict[str, Any] = {"busy": busy, "faults": count, "over_tcp": over_tcp, **_percentiles(times[warmup:])}
+    row["by_cross_cpu_wakeups"] = _by_wakeups(times[warmup:], cpus[warmup:])
+    return row
 
 
 def gmac_us(repeat: int = 5000) -> float:
@@ -339,7 +376,7 @@ def main() -> None:
     for busy in (int(value) for value in args.busy.split(",")):
         tcp = faults(args.faults, args.warmup, busy, int(args.gap_us * 1e3), memory_size, over_tcp=True)
         local = faults(args.faults, args.warmup, busy, int(args.gap_us * 1e3), memory_size, over_tcp=False)
-        rows.append({**tcp, "local": {key: local[key] for key in ("median_us", "p90_us", "p99_us")}})
+        rows.append({**tcp, "local": {key: value for key, value in local.items() if key.endswith(("_us", "wakeups"))}})
     summary = {"clock_read_pair_us": round(float(np.median(clock)) / 1e3, 2), "frame_mac_4k_us": gmac_us(),
                "load_average": [round(value, 2) for value in os.getloadavg()]}
     if args.json:
@@ -354,6 +391,11 @@ def main() -> None:
         print(f"  beside {row['busy']} spinning process(es): over TCP median {row['median_us']}, p90 {row['p90_us']}, "
               f"p99 {row['p99_us']}; answered in the handler median {local['median_us']}, p90 {local['p90_us']}, "
               f"p99 {local['p99_us']}")
+        for name, groups in (("over TCP", row["by_cross_cpu_wakeups"]),
+                             ("in the handler", local["by_cross_cpu_wakeups"])):
+            print(f"    {name}, by wake-ups across CPUs: " + "; ".join(
+                f"{hops}: {group['share']:.0%} of faults, median {group['median_us']}, p90 {group['p90_us']}"
+                for hops, group in groups.items()))
     print(f"two clock reads back to back: {summary['clock_read_pair_us']} us (inside every figure)")
     print(f"measured separately, not in the loop: one frame_mac (AES-256-GMAC, Python -> OpenSSL) of a 4 KiB frame "
           f"{summary['frame_mac_4k_us']} us; a MACed fault needs two (request and answer)")
