@@ -265,7 +265,7 @@ def _by_wakeups(times_ns: NDArray[np.int64], cpus: NDArray[np.int64]) -> dict[st
     tell: of the four over TCP (handler, source, handler, vCPU), 0 (all three on one CPU), 2 (one pair apart)
     or 4 (both); of the two in the handler (its source column is its own CPU), 0 or 2."""
     crossings = 2 * (cpus[:, 0] != cpus[:, 1]) + 2 * (cpus[:, 1] != cpus[:, 2])
-    return {str(hops): {"share": round(float(np.mean(crossings == hops)), 2),
+    return {str(hops): {"share": round(float(np.mean(crossings == hops)), 3),
                         **_percentiles(times_ns[crossings == hops])}
             for hops in (0, 2, 4) if np.any(crossings == hops)}
 
@@ -394,7 +394,7 @@ def main() -> None:
         for name, groups in (("over TCP", row["by_cross_cpu_wakeups"]),
                              ("in the handler", local["by_cross_cpu_wakeups"])):
             print(f"    {name}, by wake-ups across CPUs: " + "; ".join(
-                f"{hops}: {group['share']:.0%} of faults, median {group['median_us']}, p90 {group['p90_us']}"
+                f"{hops}: {group['share']:.1%} of faults, median {group['median_us']}, p90 {group['p90_us']}"
                 for hops, group in groups.items()))
     print(f"two clock reads back to back: {summary['clock_read_pair_us']} us (inside every figure)")
     print(f"measured separately, not in the loop: one frame_mac (AES-256-GMAC, Python -> OpenSSL) of a 4 KiB frame "
