@@ -30,6 +30,7 @@ from dirtylog.linux.errors import (
     NoSuchProcessError,
     NotRegisteredError,
     PagemapError,
+    ProcessExitedError,
     PtraceNotPermittedError,
     describe_errno,
 )
@@ -113,6 +114,8 @@ class Pagemap:
             if code == errno.EPERM and flags & abi.PM_SCAN_CHECK_WPASYNC:
                 raise NotRegisteredError(f"PAGEMAP_SCAN of {start:#x}-{end:#x} in process {self.pid} met memory "
                                          "not registered for async write-protect", code) from None
+            if code == errno.ESRCH:  # its memory went away under the scan: the process is exiting
+                raise ProcessExitedError(f"process {self.pid} exited during PAGEMAP_SCAN", code) from None
             raise PagemapError(f"PAGEMAP_SCAN of {start:#x}-{end:#x} in process {self.pid} failed: "
                                f"{describe_errno(code)}", code) from None
         return ScanResult(count, int(arg.walk_end))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import mmap
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -12,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dirtylog.linux import abi
-from dirtylog.linux.errors import NotRegisteredError
+from dirtylog.linux.errors import NotRegisteredError, ProcessExitedError
 from dirtylog.linux.pagemap import (
     Pagemap,
     pagemap_scan_missing_message,
@@ -22,6 +25,7 @@ from dirtylog.linux.pagemap import (
 )
 from dirtylog.linux.userfaultfd import Userfaultfd
 from dirtylog.units import PAGE_SIZE
+from tests.helpers import wait_for
 
 NPAGES = 4096
 
@@ -146,3 +150,18 @@ def test_this_kernel_has_pagemap_scan_and_the_message_for_one_that_has_not() -> 
     assert pagemap_scan_supported()
     message = pagemap_scan_missing_message()
     assert "needs Linux 6.7 or newer" in message and "PAGEMAP_SCAN" in message and "WP_ASYNC" in message
+
+
+def test_a_process_that_exits_under_the_scan_is_reported_as_exited_not_as_a_scan_failure() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    pagemap = Pagemap(child.pid)  # opened while it lives, as a tracker holds it
+    try:
+        assert child.stdin is not None
+        child.stdin.close()  # it exits; not reaped yet, its memory is already gone
+        wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                 what="the child to become a zombie")
+        with pytest.raises(ProcessExitedError, match=f"process {child.pid} exited during PAGEMAP_SCAN"):
+            pagemap.scan_once(0, 1 << 47)
+    finally:
+        pagemap.close()
+        child.wait()
