@@ -27,11 +27,11 @@ from __future__ import annotations
 import functools
 import hmac
 import threading
-from typing import Final, Protocol
+from typing import Final
 
 from blake3 import blake3
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.ciphers.algorithms import AES
 from cryptography.hazmat.primitives.ciphers.modes import GCM
@@ -92,11 +92,7 @@ CRYPT_CHUNK: Final = 1 << 18
 _scratch = threading.local()
 
 
-class _GcmContext(Protocol):
-    def update_into(self, data: BytesLike, buf: bytearray) -> int: ...
-
-
-def _crypt_in_place(gcm: _GcmContext, part: memoryview) -> None:
+def _crypt_in_place(gcm: CipherContext, part: memoryview) -> None:
     """Run ``part`` through ``gcm`` and write the result over it. Through a scratch buffer: cryptography 51
     refuses an output that overlaps the input ("data and buf must not overlap"), as OpenSSL's rules say."""
     scratch: bytearray | None = getattr(_scratch, "buffer", None)
