@@ -168,6 +168,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         self.refresh_seconds = 0.0
         self.scans = 0
         self.rescans = 0
+        self.deferrals = 0  # collections that left memory changing under them to the next one
         self._uffd: Userfaultfd | None = None
         # Two pagemap fds, each with its own output buffer, used in turn: a result is a view of the buffer it
         # was scanned into, which the collection after next reuses (detaching the result if still held).
@@ -187,6 +188,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         self._jobs: list[_Job] = []
         self._exit_reported = False
         self._rescanned = False
+        self._refresh_soon = False
 
     @property
     def target(self) -> str:
@@ -306,22 +308,28 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         return pagemap.collect_written(start, end, check_registered=False)
 
     def _scan_all(self) -> int:
-        """A refresh's scans, run by run; returns how many regions fill the buffer (first scans filtered)."""
+        """A refresh's scans, run by run; returns how many regions fill the buffer (first scans filtered).
+
+        A run that lost its registration under the scan is registered again and scanned again. Memory
+        replaced faster than that (a heap top that malloc trims and grows back in a loop) would fail every
+        time: after ``_MAX_RESCANS`` the rest of the collection is scanned unchecked, skipping what is not
+        registered, and the next collection refreshes, registers it and reports it: late, never lost.
+        """
         assert self._pagemap is not None
         self._clear_sentinels()
+        self._refresh_soon = False
         pagemap = self._pagemap
-        filled, index, rescans = 0, 0, 0
+        filled, index, rescans, checked = 0, 0, 0, True
         jobs = self._jobs
         while index < len(jobs):
             job = jobs[index]
             try:
                 if job.first:
-                    end = pagemap.scan(job.start, job.end, first=filled,
-                                       flags=abi.PM_SCAN_WP_MATCHING | abi.PM_SCAN_CHECK_WPASYNC,
-                                       return_mask=_FIRST_RETURN_MASK)
+                    flags = abi.PM_SCAN_WP_MATCHING | (abi.PM_SCAN_CHECK_WPASYNC if checked else 0)
+                    end = pagemap.scan(job.start, job.end, first=filled, flags=flags, return_mask=_FIRST_RETURN_MASK)
                     filled = self._keep_written(filled, end)
                 else:
-                    filled = pagemap.collect_written(job.start, job.end, first=filled)
+                    filled = pagemap.collect_written(job.start, job.end, first=filled, check_registered=checked)
                 self.scans += 1
                 index += 1
             except NotRegisteredError:
@@ -331,15 +339,15 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
                 filled = self._recover(filled)
                 rescans += 1
                 self.rescans += 1
-                if rescans > _MAX_RESCANS:
-                    raise ProcessError(f"the mappings of {self.target} keep changing under the scan "
-                                       f"({_MAX_RESCANS} rescans in one collection)") from None
                 self._refresh()
                 self._register_again(job.start, job.end)
                 self._plan()
                 # Scan again from the failed run on, and every run registered just now, wherever it is.
                 jobs = [j for j in self._jobs if j.end > job.start or j.first]
                 index = 0
+                if rescans >= _MAX_RESCANS:
+                    checked, self._refresh_soon = False, True
+                    self.deferrals += 1
         return filled
 
     def _recover(self, filled: int) -> int:
@@ -374,7 +382,7 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
     def _refresh_due(self) -> bool:
         """Whether to re-read the maps now: always with ``refresh_interval`` 0; else when the process's size
         changed (mmap, munmap, brk, a thread's stack — and exit: statm reads 0 then) or the interval passed."""
-        if self.refresh_interval == 0:
+        if self.refresh_interval == 0 or self._refresh_soon:
             return True
         return (self._process_size() != self._size
                 or time.monotonic() - self._last_refresh >= self.refresh_interval)
@@ -413,10 +421,12 @@ class ProcessTracker(TrackerBase[ProcessDirty]):
         failed scan tells it from the old one; registering is a no-op for the mappings still registered.
         """
         assert self._uffd is not None
-        for mapping in [m for m in self.tracked if m.start < end and start < m.end and m not in self._fresh]:
+        for mapping in [m for m in self.tracked if m.start < end and start < m.end]:
+            # A mapping registered at this very refresh can have been replaced before its first scan too.
             if self._register(mapping, initial=False):
-                self._fresh.add(mapping)
-                self._new.append(mapping)
+                if mapping not in self._fresh:
+                    self._fresh.add(mapping)
+                    self._new.append(mapping)
             else:
                 self.tracked.remove(mapping)
 

@@ -6,6 +6,9 @@ Commands (each answered by one line on stdout):
 * ``mapshared N`` — the same, shared (``MAP_SHARED | MAP_ANONYMOUS``);
 * ``write ADDR N`` — write the first 8 bytes of N pages from ADDR; answers ``ok``;
 * ``unmap ADDR N`` / ``remap ADDR N`` — unmap it / unmap it and map fresh memory at the same place;
+* ``churn ADDR N`` — start a thread that maps fresh memory over the mapping again and again, as fast as it
+  can, writing its first page each time (a heap top that malloc trims and grows back behaves so); answers
+  ``ok``; ``calm`` stops it and answers how many times it replaced the mapping;
 * ``grow N`` — grow the brk heap by N pages and write them; answers the address of the new pages;
 * ``thread N`` — start a thread that writes N pages of its own stack and then waits; answers the address;
 * ``uffd`` — create a userfaultfd of our own (and keep it); answers its fd;
@@ -53,8 +56,17 @@ def stack_writer(count: int, where: list[int], started: threading.Event, release
     release.wait()
 
 
+def churn(address: int, count: int, stop: threading.Event, replaced: list[int]) -> None:
+    """Replace ``[address, address + count pages)`` with fresh memory until ``stop`` is set."""
+    while not stop.is_set():
+        libc.mmap(address, count * PAGE, PROT_RW, MAP_PRIVATE_ANON | MAP_FIXED, -1, 0)
+        ctypes.memmove(address, b"churned!", 8)
+        replaced[0] += 1
+
+
 def main() -> None:
     keep: list[object] = []
+    churning: list[tuple[threading.Thread, threading.Event, list[int]]] = []
     print("ready", flush=True)
     for line in sys.stdin:
         command, *args = line.split()
@@ -72,6 +84,17 @@ def main() -> None:
         elif command == "remap":
             libc.munmap(numbers[0], numbers[1] * PAGE)
             reply = str(libc.mmap(numbers[0], numbers[1] * PAGE, PROT_RW, MAP_PRIVATE_ANON | MAP_FIXED, -1, 0))
+        elif command == "churn":
+            stop, replaced = threading.Event(), [0]
+            churner = threading.Thread(target=churn, args=(numbers[0], numbers[1], stop, replaced), daemon=True)
+            churner.start()
+            churning.append((churner, stop, replaced))
+            reply = "ok"
+        elif command == "calm":
+            churner, stop, replaced = churning.pop()
+            stop.set()
+            churner.join()
+            reply = str(replaced[0])
         elif command == "grow":
             start = libc.sbrk(numbers[0] * PAGE)
             write_pages(start, numbers[0])

@@ -72,9 +72,12 @@ def test_host_writes_are_in_the_next_collection(mode: str) -> None:
         tracker.collect()
         target = (machine.workload_pages.start + 100) * PAGE_SIZE
         machine.write(target - 8, b"x" * 16)  # straddles two pages
-        pages = tracker.collect().pages().tolist()
-        assert pages == [target // PAGE_SIZE - 1, target // PAGE_SIZE]
-        assert tracker.collect().count() == 0
+        # Besides them KVM may report the idle loop's code page, which the vCPU only reads (PVM's shadow
+        # MMU does it in about one run in four here: see docs/dirty-logging.md, "over-reporting").
+        code_page = {CODE_ADDR // PAGE_SIZE}
+        pages = set(tracker.collect().pages().tolist())
+        assert pages - code_page == {target // PAGE_SIZE - 1, target // PAGE_SIZE}
+        assert set(tracker.collect().pages().tolist()) <= code_page
         tracker.disable()
 
 

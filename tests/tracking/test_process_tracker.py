@@ -302,6 +302,29 @@ def test_between_refreshes_a_replaced_mapping_is_reported_late_but_not_lost(comm
         tracker.disable()
 
 
+@pytest.mark.parametrize("refresh_interval", [0.0, 0.05])
+def test_memory_replaced_faster_than_a_rescan_is_reported_late_not_failed(commands: CommandTarget,
+                                                                          refresh_interval: float) -> None:
+    area = commands("map", 16)
+    commands("write", area, 16)
+    tracker = ProcessTracker(commands.pid, refresh_interval=refresh_interval)
+    tracker.enable()
+    try:
+        commands("churn", area, 16)  # from here on the mapping is replaced every few microseconds
+        for _ in range(40):
+            tracker.collect()  # never fails, however often the registration is lost under the scan
+            time.sleep(0.002)
+        assert commands("calm") > 1000
+        assert tracker.rescans >= 1
+        commands("write", area + 2 * PAGE_SIZE, 2)
+        reported = np.concatenate([tracker.collect().pages() for _ in range(2)])
+        assert {2, 3} <= set(pages_of(reported, area, 16))
+        commands("write", area + 9 * PAGE_SIZE, 1)  # and counted as usual once the churn stops
+        assert pages_of(tracker.collect().pages(), area, 16) == [9]
+    finally:
+        tracker.disable()
+
+
 def test_heap_growth_and_new_thread_stacks_are_tracked(commands: CommandTarget) -> None:
     tracker = ProcessTracker(commands.pid)
     tracker.enable()
