@@ -683,6 +683,7 @@ def print_encryption(result: dict[str, Any]) -> None:
 #: Post-copy against the throttles, each case once per repeat, in this order.
 POSTCOPY_CASES: list[tuple[str, dict[str, Any]]] = [
     ("post-copy at once", {"postcopy": True, "postcopy_after": 0}),
+    ("post-copy at once, fault path in Python", {"postcopy": True, "postcopy_after": 0, "compiled_faults": False}),
     ("post-copy when pre-copy stalls", {"postcopy": True}),
     ("auto-converge", {"auto_converge": True}),
     ("dirty-limit 2000 pages/s/vCPU", {"mode": "ring", "dirty_limit": 2000}),
@@ -747,13 +748,15 @@ def postcopy_sample(case: str, stats: dict[str, Any], received: dict[str, Any], 
     return sample
 
 
-def postcopy(key: str, memory: int, bandwidth: float, repeat: int) -> dict[str, Any]:
+def postcopy(key: str, memory: int, bandwidth: float, repeat: int, only: str = "") -> dict[str, Any]:
     """The guest that outruns the link (random pages at full speed, every page written), moved by each method of
-    POSTCOPY_CASES once per repeat, in turn."""
+    POSTCOPY_CASES once per repeat, in turn (``only``: the cases whose names hold one of these comma-separated
+    words)."""
     preload()  # the compiled passes, loaded once here rather than in the first migration's setup
     ideal = memory / bandwidth
     samples: list[dict[str, Any]] = []
-    cases = [*POSTCOPY_CASES, QUIET_CASE]
+    cases = [(case, extra) for case, extra in [*POSTCOPY_CASES, QUIET_CASE]
+             if not only or any(word in case for word in only.split(",") if word)]
     for _ in range(repeat):
         for case, extra in cases:
             guest: dict[str, float] = {}
@@ -832,6 +835,9 @@ def main() -> None:
     parser.add_argument("--qemu-idle", choices=("halt", "exits"), default="halt",
                         help="qemu section: QEMU's idle vCPU halts (as an idle OS; default) or runs the idle "
                              "program, an exit to QEMU's userspace per loop")
+    parser.add_argument("--postcopy-cases", default="", metavar="WORDS",
+                        help="postcopy section: only the cases whose names hold one of these comma-separated words "
+                             "(e.g. 'at once' for the two fault-path cases)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in ("1G" if args.quick else args.sizes).split(",")]
@@ -849,7 +855,7 @@ def main() -> None:
             "convergence": lambda: convergence(key, parse_size("128M"), "100M"),
             "compression": lambda: compression(key, parse_size("1G")),
             "budget": lambda: budget(parse_size("1G")),
-            "postcopy": lambda: postcopy(key, parse_size("256M"), 100e6, repeat),
+            "postcopy": lambda: postcopy(key, parse_size("256M"), 100e6, repeat, args.postcopy_cases),
         }
         results: dict[str, Any] = {name: sections[name]() for name in args.sections.split(",")}
     if args.json:

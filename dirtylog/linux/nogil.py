@@ -32,13 +32,15 @@ llvmlite.binding.initialize_native_asmparser()
 
 _MACHINE: Final = platform.machine()
 #: System call numbers: (x86-64, arm64's generic table).
-_NUMBERS: Final = {"read": (0, 63), "pread64": (17, 67), "pwrite64": (18, 68), "pwritev": (296, 70), "ioctl": (16, 29),
+_NUMBERS: Final = {"read": (0, 63), "write": (1, 64), "pread64": (17, 67), "pwrite64": (18, 68), "pwritev": (296, 70),
+                   "ioctl": (16, 29),
                    "ppoll": (271, 73), "getpid": (39, 172), "clock_gettime": (228, 113)}
 _ARM64: Final = _MACHINE in ("aarch64", "arm64")
 if _MACHINE not in ("x86_64", "aarch64", "arm64"):  # pragma: no cover - the hosts dirtylog runs on
     raise ImportError(f"dirtylog.linux.nogil knows the system calls of x86-64 and arm64, not {_MACHINE}")
 
 SYS_READ: Final = _NUMBERS["read"][_ARM64]
+SYS_WRITE: Final = _NUMBERS["write"][_ARM64]
 SYS_PREAD64: Final = _NUMBERS["pread64"][_ARM64]
 SYS_PWRITE64: Final = _NUMBERS["pwrite64"][_ARM64]
 SYS_PWRITEV: Final = _NUMBERS["pwritev"][_ARM64]
@@ -56,7 +58,9 @@ else:
 EAGAIN: Final = 11
 EINTR: Final = 4
 EEXIST: Final = 17
+ETIMEDOUT: Final = 110
 POLLIN: Final = 1
+POLLOUT: Final = 4
 
 UFFDIO_COPY: Final = abi.UFFDIO_COPY
 UFFDIO_ZEROPAGE: Final = abi.UFFDIO_ZEROPAGE
@@ -170,7 +174,14 @@ def pwritev(fd: int, iovecs: np.ndarray, count: int, offset: int) -> int:
 @njit(cache=True, nogil=True)
 def poll_in(fd: int, timeout_ns: int, scratch: np.ndarray) -> int:
     """Whether ``fd`` is readable within ``timeout_ns`` (0: now): 1, 0, or -errno. ``scratch``: 4 int64."""
-    scratch[0] = fd | (POLLIN << 32)  # struct pollfd {int fd; short events; short revents}
+    return poll_for(fd, POLLIN, timeout_ns, scratch)
+
+
+@njit(cache=True, nogil=True)
+def poll_for(fd: int, events: int, timeout_ns: int, scratch: np.ndarray) -> int:
+    """Whether ``fd`` is ready for ``events`` (POLLIN, POLLOUT) within ``timeout_ns``, or has hung up or failed
+    (POLLHUP, POLLERR are always reported): 1, 0, or -errno. ``scratch``: 4 int64."""
+    scratch[0] = fd | (events << 32)  # struct pollfd {int fd; short events; short revents}
     scratch[1] = timeout_ns // 1_000_000_000
     scratch[2] = timeout_ns % 1_000_000_000
     address = scratch.ctypes.data
@@ -250,3 +261,35 @@ def uffd_wake(fd: int, start: int, length: int, scratch: np.ndarray) -> int:
     scratch[0] = start
     scratch[1] = length
     return syscall6(SYS_IOCTL, fd, UFFDIO_WAKE, scratch.ctypes.data, 0, 0, 0)
+
+
+@njit(cache=True, nogil=True)
+def read_some(fd: int, address: int, count: int) -> int:
+    """Read up to ``count`` bytes from ``fd`` to ``address``: the bytes read (0 at end of file), -EAGAIN when a
+    non-blocking fd has none, or -errno; retries EINTR."""
+    while True:
+        got = syscall6(SYS_READ, fd, address, count, 0, 0, 0)
+        if got != -EINTR:
+            return got
+
+
+@njit(cache=True, nogil=True)
+def write_all(fd: int, address: int, count: int, timeout_ns: int, scratch: np.ndarray) -> int:
+    """Write ``count`` bytes from ``address`` to ``fd`` (a socket, blocking or not), waiting up to ``timeout_ns``
+    each time it is full; ``count``, -ETIMEDOUT, or -errno. ``scratch``: 4 int64."""
+    done = 0
+    while done < count:
+        put = syscall6(SYS_WRITE, fd, address + done, count - done, 0, 0, 0)
+        if put == -EINTR:
+            continue
+        if put == -EAGAIN:
+            ready = poll_for(fd, POLLOUT, timeout_ns, scratch)
+            if ready == 0:
+                return -ETIMEDOUT
+            if ready < 0:
+                return ready
+            continue
+        if put < 0:
+            return put
+        done += put
+    return done

@@ -22,6 +22,7 @@ source then stays paused with its memory, as the error says.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -32,6 +33,7 @@ import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
+from dirtylog.migration.engine.answer_lane import FAILED, PEER_CLOSED, AnswerLane
 from dirtylog.migration.engine.pacer import Pacer
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream, StreamFailure
 from dirtylog.migration.engine.urgency import Urgency, raise_thread_priority, short_switch_interval
@@ -122,6 +124,9 @@ class PostcopySource:
         self._last_progress = 0.0
         self._began = 0.0
         self.urgency = Urgency()  # answers go before the push
+        self._lane: AnswerLane | None = None  # the compiled answers of this link, while it holds (answer_lane.py)
+        #: Why answers are in Python on this link, if they are ("" when compiled).
+        self.lane_unavailable = ""
         self._bytes_before = 0
 
     @property
@@ -154,10 +159,16 @@ class PostcopySource:
         self._channel_done = False
         self.stream.channel.settimeout(self.owner.params.io_timeout)
         self.channel.channel.settimeout(0.2)  # the answering thread looks up now and then for the end
+        self.lane_unavailable = "" if self.owner.params.compiled_faults else "turned off (compiled_faults)"
+        self.lane_unavailable = self.lane_unavailable or AnswerLane.unavailable(self.channel.conn)
+        self._lane = None if self.lane_unavailable else AnswerLane(
+            self.pages, self.unsent, self.owner.digest.values, answer_pages=ANSWER_PAGES,
+            io_timeout=self.owner.params.io_timeout)
         self._server = threading.Thread(target=self._answer_loop, name="postcopy-answers", daemon=True)
         self._server.start()
         try:
             while (claimed := self._claim_push()) is not None:
+                self._count_lane()
                 self.urgency.yield_to_urgent()
                 self._check_link()
                 self._push(claimed)
@@ -165,8 +176,11 @@ class PostcopySource:
             self._finish()
         finally:
             self._stop.set()
+            if self._lane is not None:
+                self._lane.stop()
             if self._server is not None:
                 self._server.join(2.0)
+            self._count_lane()
 
     def _finish(self) -> None:
         """Everything owed was sent once: Complete on both connections, then the destination's Verified."""
@@ -174,6 +188,9 @@ class PostcopySource:
         with self.lock:
             digest = self.owner.digest.digest()
         self.stats.digest = digest.hex()
+        if self._lane is not None:
+            self._lane.stop()  # the channel is Python's again: the Complete goes after the lane's last answer
+            self._count_lane()
         try:
             while True:  # the channel's Complete follows every answer under way, never precedes one
                 with self._channel_lock:
@@ -215,7 +232,7 @@ class PostcopySource:
         with self.lock:
             npages = len(self.unsent)
             scanned = 0
-            while self.remaining and scanned <= npages:
+            while self.remaining and scanned <= npages:  # (the lane's answers make remaining an upper bound)
                 end = min(self.cursor + SCAN_WINDOW, npages)
                 found = np.flatnonzero(self.unsent[self.cursor:end])[:PUSH_PAGES]
                 if found.size:
@@ -226,7 +243,27 @@ class PostcopySource:
                     return pfns
                 scanned += end - self.cursor
                 self.cursor = 0 if end >= npages else end
+            self.remaining = 0
             return None
+
+    def _count_lane(self) -> None:
+        """Fold what the compiled answers did since last time into the statistics, the pacer and the cursor."""
+        if self._lane is None:
+            return
+        done = self._lane.counters()
+        if not done["requests"] and not done["pages"]:
+            return
+        with self.lock:
+            # Recounted, not decremented: a page the lane answered while the push was claiming it counts once.
+            self.remaining = int(np.count_nonzero(self.unsent))
+            self.stats.postcopy_requests += done["requests"]
+            self.stats.pages_requested += done["pages"]
+            self.stats.postcopy_bytes += done["bytes"]
+            self.stats.transferred += done["bytes"]
+            self.stats.remaining_pages = self.remaining
+            if done["pages"]:  # the push goes on from just after the pages asked for, as in _answer_pages
+                self.cursor = done["cursor"] if done["cursor"] < len(self.unsent) else 0
+        self.owner.pacer.charge(done["bytes"])
 
     def _push(self, pfns: npt.NDArray[np.uint64]) -> None:
         starts, lengths = runs_from_pfns(pfns)
@@ -257,26 +294,16 @@ class PostcopySource:
         conn, transport = stream.conn, stream.channel
         view = memoryview(bytearray(RECV_CHUNK))
         try:
+            if self._lane is not None and self._run_lane():
+                return
             while not self._stop.is_set():
                 try:
                     count = transport.recv_into(view)
                 except TimeoutError:
                     continue
                 conn.receive_data(view[:count])
-                while (event := conn.next_event()) is not NEED_DATA:
-                    if event is CLOSED:
-                        raise OSError("the destination closed the post-copy channel")
-                    if isinstance(event, PageRequest):
-                        with self.lock:  # every request received counts, as the destination counts every one sent
-                            self.stats.postcopy_requests += 1
-                        if stream.conn.phase is not Phase.CHANNEL_END:  # else it crossed our Complete: sent already
-                            with self.urgency.urgent():
-                                self._answer(event)
-                    elif isinstance(event, Verified):
-                        return  # the destination has every page
-                    elif isinstance(event, Abort):
-                        self._break(self._abort_reason(event), fatal=event.code not in LINK_CODES)
-                        return
+                if self._take_events():
+                    return
                 if count == 0:
                     raise OSError("the destination closed the post-copy channel")
         except ProtocolError as error:
@@ -285,6 +312,43 @@ class PostcopySource:
         except (OSError, MigrationError) as error:
             if not self._stop.is_set():
                 self._break(f"post-copy channel: {getattr(error, 'strerror', None) or error}")
+
+    def _run_lane(self) -> bool:
+        """The compiled answers until they stop; then what they left to Python. Whether the channel's
+        conversation ended there (Verified, Abort)."""
+        assert self._lane is not None
+        conn = self.channel.conn
+        result = self._lane.run(conn, self.channel.channel.fileno())  # type: ignore[attr-defined]
+        if result.leftover:
+            conn.receive_data(result.leftover)
+        if result.outcome == FAILED:
+            raise OSError(result.errno, os.strerror(result.errno))
+        if result.outcome == PEER_CLOSED:
+            conn.receive_data(b"")
+        if self._take_events():
+            return True
+        if result.outcome == PEER_CLOSED:
+            raise OSError("the destination closed the post-copy channel")
+        return False
+
+    def _take_events(self) -> bool:
+        """Handle the events received on the channel; whether its conversation ended (Verified, Abort)."""
+        stream = self.channel
+        while (event := stream.conn.next_event()) is not NEED_DATA:
+            if event is CLOSED:
+                raise OSError("the destination closed the post-copy channel")
+            if isinstance(event, PageRequest):
+                with self.lock:  # every request received counts, as the destination counts every one sent
+                    self.stats.postcopy_requests += 1
+                if stream.conn.phase is not Phase.CHANNEL_END:  # else it crossed our Complete: sent already
+                    with self.urgency.urgent():
+                        self._answer(event)
+            elif isinstance(event, Verified):
+                return True  # the destination has every page
+            elif isinstance(event, Abort):
+                self._break(self._abort_reason(event), fatal=event.code not in LINK_CODES)
+                return True
+        return False
 
     def _answer(self, request: PageRequest) -> None:
         """The pages asked for, at once, on the post-copy channel, whether or not they were pushed already (a push

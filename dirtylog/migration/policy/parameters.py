@@ -42,6 +42,9 @@ class MigrationParameters(PrecopyPolicy):
     # default the address it migrated to) until ``resume_timeout`` (None: for as long as the process lives).
     resume_to: str | None = None
     resume_timeout: float | None = None
+    # Post-copy's fault path (the source's answers, the destination's requests and installs) in compiled code
+    # without the GIL where this host can (engine/answer_lane.py); False keeps it in Python (to compare them).
+    compiled_faults: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -100,6 +100,17 @@ Buffers = list[bytes | memoryview]
 _KEY_ADVICE = "use the same --key-file on both hosts (make one with `dirtylog keygen FILE`)"
 
 
+
+@dataclasses.dataclass(frozen=True)
+class LentRequests:
+    """What a compiled fault lane needs to carry a post-copy channel's requests and answers: the frame keys of each
+    direction and the next sequence number of each."""
+
+    send_key: bytes
+    recv_key: bytes
+    send_seq: int
+    recv_seq: int
+
 class RunPlacer(Protocol):
     """Where the data of a PageBatch that is one run of non-zero pages may be received in place.
 
@@ -206,6 +217,32 @@ class Connection:
     @property
     def bytes_received(self) -> int:
         return self._reader.bytes_received
+
+    # -- the post-copy fault lane ----------------------------------------------------------------------
+
+    def lend_requests(self) -> LentRequests | None:
+        """The keys and sequence numbers a compiled fault lane needs to exchange page requests and their answers on
+        this post-copy channel in its place (:mod:`dirtylog.migration.engine.fault_lanes`); None when it cannot:
+        not in phase REQUESTS, an encrypted session, or part of a frame already buffered here.
+
+        Those two frame types leave the phase as it is, so the conversation is the same whoever carries them: the
+        lane sends and takes only well-formed ones under their MACs and sequence numbers, hands anything else back
+        unread, and :meth:`take_back_requests` counts what it did before this connection goes on."""
+        if (self.phase is not Phase.REQUESTS or self.encrypted or self._send_key is None or self._recv_key is None
+                or not self._reader.between_units or self._pending):
+            return None
+        return LentRequests(self._send_key, self._recv_key, self._send_seq, self._recv_seq)
+
+    def take_back_requests(self, lent: LentRequests, *, sent: int, received: int, bytes_sent: int,
+                           bytes_received: int) -> None:
+        """The lane of :meth:`lend_requests` stopped after sending ``sent`` frames and taking ``received``."""
+        if self.phase is not Phase.REQUESTS or (self._send_seq, self._recv_seq) != (lent.send_seq, lent.recv_seq):
+            raise LocalProtocolError("the connection moved on while a fault lane held its page requests")
+        self._send_seq += sent
+        self._recv_seq += received
+        self._state.source_frames += sent if self.role is Role.SOURCE else received  # what Complete counts
+        self.bytes_sent += bytes_sent
+        self._reader.skipped(received, bytes_received)
 
     # -- the API -------------------------------------------------------------------------------------
 

@@ -182,6 +182,16 @@ class FrameReader:
         """Frames completely received so far."""
         return self._frames
 
+    @property
+    def between_units(self) -> bool:
+        """No byte of a unit is buffered: what follows on the wire starts a new one."""
+        return self._fill is None and not self._prefix and not self._units and self._error is None
+
+    def skipped(self, frames: int, count: int) -> None:
+        """``frames`` whole frames (``count`` bytes) were received and checked elsewhere (a compiled fault lane)."""
+        self._frames += frames
+        self.bytes_received += count
+
     def _take_prefix(self, view: memoryview, pos: int) -> int:
         if not self._prefix:
             self._is_record = self._records_left > 0 or view[pos] == RECORD_FIRST_BYTE
