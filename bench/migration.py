@@ -216,11 +216,11 @@ class Destination:
     """A `dirtylog receive` process for one migration; with ``memory`` a ready one (``--memory``: its VM and
     guest memory exist before it says it listens, so before the source connects)."""
 
-    def __init__(self, key: str, memory: int | None = None) -> None:
+    def __init__(self, key: str, memory: int | None = None, fault_path: str = "compiled") -> None:
         ready = ["--memory", str(memory)] if memory is not None else []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dirtylog", "receive", "--listen", "127.0.0.1:0", "--key-file", key,
-             "--duration", "0", "--json", *ready], stdout=subprocess.PIPE, text=True)
+             "--duration", "0", "--json", "--fault-path", fault_path, *ready], stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         self.address = json.loads(self.process.stdout.readline())["address"]
 
@@ -252,7 +252,8 @@ def run_migration(key: str, memory: int, *, workload: str = "idle", rate: int | 
     progress (pages written, summed over vCPUs): ``rate_alone`` over the second half of the warm-up, and the
     counts ``at_start`` (migrate called), ``at_switchover`` (the guest paused for the switch-over) and
     ``at_end`` (migrate returned)."""
-    destination = Destination(key, memory if ready else None)
+    destination = Destination(key, memory if ready else None,
+                              "compiled" if options.get("compiled_faults", True) else "python")
     marks: list[tuple[float, float, float]] = []
 
     def mark_cpu(kind: str, record: dict[str, Any]) -> None:  # at the start of round 0 and at its end

@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     recv.add_argument("--resume-timeout", type=positive_duration_arg, default=None,
                       help="after a broken link in post-copy, wait this long for the source to resume (default: as "
                            "long as the process lives: the VM is lost if nothing resumes it)")
+    recv.add_argument("--fault-path", choices=("compiled", "python"), default="compiled",
+                      help="post-copy's faults: compiled (default: read, asked for and installed with no Python "
+                           "between a fault and its page) or python (the same, in the interpreter, to compare)")
     recv.add_argument("--json", action="store_true", help="JSON lines for machines")
     recv.add_argument("--plot", metavar="FILE.png", help="draw post-copy's page faults over time and their latencies")
     add_qmp_argument(recv, "run the received VM (--duration does not apply)")
@@ -127,6 +130,9 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume-timeout", type=positive_duration_arg, default=None,
                        help="give up resuming a broken post-copy after this long (default: never: the destination "
                             "needs this source's pages)")
+    group.add_argument("--fault-path", choices=("compiled", "python"), default="compiled",
+                       help="post-copy's answers to page requests: compiled (default: no Python between a request "
+                            "and its answer) or python (the same frames from the interpreter, to compare)")
 
 
 def run_keygen(args: argparse.Namespace) -> int:
@@ -146,7 +152,8 @@ def parameters_from_args(args: argparse.Namespace) -> MigrationParameters:
         on_timeout=args.on_timeout, streams=args.streams, zero_pages=args.zero_pages,
         compression=args.compression, mode=args.mode, auto_converge=args.auto_converge,
         dirty_limit=args.dirty_limit, encrypt=args.encrypt, postcopy=args.postcopy or args.postcopy_after is not None,
-        postcopy_after=args.postcopy_after, resume_to=args.resume, resume_timeout=args.resume_timeout)
+        postcopy_after=args.postcopy_after, resume_to=args.resume, resume_timeout=args.resume_timeout,
+        compiled_faults=args.fault_path == "compiled")
 
 
 ROUND_COLUMNS = [("round", 5), ("pages", 10), ("MB", 8), ("MB/s", 7), ("dirty", 9), ("dirty/s", 10),
@@ -413,7 +420,8 @@ def run_receive(args: argparse.Namespace) -> int:
     try:
         received = receive(listener, key_file=args.key_file, io_timeout=args.timeout,
                            accept_timeout=args.accept_timeout, handshake_timeout=args.handshake_timeout,
-                           progress=progress, resume_timeout=args.resume_timeout, resume_listen=args.resume)
+                           progress=progress, resume_timeout=args.resume_timeout, resume_listen=args.resume,
+                           compiled_faults=args.fault_path == "compiled")
     except MigrationError as error:
         if args.json:
             emit_json({"event": "failed", "error": str(error)})

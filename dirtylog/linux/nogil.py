@@ -94,6 +94,21 @@ def getpid() -> int:
     return syscall6(SYS_GETPID, 0, 0, 0, 0, 0, 0)
 
 
+def _store_fence(typingctx: Any) -> Any:
+    signature = types.void()
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        builder.fence("release")
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+#: ``store_fence()``: stores before it are visible before stores after it (compiled code only): a record
+#: written, then the counter that publishes it to a thread reading both without a lock.
+store_fence = cast(Callable[[], None], intrinsic(_store_fence))
+
+
 def _peek_u64(typingctx: Any, address: Any) -> Any:
     signature = types.uint64(types.int64)
 

@@ -17,7 +17,6 @@ takes them and its sequence numbers back, so the Python path reports that frame 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -25,8 +24,39 @@ import numpy.typing as npt
 from numba import njit
 
 from dirtylog.linux import nogil
+from dirtylog.migration.engine.compiled_frames import (
+    BYTES_RECEIVED,
+    BYTES_SENT,
+    CURSOR,
+    ERRNO,
+    FAILED,
+    FRAMES_RECEIVED,
+    FRAMES_SENT,
+    HANDED_BACK,
+    HEADER_SIZE,
+    IO_TIMEOUT_NS,
+    MAC_SIZE,
+    OUTCOME,
+    OWED,
+    PAGES,
+    PEER_CLOSED,
+    POLL_NS,
+    RECV_SEQ,
+    REQUESTS,
+    RX_END,
+    RX_START,
+    SEND_SEQ,
+    STATE_SIZE,
+    STOP,
+    STOPPED,
+    LaneResult,
+    align8,
+    checked_runs,
+    le,
+    put,
+)
 from dirtylog.migration.payload.digest import MULTIPLIERS
-from dirtylog.migration.protocol.codec import MAX_BATCH_PAGES, MAX_GFN, FrameType
+from dirtylog.migration.protocol.codec import FrameType
 from dirtylog.migration.protocol.connection import Connection
 from dirtylog.migration.protocol.gmac_nogil import (
     SCRATCH_SIZE,
@@ -39,41 +69,11 @@ from dirtylog.migration.protocol.gmac_nogil import (
 from dirtylog.migration.protocol.rules import LayoutIndex
 from dirtylog.units import PAGE_SIZE
 
-# Slots of the lane's state array (int64), shared with Python while the loop runs.
-SEND_SEQ, RECV_SEQ, STOP, OUTCOME, ERRNO, RX_START, RX_END = 0, 1, 2, 3, 4, 5, 6
-REQUESTS, PAGES, OWED, BYTES_SENT, BYTES_RECEIVED, FRAMES_SENT, FRAMES_RECEIVED, CURSOR, POLL_NS, IO_TIMEOUT_NS = (
-    7, 8, 9, 10, 11, 12, 13, 14, 15, 16)
-STATE_SIZE: Final = 17
-# Why the loop returned.
-STOPPED, HANDED_BACK, PEER_CLOSED, FAILED = 1, 2, 3, 4
-
-_HEADER: Final = 16
-_MAC: Final = 16
 _PAGE_REQUEST: Final = int(FrameType.PAGE_REQUEST)
 _POSTCOPY_PAGES: Final = int(FrameType.POSTCOPY_PAGES)
 _REQUESTED: Final = 1  # POSTCOPY_REQUESTED
 _WORDS: Final = PAGE_SIZE // 8
 RX_SIZE: Final = 64 << 10  # a request of 5,000 runs fits; a bigger frame is handed back to Python
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _le(buffer: np.ndarray, at: int, size: int) -> int:
-    value = 0
-    for i in range(size - 1, -1, -1):
-        value = (value << 8) | int(buffer[at + i])
-    return value
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _put(buffer: np.ndarray, at: int, size: int, value: int) -> None:
-    for i in range(size):
-        buffer[at + i] = value & 0xFF
-        value >>= 8
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _align8(size: int) -> int:
-    return (size + 7) & ~7
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -83,33 +83,14 @@ def _request_runs(rx: np.ndarray, at: int, length: int, runs: np.ndarray, npages
     as the rules check them; how many, or -1 for a payload the Python path must judge."""
     if length < 8:
         return -1
-    nruns = _le(rx, at, 4)
-    if _le(rx, at + 4, 4) != 0 or nruns == 0 or nruns * 2 > runs.size or length != _align8(8 + 12 * nruns):
+    nruns = le(rx, at, 4)
+    if le(rx, at + 4, 4) != 0 or nruns == 0 or length != align8(8 + 12 * nruns):
         return -1
     for i in range(at + 8 + 12 * nruns, at + length):  # padding
         if rx[i] != 0:
             return -1
-    total = 0
-    previous_end = 0
-    for r in range(nruns):
-        start = _le(rx, at + 8 + 8 * r, 8)
-        count = _le(rx, at + 8 + 8 * nruns + 4 * r, 4)
-        if count == 0 or start >= MAX_GFN or (r > 0 and start < previous_end):
-            return -1
-        end = start + count
-        total += count
-        if total > MAX_BATCH_PAGES or end > npages:
-            return -1
-        covered = False
-        for k in range(low.size):
-            if low[k] <= start and end <= high[k]:
-                covered = True
-                break
-        if not covered:
-            return -1
-        runs[2 * r] = start
-        runs[2 * r + 1] = count
-        previous_end = end
+    if checked_runs(rx, at + 8, at + 8 + 8 * nruns, nruns, runs, npages, low, high) < 0:
+        return -1
     return nruns
 
 
@@ -124,22 +105,22 @@ def _answer(sock: int, context: object, state: np.ndarray, tx: np.ndarray, pfns:
         if pfns[i] != pfns[i - 1] + 1:
             nruns += 1
     lengths_at = 16 + 8 * nruns
-    bitmap_at = _align8(lengths_at + 4 * nruns)
-    prints_at = _align8(bitmap_at + (count + 7) // 8)
+    bitmap_at = align8(lengths_at + 4 * nruns)
+    prints_at = align8(bitmap_at + (count + 7) // 8)
     data_at = prints_at + 8 * count
-    out[_HEADER:_HEADER + data_at] = 0
-    p = _HEADER
-    _put(out, p, 1, _REQUESTED)
-    _put(out, p + 4, 4, nruns)
-    _put(out, p + 8, 4, count)
+    out[HEADER_SIZE:HEADER_SIZE + data_at] = 0
+    p = HEADER_SIZE
+    put(out, p, 1, _REQUESTED)
+    put(out, p + 4, 4, nruns)
+    put(out, p + 8, 4, count)
     run = -1
     for i in range(count):  # the runs
         if i == 0 or pfns[i] != pfns[i - 1] + 1:
             run += 1
-            _put(out, p + 16 + 8 * run, 8, pfns[i])
-            _put(out, p + lengths_at + 4 * run, 4, 1)
+            put(out, p + 16 + 8 * run, 8, pfns[i])
+            put(out, p + lengths_at + 4 * run, 4, 1)
         else:
-            _put(out, p + lengths_at + 4 * run, 4, _le(out, p + lengths_at + 4 * run, 4) + 1)
+            put(out, p + lengths_at + 4 * run, 4, le(out, p + lengths_at + 4 * run, 4) + 1)
     nonzero = 0
     word = (p + data_at) // 8
     owed = 0
@@ -160,7 +141,7 @@ def _answer(sock: int, context: object, state: np.ndarray, tx: np.ndarray, pfns:
                 out[p + bitmap_at + i // 8] |= np.uint8(1 << (i % 8))
         else:
             zero = False
-        _put(out, p + prints_at + 8 * i, 8, total)  # type: ignore[arg-type]  # (a uint64: numba shifts it alike)
+        put(out, p + prints_at + 8 * i, 8, total)  # type: ignore[arg-type]  # (a uint64: numba shifts it alike)
         digest[page] = total
         if unsent[page]:
             owed += 1
@@ -168,16 +149,16 @@ def _answer(sock: int, context: object, state: np.ndarray, tx: np.ndarray, pfns:
         if not zero:
             nonzero += 1
             word += _WORDS
-    _put(out, p + 12, 4, nonzero * PAGE_SIZE)
+    put(out, p + 12, 4, nonzero * PAGE_SIZE)
     length = data_at + nonzero * PAGE_SIZE
     seq = state[SEND_SEQ]
-    _put(out, 0, 1, _POSTCOPY_PAGES)
-    _put(out, 1, 3, 0)
-    _put(out, 4, 4, length)
-    _put(out, 8, 8, seq)
-    if not gmac(context, seq, tx.ctypes.data, _HEADER + length, tx.ctypes.data + _HEADER + length, scratch):
+    put(out, 0, 1, _POSTCOPY_PAGES)
+    put(out, 1, 3, 0)
+    put(out, 4, 4, length)
+    put(out, 8, 8, seq)
+    if not gmac(context, seq, tx.ctypes.data, HEADER_SIZE + length, tx.ctypes.data + HEADER_SIZE + length, scratch):
         return -71  # EPROTO: OpenSSL failed
-    size = _HEADER + length + _MAC
+    size = HEADER_SIZE + length + MAC_SIZE
     sent = nogil.write_all(sock, tx.ctypes.data, size, state[IO_TIMEOUT_NS], poll)
     if sent < 0:
         return sent
@@ -211,20 +192,20 @@ def serve_requests(sock: int, recv_key: np.ndarray, send_key: np.ndarray, state:
     end = state[RX_END]
     outcome = 0
     while outcome == 0:
-        while end - start >= _HEADER:  # every whole frame received
-            length = _le(rx, start + 4, 4)
-            seq = _le(rx, start + 8, 8)
+        while end - start >= HEADER_SIZE:  # every whole frame received
+            length = le(rx, start + 4, 4)
+            seq = le(rx, start + 8, 8)
             if (rx[start] != _PAGE_REQUEST or rx[start + 1] != 0 or rx[start + 2] != 0 or rx[start + 3] != 0
-                    or seq != state[RECV_SEQ] or _HEADER + length + _MAC > rx.size):
+                    or seq != state[RECV_SEQ] or HEADER_SIZE + length + MAC_SIZE > rx.size):
                 outcome = HANDED_BACK
                 break
-            size = _HEADER + length + _MAC
+            size = HEADER_SIZE + length + MAC_SIZE
             if end - start < size:
                 break
             frame = rx[start:start + size]
             nruns = -1
-            if gmac_verifies(receiving, seq, frame, _HEADER + length, scratch):
-                nruns = _request_runs(rx, start + _HEADER, length, runs, npages, low, high)
+            if gmac_verifies(receiving, seq, frame, HEADER_SIZE + length, scratch):
+                nruns = _request_runs(rx, start + HEADER_SIZE, length, runs, npages, low, high)
             if nruns < 0:
                 outcome = HANDED_BACK
                 break
@@ -287,13 +268,17 @@ def serve_requests(sock: int, recv_key: np.ndarray, send_key: np.ndarray, state:
     gmac_free(sending)
 
 
-@dataclass(frozen=True)
-class LaneResult:
-    """Why a lane stopped, and the bytes it received but did not use (the connection's from there on)."""
-
-    outcome: int
-    errno: int
-    leftover: bytes
+def load_kernels() -> None:
+    """Compile (first run) or load the loop, so that no post-copy waits for it: it returns at once, stopped."""
+    if UNAVAILABLE:
+        return
+    state = np.zeros(STATE_SIZE, dtype=np.int64)
+    state[STOP] = 1
+    key = np.zeros(32, dtype=np.uint8)
+    one = np.zeros(1, dtype=np.int64)
+    serve_requests(-1, key, key, state, np.zeros(RX_SIZE, dtype=np.uint8), np.zeros(8, dtype=np.uint64),
+                   np.zeros((1, _WORDS), dtype=np.uint64), np.zeros(1, dtype=np.bool_), np.zeros(1, dtype=np.uint64),
+                   MULTIPLIERS, one, one, 1)
 
 
 class AnswerLane:
@@ -309,7 +294,7 @@ class AnswerLane:
         self.state[POLL_NS] = 50_000_000  # how often the loop looks at STOP while no request comes
         self.state[IO_TIMEOUT_NS] = int(io_timeout * 1e9)
         self.rx = np.zeros(RX_SIZE, dtype=np.uint8)
-        self.tx = np.zeros((_HEADER + 16 + 24 * answer_pages + 64 + answer_pages * PAGE_SIZE + _MAC) // 8 + 8,
+        self.tx = np.zeros((HEADER_SIZE + 16 + 24 * answer_pages + 64 + answer_pages * PAGE_SIZE + MAC_SIZE) // 8 + 8,
                            dtype=np.uint64)
         self._lock = threading.Lock()  # held while the loop runs: stop() waits on it
         self.counted = np.zeros(STATE_SIZE, dtype=np.int64)  # the counters as last folded into the statistics
@@ -337,7 +322,7 @@ class AnswerLane:
             before = state.copy()
             state[SEND_SEQ], state[RECV_SEQ] = lent.send_seq, lent.recv_seq
             state[RX_START] = state[RX_END] = state[OUTCOME] = state[ERRNO] = 0
-            serve_requests(sock, np.frombuffer(lent.recv_key, dtype=np.uint8), np.frombuffer(lent.send_key,
+            serve_requests(sock, np.array(bytearray(lent.recv_key), dtype=np.uint8), np.array(bytearray(lent.send_key),
                            dtype=np.uint8), state, self.rx, self.tx, self.memory, self.unsent, self.digest,
                            MULTIPLIERS, layout.low, layout.high, self.answer_pages)
             conn.take_back_requests(lent, sent=int(state[FRAMES_SENT] - before[FRAMES_SENT]),

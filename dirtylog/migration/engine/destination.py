@@ -30,6 +30,7 @@ from dirtylog.guest.machine import Machine, State
 from dirtylog.guest.memory import host_memory_bytes, plan_slots
 from dirtylog.kvm.system import Kvm
 from dirtylog.migration.engine.admission import Admission, Resumption
+from dirtylog.migration.engine.fault_lane import load_kernels as load_fault_lane
 from dirtylog.migration.engine.postcopy_destination import LINK_CODES, PostcopyDestination
 from dirtylog.migration.engine.streams import Stream, close_aborted
 from dirtylog.migration.engine.urgency import short_switch_interval
@@ -93,6 +94,7 @@ class Listener:
         # first round, and not while a source waits, since the source times its handshake as the round trip
         # that it subtracts from the downtime.
         load_kernels()
+        load_fault_lane()  # (post-copy's compiled fault path: not at the first fault)
         with Kvm() as kvm:  # what this host can run, for the Header's acceptance
             self.max_vcpus = min(kvm.max_vcpus, host_architecture().layout.max_vcpus)
         self.memory = memory
@@ -152,7 +154,7 @@ def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = No
             io_timeout: float = 30.0, accept_timeout: float | None = None, handshake_timeout: float = 5.0,
             progress: ProgressCallback | None = None, before_resume: Callable[[Machine], None] | None = None,
             machine_class: type[Machine] = Machine, start_paused: bool = False, resume_timeout: float | None = None,
-            resume_listen: str | None = None) -> Received:
+            resume_listen: str | None = None, compiled_faults: bool = True) -> Received:
     """Accept one migration at ``listen_on`` and return the running machine (a ``machine_class``, which a
     Listener given here already chose).
 
@@ -165,7 +167,8 @@ def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = No
     inspect or copy the memory exactly as migrated; not called in post-copy, whose memory is not all there yet).
     ``start_paused``: the VM arrives paused (QEMU's ``-S``), and its pages still come in post-copy. After a post-copy
     link broke, the destination waits up to ``resume_timeout`` (None: for as long as it lives) for the source to
-    resume, at ``listen_on``, or at ``resume_listen`` when given.
+    resume, at ``listen_on``, or at ``resume_listen`` when given. ``compiled_faults``: post-copy's faults are
+    served by compiled code where this host can (False: by the interpreter, to compare).
     """
     key = load_key(key_file)
     if isinstance(listen_on, Listener) and (memory is not None or max_memory is not None):
@@ -177,7 +180,8 @@ def receive(listen_on: str | Listener, *, key_file: str, memory: int | None = No
         return DestinationMigration(listener, key, io_timeout=io_timeout, accept_timeout=accept_timeout,
                                     handshake_timeout=handshake_timeout, progress=progress,
                                     before_resume=before_resume, start_paused=start_paused,
-                                    resume_timeout=resume_timeout, resume_listen=resume_listen).run()
+                                    resume_timeout=resume_timeout, resume_listen=resume_listen,
+                                    compiled_faults=compiled_faults).run()
     finally:
         if not isinstance(listen_on, Listener):
             listener.close()
@@ -189,8 +193,10 @@ class DestinationMigration:
     def __init__(self, listener: Listener, key: bytes, *, io_timeout: float, accept_timeout: float | None,
                  handshake_timeout: float, progress: ProgressCallback | None,
                  before_resume: Callable[[Machine], None] | None = None, start_paused: bool = False,
-                 resume_timeout: float | None = None, resume_listen: str | None = None) -> None:
+                 resume_timeout: float | None = None, resume_listen: str | None = None,
+                 compiled_faults: bool = True) -> None:
         self.listener = listener
+        self.compiled_faults = compiled_faults
         self.start_paused = start_paused
         self.resume_timeout = resume_timeout
         self.resume_listen = resume_listen
@@ -483,7 +489,7 @@ class DestinationMigration:
         except DirtylogError as error:
             raise _ResumeRefusedError(f"KVM refused the source's vCPU state: {error}") from None
         self.postcopy = PostcopyDestination(self.machine, self.memory, switch.pending, self.stats,
-                                            io_timeout=self.io_timeout)
+                                            io_timeout=self.io_timeout, compiled_faults=self.compiled_faults)
         self.postcopy.prepare()  # owed pages dropped, guest RAM under userfaultfd, the fault handler waiting
         self.stats.postcopy, self.stats.postcopy_pending = True, len(owed)
         self.stats.faults = self.postcopy.faults

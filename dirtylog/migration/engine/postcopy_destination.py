@@ -23,6 +23,7 @@ channel is attached, the pages waited for are asked for again.
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import threading
 import time
@@ -37,6 +38,8 @@ from dirtylog.guest.machine import Machine
 from dirtylog.linux import abi as linux_abi
 from dirtylog.linux.errors import UserfaultfdError
 from dirtylog.linux.userfaultfd import Userfaultfd
+from dirtylog.migration.engine.compiled_frames import FAILED, HANDED_BACK, IDLE, PEER_CLOSED, STOPPED
+from dirtylog.migration.engine.fault_lane import FAULT, INSTALLED, ZERO_FAULT, FaultLane
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream
 from dirtylog.migration.engine.urgency import Urgency, raise_thread_priority
 from dirtylog.migration.errors import MigrationError
@@ -60,14 +63,20 @@ from dirtylog.units import PAGE_SIZE
 #: Abort codes that say a connection broke (a corrupt or forged frame), not that the peer gave up.
 LINK_CODES = frozenset({AbortCode.PROTOCOL, AbortCode.AUTHENTICATION})
 POLL_MS = 100
+LANE_POLL = 0.02  # the compiled fault path returns this often when idle, for the handler's own checks
 
 
 class PostcopyDestination:
     """Pages owed to ``machine`` after the post-copy switch, their faults, and their installation."""
 
     def __init__(self, machine: Machine, memory: DestinationMemory, pending: DirtyBitmap, stats: MigrationStats, *,
-                 io_timeout: float) -> None:
+                 io_timeout: float, compiled_faults: bool = True) -> None:
         self.machine = machine
+        self.compiled_faults = compiled_faults
+        self._lane: FaultLane | None = None  # the compiled fault path of the channel now (fault_lane.py)
+        self._lane_declined: Stream | None = None  # a channel the lane handed back for good
+        #: Why faults are served in Python on this channel, if they are ("" when compiled).
+        self.lane_unavailable = ""
         self.memory = memory
         self.stats = stats
         self.io_timeout = io_timeout
@@ -101,6 +110,7 @@ class PostcopyDestination:
         self._zero = np.zeros(PAGE_SIZE, dtype=np.uint8)
         self._last_heard = time.monotonic()
         self.urgency = Urgency()  # the fault handler goes before installing pushed pages
+        self._lane_requests_counted = 0
 
     # --- set-up and end -----------------------------------------------------------------------------------
 
@@ -129,6 +139,7 @@ class PostcopyDestination:
     def close(self) -> None:
         """Stop the handler and unregister guest RAM (every page is present by then, or the VM is lost)."""
         self._stop.set()
+        self._stop_lane()
         if self._thread is not None:
             self._thread.join(2.0)
         if self.uffd is not None:
@@ -139,6 +150,7 @@ class PostcopyDestination:
     def progress_record(self) -> dict[str, Any]:
         """What the live view shows of post-copy here."""
         with self.lock:
+            self._fold_lane()
             faults = self.faults
             return {"remaining": self.remaining, "pages_pushed": self.stats.pages_pushed,
                     "pages_requested": self.stats.pages_requested, "requests": self.stats.postcopy_requests,
@@ -156,7 +168,10 @@ class PostcopyDestination:
 
     def attach(self, channel: Stream) -> None:
         """A (new) post-copy channel: ask again for every page a fault waits for (its answer may have been lost)."""
+        self._stop_lane()
         with self.lock:
+            self._fold_lane()
+            self._lane = self._new_lane(channel)
             self.channel = channel
             self.completes.clear()
             self.broken = ""
@@ -169,6 +184,7 @@ class PostcopyDestination:
 
     def detach(self) -> None:
         """The link broke: no channel until :meth:`attach`."""
+        self._stop_lane()  # before anyone closes its socket: the lane uses the fd number
         with self.lock:
             self.channel = None
 
@@ -198,6 +214,7 @@ class PostcopyDestination:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.changed:
             while True:
+                self._fold_lane()
                 if self.fatal:
                     raise MigrationError(self.fatal)
                 if self.broken:
@@ -238,6 +255,7 @@ class PostcopyDestination:
         now = time.perf_counter()
         installed = pfns if whole else pfns[wanted]
         with self.changed:
+            self._fold_lane()  # the lane's faults first: a page pushed now may be one they wait for
             fresh = installed[self.missing[installed]]
             self.missing[fresh] = False
             self.remaining -= int(fresh.size)
@@ -279,6 +297,89 @@ class PostcopyDestination:
                 with contextlib.suppress(UserfaultfdError):
                     uffd.zeropage(address + page * PAGE_SIZE, PAGE_SIZE)
 
+    # --- the compiled fault path ----------------------------------------------------------------------------
+
+    def _new_lane(self, channel: Stream) -> FaultLane | None:
+        self._lane_declined = None
+        self._lane_requests_counted = 0
+        self.lane_unavailable = "" if self.compiled_faults else "turned off (compiled_faults)"
+        self.lane_unavailable = self.lane_unavailable or FaultLane.unavailable(channel.conn)
+        self.stats.fault_path = f"python: {self.lane_unavailable}" if self.lane_unavailable else "compiled"
+        if self.lane_unavailable or self.uffd is None:
+            return None
+        return FaultLane(self.uffd.fd, self.machine.ram.address, self.missing, self.requested, self.owed_mask,
+                         self.memory.fingerprints, io_timeout=self.io_timeout, poll_interval=LANE_POLL)
+
+    def _stop_lane(self) -> None:
+        lane = self._lane
+        if lane is not None:
+            lane.stop()
+
+    def _fold_lane(self) -> None:
+        """Fold the lane's event log into the statistics and recount the pages missing (caller holds the lock)."""
+        lane = self._lane
+        if lane is None:
+            return
+        records = lane.take_events()
+        if not records.size:
+            return
+        installed = 0
+        for kind, page, thread, ns in records.tolist():
+            if kind == FAULT:
+                if not self.faults.pages_waited_for:  # silence counts from the first request waiting
+                    self._last_heard = max(self._last_heard, ns / 1e9)
+                self.faults.fault(page, self._vcpu(thread), ns / 1e9)
+            elif kind == INSTALLED:
+                self.faults.installed([page], ns / 1e9)
+                installed += 1
+            elif kind == ZERO_FAULT:
+                self.faults.zero_fault()
+        # A fault logged after a push's installer folded the log, on a page that push then installed: resolved
+        # by that install (which woke its vCPU), though its record came late. (Timed from now: a little long.)
+        settled = [page for page in self.faults.pages_waited_for if not self.missing[page]]
+        if settled:
+            self.faults.installed(settled, time.perf_counter())
+        self.stats.pages_requested += installed
+        self.stats.postcopy_requests += lane.requests_sent - self._lane_requests_counted
+        self._lane_requests_counted = lane.requests_sent
+        # Recounted, not decremented: a page the lane and a push both installed counts once.
+        self.remaining = int(np.count_nonzero(self.missing))
+        self.stats.remaining_pages = self.remaining
+        if not self.remaining:
+            self.changed.notify_all()
+
+    def _run_lane(self, lane: FaultLane, channel: Stream, fd: int) -> None:
+        """The compiled fault path until it returns; then what it left to Python."""
+        result = lane.run(channel.conn, fd)
+        with self.lock:
+            self._fold_lane()
+            heard = lane.last_heard_ns / 1e9
+            if heard > self._last_heard:
+                self._last_heard = heard
+        if result.outcome in (IDLE, STOPPED):
+            if result.leftover:
+                channel.conn.receive_data(result.leftover)
+            return
+        self._lane_declined = channel  # the rest of this channel is Python's
+        try:
+            if result.leftover:
+                channel.conn.receive_data(result.leftover)
+            if result.outcome == FAILED:
+                raise OSError(result.errno, os.strerror(result.errno))
+            if result.outcome == PEER_CLOSED:
+                channel.conn.receive_data(b"")
+            self._take_channel_events(channel)
+        except ProtocolError as error:
+            channel.reply_best_effort(error.reply)
+            self.detach()
+            self.break_link(f"post-copy channel: {error}")
+        except OSError as error:
+            self.detach()
+            self.break_link(f"post-copy channel: {error.strerror or error}")
+        except MigrationError as error:
+            self.give_up(str(error))
+        assert result.outcome == HANDED_BACK or result.outcome in (FAILED, PEER_CLOSED)
+
     # --- the fault handler --------------------------------------------------------------------------------
 
     def _handle_faults(self) -> None:
@@ -303,6 +404,11 @@ class PostcopyDestination:
                     watched_fd = channel.channel.fileno()  # type: ignore[attr-defined]
                     poller.register(watched_fd, select.POLLIN)
                 watched = channel
+            lane = self._lane
+            if lane is not None and channel is not None and channel is not self._lane_declined:
+                self._run_lane(lane, channel, watched_fd)
+                self._check_silence()
+                continue
             try:
                 ready = poller.poll(POLL_MS)
             except InterruptedError:
@@ -372,24 +478,8 @@ class PostcopyDestination:
             with channel.lock:
                 conn.receive_data(view[:count])
             self._last_heard = time.monotonic()
-            while True:
-                with channel.lock:
-                    event = conn.next_event()
-                if event is NEED_DATA:
-                    break
-                if event is CLOSED:
-                    raise OSError("the source closed the post-copy channel")
-                if isinstance(event, PostcopyPages):
-                    self.install(event)
-                elif isinstance(event, Complete):
-                    self.complete("channel", event)
-                elif isinstance(event, Abort):
-                    self.detach()
-                    if event.code in LINK_CODES:
-                        self.break_link(f"the source refused a frame: {event.reason}")
-                    else:
-                        self.give_up(f"the source gave up in post-copy: {event.reason}")
-                    return
+            if not self._take_channel_events(channel):
+                return
             if count == 0:
                 raise OSError("the source closed the post-copy channel")
         except TimeoutError:
@@ -403,6 +493,28 @@ class PostcopyDestination:
             self.break_link(f"post-copy channel: {error.strerror or error}")
         except MigrationError as error:
             self.give_up(str(error))
+
+    def _take_channel_events(self, channel: Stream) -> bool:
+        """Handle the events received on the channel; False when an Abort ended it."""
+        conn = channel.conn
+        while True:
+            with channel.lock:
+                event = conn.next_event()
+            if event is NEED_DATA:
+                return True
+            if event is CLOSED:
+                raise OSError("the source closed the post-copy channel")
+            if isinstance(event, PostcopyPages):
+                self.install(event)
+            elif isinstance(event, Complete):
+                self.complete("channel", event)
+            elif isinstance(event, Abort):
+                self.detach()
+                if event.code in LINK_CODES:
+                    self.break_link(f"the source refused a frame: {event.reason}")
+                else:
+                    self.give_up(f"the source gave up in post-copy: {event.reason}")
+                return False
 
     def _check_silence(self) -> None:
         """A link that went silent with faults waiting (no reset, no FIN) broke too."""

@@ -33,7 +33,8 @@ import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
-from dirtylog.migration.engine.answer_lane import FAILED, PEER_CLOSED, AnswerLane
+from dirtylog.migration.engine.answer_lane import AnswerLane
+from dirtylog.migration.engine.compiled_frames import FAILED, PEER_CLOSED
 from dirtylog.migration.engine.pacer import Pacer
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream, StreamFailure
 from dirtylog.migration.engine.urgency import Urgency, raise_thread_priority, short_switch_interval
@@ -161,6 +162,7 @@ class PostcopySource:
         self.channel.channel.settimeout(0.2)  # the answering thread looks up now and then for the end
         self.lane_unavailable = "" if self.owner.params.compiled_faults else "turned off (compiled_faults)"
         self.lane_unavailable = self.lane_unavailable or AnswerLane.unavailable(self.channel.conn)
+        self.stats.fault_path = f"python: {self.lane_unavailable}" if self.lane_unavailable else "compiled"
         self._lane = None if self.lane_unavailable else AnswerLane(
             self.pages, self.unsent, self.owner.digest.values, answer_pages=ANSWER_PAGES,
             io_timeout=self.owner.params.io_timeout)

@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap, load_kernels
 from dirtylog.guest.machine import Machine, State
+from dirtylog.migration.engine.answer_lane import load_kernels as load_answer_lane
 from dirtylog.migration.engine.pacer import Pacer
 from dirtylog.migration.engine.postcopy_source import PostcopySource
 from dirtylog.migration.engine.recording import RecordingPeer
@@ -75,6 +76,7 @@ def preload() -> None:
     run), so that no migration's setup pays for them: call it while a VM warms up or a control socket starts."""
     load_kernels()
     load_digest_kernels()
+    load_answer_lane()
 
 
 def migrate(machine: Machine, to: str, *, key_file: str, parameters: MigrationParameters | None = None,

@@ -70,6 +70,13 @@ class DestinationMemory:
         with self._lock:
             return self._digest.digest_as_zero(pfns)
 
+    @property
+    def fingerprints(self) -> NDArray[np.uint64]:
+        """Each page's fingerprint (the array itself): for a compiled installer that sets them as
+        :meth:`installed` does, without the lock (a page's fingerprint is written once per copy, the same each
+        time)."""
+        return self._digest.values
+
     def installed(self, pfns: NDArray[np.uint64], fingerprints: NDArray[np.uint64]) -> None:
         """Pages ``pfns`` were installed by other means (post-copy's userfaultfd) with these fingerprints."""
         with self._lock:

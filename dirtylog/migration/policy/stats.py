@@ -66,6 +66,8 @@ class MigrationStats:
     pages_requested: int = 0  # pages sent (or installed) in answer to a request
     recoveries: int = 0  # times a broken post-copy link was resumed
     paused_time: float = 0.0  # seconds post-copy spent paused, its link broken
+    #: Who served this side's faults or answers: "compiled", or "python: <why>" (engine/answer_lane.py, fault_lane.py)
+    fault_path: str = ""
     faults: FaultStats | None = None  # the destination's fault handler (blocktime, latency)
     #: (seconds since post-copy began, pages still owed, page requests so far), sampled while post-copy runs
     postcopy_timeline: list[tuple[float, int, int]] = field(default_factory=list)
@@ -130,7 +132,7 @@ class MigrationStats:
             "postcopy_time_ms": ms(self.postcopy_time), "pending_pages": self.postcopy_pending,
             "postcopy_requests": self.postcopy_requests, "postcopy_bytes": self.postcopy_bytes,
             "pages_pushed": self.pages_pushed, "pages_requested": self.pages_requested,
-            "recoveries": self.recoveries, "paused_ms": ms(self.paused_time),
+            "recoveries": self.recoveries, "paused_ms": ms(self.paused_time), "fault_path": self.fault_path,
         }
         if self.faults is not None:
             out.update(self.faults.as_dict())

@@ -20,6 +20,7 @@ from dirtylog.machine import Machine
 from dirtylog.migration import MigrationStatus, migrate
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.payload.digest import memory_digest
+from dirtylog.migration.protocol.gmac_nogil import UNAVAILABLE
 from dirtylog.units import PAGE_SIZE
 from tests.helpers import wait_for
 from tests.migration.engine.peers import Proxy, Receiver, start_receiver
@@ -77,11 +78,13 @@ def test_postcopy_copies_memory_exactly(after: int, key_file: str, receivers: li
     source.stop()
 
 
-def test_pages_a_thread_touches_are_fetched_on_demand(key_file: str, receivers: list[Receiver]) -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled fault path", "fault path in Python"])
+def test_pages_a_thread_touches_are_fetched_on_demand(compiled: bool, key_file: str, receivers: list[Receiver]) -> None:
     """With the push held back by a slow link, reading owed pages on the destination asks the source for them:
-    they arrive as answers long before the push could bring them, and hold the source's bytes."""
+    they arrive as answers long before the push could bring them, and hold the source's bytes. Both fault paths:
+    compiled on both ends, and the interpreter's (what an encrypted session or a host without libcrypto uses)."""
     source = writing_source("256M", filled=True)
-    receiver = start_receiver(key_file, start_paused=True)
+    receiver = start_receiver(key_file, start_paused=True, compiled_faults=compiled)
     receivers.append(receiver)
     started = threading.Event()
     result: dict[str, Any] = {}
@@ -89,7 +92,7 @@ def test_pages_a_thread_touches_are_fetched_on_demand(key_file: str, receivers: 
     def run() -> None:
         try:
             result["stats"] = migrate(source, receiver.address, key_file=key_file, postcopy=True, postcopy_after=0,
-                                      bandwidth="30M",
+                                      bandwidth="30M", compiled_faults=compiled,
                                       progress=lambda kind, record: kind == "postcopy" and started.set())
         except BaseException as error:  # reported below
             result["error"] = error
@@ -118,6 +121,10 @@ def test_pages_a_thread_touches_are_fetched_on_demand(key_file: str, receivers: 
     faults = receiver.result.stats.faults
     assert faults is not None and faults.non_vcpu_resolved >= 64 and sum(faults.histogram) >= 64
     assert result["stats"].postcopy_requests >= 1
+    # Both ends counted the same requests, whoever served them; and they say who did.
+    assert result["stats"].postcopy_requests == receiver.result.stats.postcopy_requests
+    expected = "compiled" if compiled and not UNAVAILABLE else "python: "
+    assert result["stats"].fault_path.startswith(expected) and receiver.result.stats.fault_path.startswith(expected)
     source.stop()
 
 
@@ -183,6 +190,9 @@ CUTS = [
     pytest.param(PostcopyCut("up", 40 << 20), id="stream, 40 MiB into the push"),
     pytest.param(PostcopyCut("down", 0, connection=1), id="post-copy channel, a request"),
     pytest.param(PostcopyCut("up", 3 << 20, how="flip"), id="stream, a corrupt frame"),
+    # The compiled fault path on each end hands a frame that fails its MAC back to the Python path, which says so.
+    pytest.param(PostcopyCut("down", 0, connection=1, how="flip"), id="post-copy channel, a corrupt request"),
+    pytest.param(PostcopyCut("up", 0, connection=1, how="flip"), id="post-copy channel, a corrupt answer"),
     pytest.param(PostcopyCut("down", 49, trigger="switchover"), id="stream, the destination's Resumed"),
 ]
 
