@@ -57,10 +57,9 @@ from dirtylog.units import PAGE_SIZE, parse_size
 
 _ARM64: Final = platform.machine() in ("aarch64", "arm64")
 #: System calls nogil.py does not wrap: (x86-64, arm64's generic table).
-SYS_WRITE: Final = (1, 64)[_ARM64]
 SYS_NANOSLEEP: Final = (35, 101)[_ARM64]
 SYS_GETCPU: Final = (309, 168)[_ARM64]
-ETIMEDOUT: Final = 110
+ETIMEDOUT: Final = nogil.ETIMEDOUT
 EPROTO: Final = 71  # a page came back with the wrong stamp
 PAGE_WORDS: Final = PAGE_SIZE // 8
 POLL_NS: Final = 200_000_000  # the handler's longest wait before it looks at the stop flag again
@@ -84,7 +83,7 @@ def _send_all(fd: int, address: int, count: int) -> int:
     """Write ``count`` bytes from ``address`` to socket ``fd``; ``count`` or -errno."""
     done = 0
     while done < count:
-        put = syscall6(SYS_WRITE, fd, address + done, count - done, 0, 0, 0)
+        put = syscall6(nogil.SYS_WRITE, fd, address + done, count - done, 0, 0, 0)
         if put == -nogil.EINTR:
             continue
         if put < 0:
