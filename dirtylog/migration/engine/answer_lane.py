@@ -16,7 +16,6 @@ takes them and its sequence numbers back, so the Python path reports that frame 
 
 from __future__ import annotations
 
-import threading
 from typing import Final
 
 import numpy as np
@@ -49,6 +48,7 @@ from dirtylog.migration.engine.compiled_frames import (
     STATE_SIZE,
     STOP,
     STOPPED,
+    Lane,
     LaneResult,
     align8,
     checked_runs,
@@ -66,7 +66,6 @@ from dirtylog.migration.protocol.gmac_nogil import (
     gmac_free,
     gmac_verifies,
 )
-from dirtylog.migration.protocol.rules import LayoutIndex
 from dirtylog.units import PAGE_SIZE
 
 _PAGE_REQUEST: Final = int(FrameType.PAGE_REQUEST)
@@ -281,22 +280,20 @@ def load_kernels() -> None:
                    MULTIPLIERS, one, one, 1)
 
 
-class AnswerLane:
+class AnswerLane(Lane):
     """The compiled answers on one post-copy channel (see the module doc); :meth:`run` on the answering thread."""
 
     def __init__(self, memory: npt.NDArray[np.uint8], unsent: npt.NDArray[np.bool_],
                  digest: npt.NDArray[np.uint64], *, answer_pages: int, io_timeout: float) -> None:
+        super().__init__(STATE_SIZE, RX_SIZE)
         self.memory = memory.view(np.uint64)
         self.unsent = unsent
         self.digest = digest
         self.answer_pages = answer_pages
-        self.state = np.zeros(STATE_SIZE, dtype=np.int64)
         self.state[POLL_NS] = 50_000_000  # how often the loop looks at STOP while no request comes
         self.state[IO_TIMEOUT_NS] = int(io_timeout * 1e9)
-        self.rx = np.zeros(RX_SIZE, dtype=np.uint8)
         self.tx = np.zeros((HEADER_SIZE + 16 + 24 * answer_pages + 64 + answer_pages * PAGE_SIZE + MAC_SIZE) // 8 + 8,
                            dtype=np.uint64)
-        self._lock = threading.Lock()  # held while the loop runs: stop() waits on it
         self.counted = np.zeros(STATE_SIZE, dtype=np.int64)  # the counters as last folded into the statistics
 
     @staticmethod
@@ -309,34 +306,10 @@ class AnswerLane:
         return ""
 
     def run(self, conn: Connection, sock: int) -> LaneResult:
-        """Answer requests on ``sock`` until :meth:`stop` or what the Python path must handle; the connection is
-        lent for that time and given back, with the bytes not used, before this returns. Once stopped, a lane
-        does not start again."""
-        state = self.state
-        with self._lock:
-            if state[STOP]:
-                return LaneResult(STOPPED, 0, b"")
-            lent = conn.lend_requests()
-            assert lent is not None and conn.header is not None
-            layout = LayoutIndex(conn.header.slots)
-            before = state.copy()
-            state[SEND_SEQ], state[RECV_SEQ] = lent.send_seq, lent.recv_seq
-            state[RX_START] = state[RX_END] = state[OUTCOME] = state[ERRNO] = 0
-            serve_requests(sock, np.array(bytearray(lent.recv_key), dtype=np.uint8), np.array(bytearray(lent.send_key),
-                           dtype=np.uint8), state, self.rx, self.tx, self.memory, self.unsent, self.digest,
-                           MULTIPLIERS, layout.low, layout.high, self.answer_pages)
-            conn.take_back_requests(lent, sent=int(state[FRAMES_SENT] - before[FRAMES_SENT]),
-                                    received=int(state[FRAMES_RECEIVED] - before[FRAMES_RECEIVED]),
-                                    bytes_sent=int(state[BYTES_SENT] - before[BYTES_SENT]),
-                                    bytes_received=int(state[BYTES_RECEIVED] - before[BYTES_RECEIVED]))
-            leftover = self.rx[int(state[RX_START]):int(state[RX_END])].tobytes()
-            return LaneResult(int(state[OUTCOME]), int(state[ERRNO]), leftover)
-
-    def stop(self) -> None:
-        """Stop the loop (it looks every POLL_NS, between frames) and wait until it has given the connection back."""
-        self.state[STOP] = 1
-        with self._lock:
-            pass
+        """Answer requests on ``sock`` until :meth:`stop` or what the Python path must handle."""
+        return self._run(conn, lambda receiving, sending, layout: serve_requests(
+            sock, receiving, sending, self.state, self.rx, self.tx, self.memory, self.unsent, self.digest,
+            MULTIPLIERS, layout.low, layout.high, self.answer_pages))
 
     def counters(self) -> dict[str, int]:
         """What the lane did since the last call: requests, pages answered, pages of them still owed, bytes sent."""

@@ -1,15 +1,21 @@
-"""Compiled pieces both post-copy fault lanes use (``answer_lane.py``, ``fault_lane.py``): little-endian fields of
-a frame, 8-byte alignment, runs of pages checked as the protocol's rules check them, and the state both share."""
+"""What both post-copy fault lanes share (``answer_lane.py``, ``fault_lane.py``): compiled little-endian fields of
+a frame, 8-byte alignment and runs of pages checked as the protocol's rules check them; and :class:`Lane`, their
+state and the borrowing of the post-copy channel's connection around a run of their loop."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit
 
 from dirtylog.migration.protocol.codec import MAX_BATCH_PAGES, MAX_GFN
+from dirtylog.migration.protocol.connection import Connection
+from dirtylog.migration.protocol.rules import LayoutIndex
 
 # Slots of a lane's state array (int64), shared with Python while the loop runs.
 SEND_SEQ, RECV_SEQ, STOP, OUTCOME, ERRNO, RX_START, RX_END = 0, 1, 2, 3, 4, 5, 6
@@ -84,3 +90,50 @@ def checked_runs(buffer: np.ndarray, starts_at: int, lengths_at: int, nruns: int
         runs[2 * r + 1] = count
         previous_end = end
     return total
+
+
+#: A lane's loop, given the frame keys (receiving, sending) and the memory layout of the connection lent to it.
+Loop = Callable[[npt.NDArray[np.uint8], npt.NDArray[np.uint8], LayoutIndex], None]
+
+
+class Lane:
+    """A compiled loop's state (shared with it while it runs), the bytes it received and not yet used, and the
+    post-copy channel's connection lent to it around each run (:meth:`Connection.lend_requests`)."""
+
+    def __init__(self, state_size: int, rx_size: int) -> None:
+        self.state = np.zeros(state_size, dtype=np.int64)
+        self.rx = np.zeros(rx_size, dtype=np.uint8)
+        self._lock = threading.Lock()  # held while the loop runs: stop() waits on it
+
+    def _run(self, conn: Connection, loop: Loop) -> LaneResult:
+        """Run ``loop`` with ``conn`` lent to it, and give the connection back with what the loop did: the frames
+        and bytes it sent and took, and the bytes it received and did not use (kept here for the next run after an
+        idle return, which leaves a frame begun unseen by the connection). Once stopped, a lane does not run."""
+        state = self.state
+        with self._lock:
+            if state[STOP]:
+                return LaneResult(STOPPED, 0, b"")
+            lent = conn.lend_requests()
+            if lent is None or conn.header is None:
+                return LaneResult(HANDED_BACK, 0, b"")
+            before = state.copy()
+            state[SEND_SEQ], state[RECV_SEQ] = lent.send_seq, lent.recv_seq
+            state[OUTCOME] = state[ERRNO] = 0
+            loop(np.array(bytearray(lent.recv_key), dtype=np.uint8), np.array(bytearray(lent.send_key),
+                 dtype=np.uint8), LayoutIndex(conn.header.slots))
+            conn.take_back_requests(lent, sent=int(state[FRAMES_SENT] - before[FRAMES_SENT]),
+                                    received=int(state[FRAMES_RECEIVED] - before[FRAMES_RECEIVED]),
+                                    bytes_sent=int(state[BYTES_SENT] - before[BYTES_SENT]),
+                                    bytes_received=int(state[BYTES_RECEIVED] - before[BYTES_RECEIVED]))
+            if state[OUTCOME] == IDLE:
+                return LaneResult(IDLE, 0, b"")
+            leftover = self.rx[int(state[RX_START]):int(state[RX_END])].tobytes()
+            state[RX_START] = state[RX_END] = 0
+            return LaneResult(int(state[OUTCOME]), int(state[ERRNO]), leftover)
+
+    def stop(self) -> None:
+        """Stop the loop (it looks at STOP between frames, at least every POLL_NS) and wait until it has given the
+        connection back."""
+        self.state[STOP] = 1
+        with self._lock:
+            pass

@@ -16,7 +16,6 @@ to do for POLL_NS returns to Python, which takes the connection back and carries
 
 from __future__ import annotations
 
-import threading
 from typing import Final
 
 import numpy as np
@@ -51,6 +50,7 @@ from dirtylog.migration.engine.compiled_frames import (
     STATE_SIZE,
     STOP,
     STOPPED,
+    Lane,
     LaneResult,
     align8,
     checked_runs,
@@ -68,7 +68,6 @@ from dirtylog.migration.protocol.gmac_nogil import (
     gmac_free,
     gmac_verifies,
 )
-from dirtylog.migration.protocol.rules import LayoutIndex
 from dirtylog.units import PAGE_SIZE
 
 # Kinds of event-log records: (kind, page, thread id, CLOCK_MONOTONIC ns).
@@ -352,22 +351,20 @@ def load_kernels() -> None:
                   one, one)
 
 
-class FaultLane:
+class FaultLane(Lane):
     """The compiled fault handler of one post-copy channel on the destination (see the module doc)."""
 
     def __init__(self, uffd: int, base: int, missing: npt.NDArray[np.bool_], requested: npt.NDArray[np.bool_],
                  owed: npt.NDArray[np.bool_], fingerprints: npt.NDArray[np.uint64], *, io_timeout: float,
                  poll_interval: float) -> None:
+        super().__init__(STATE_SIZE + 1, RX_SIZE)
         self.uffd = uffd
         self.base = base
         self.missing, self.requested, self.owed, self.fingerprints = missing, requested, owed, fingerprints
-        self.state = np.zeros(STATE_SIZE + 1, dtype=np.int64)
         self.state[POLL_NS] = int(poll_interval * 1e9)
         self.state[IO_TIMEOUT_NS] = int(io_timeout * 1e9)
-        self.rx = np.zeros(RX_SIZE, dtype=np.uint8)
         self.tx = np.zeros(HEADER_SIZE + 8 + 12 * 64 + MAC_SIZE + 64, dtype=np.uint8)
         self.events = np.zeros((EVENTS, 4), dtype=np.int64)
-        self._lock = threading.Lock()  # held while the loop runs: stop() waits on it
 
     @staticmethod
     def unavailable(conn: Connection) -> str:
@@ -379,38 +376,10 @@ class FaultLane:
         return ""
 
     def run(self, conn: Connection, sock: int) -> LaneResult:
-        """Serve faults until :meth:`stop`, an idle POLL_NS, or what the Python path must handle; the connection is
-        lent meanwhile and given back, with the bytes not used, before this returns."""
-        state = self.state
-        with self._lock:
-            if state[STOP]:
-                return LaneResult(STOPPED, 0, b"")
-            lent = conn.lend_requests()
-            if lent is None or conn.header is None:
-                return LaneResult(HANDED_BACK, 0, b"")
-            layout = LayoutIndex(conn.header.slots)
-            before = state.copy()
-            state[SEND_SEQ], state[RECV_SEQ] = lent.send_seq, lent.recv_seq
-            state[OUTCOME] = state[ERRNO] = 0  # (RX_START, RX_END: a frame begun before an idle return goes on)
-            handle_faults(self.uffd, sock, np.array(bytearray(lent.recv_key), dtype=np.uint8),
-                          np.array(bytearray(lent.send_key), dtype=np.uint8), state, self.rx, self.tx, self.base,
-                          self.missing, self.requested, self.owed, self.fingerprints, self.events, MULTIPLIERS,
-                          layout.low, layout.high)
-            conn.take_back_requests(lent, sent=int(state[FRAMES_SENT] - before[FRAMES_SENT]),
-                                    received=int(state[FRAMES_RECEIVED] - before[FRAMES_RECEIVED]),
-                                    bytes_sent=int(state[BYTES_SENT] - before[BYTES_SENT]),
-                                    bytes_received=int(state[BYTES_RECEIVED] - before[BYTES_RECEIVED]))
-            if state[OUTCOME] == IDLE:  # back in a moment: bytes of a frame begun stay here, unseen by the connection
-                return LaneResult(IDLE, 0, b"")
-            leftover = self.rx[int(state[RX_START]):int(state[RX_END])].tobytes()
-            state[RX_START] = state[RX_END] = 0
-            return LaneResult(int(state[OUTCOME]), int(state[ERRNO]), leftover)
-
-    def stop(self) -> None:
-        """Stop the loop (it looks every POLL_NS) and wait until it has given the connection back."""
-        self.state[STOP] = 1
-        with self._lock:
-            pass
+        """Serve faults until :meth:`stop`, an idle POLL_NS, or what the Python path must handle."""
+        return self._run(conn, lambda receiving, sending, layout: handle_faults(
+            self.uffd, sock, receiving, sending, self.state, self.rx, self.tx, self.base, self.missing,
+            self.requested, self.owed, self.fingerprints, self.events, MULTIPLIERS, layout.low, layout.high))
 
     def take_events(self) -> npt.NDArray[np.int64]:
         """The event-log records written since the last call, oldest first (kind, page, thread id, ns)."""

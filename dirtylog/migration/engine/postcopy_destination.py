@@ -27,6 +27,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -242,8 +243,10 @@ class PostcopyDestination:
         address = self.machine.ram.address
         first, count = int(pfns[0]), int(pfns.size)
         with self.lock:
+            # A copy, not a view: the compiled fault path clears pages of ``missing`` without this lock, and a
+            # boolean mask that changes under NumPy's count-then-fill indexing yields garbage.
             wanted = self.missing[pfns] if event.zero is not None or len(event.starts) != 1 else \
-                self.missing[first:first + count]
+                self.missing[first:first + count].copy()
             whole = event.zero is None and len(event.starts) == 1 and bool(wanted.all())
         try:
             if whole:  # the usual answer or push: one run of non-zero pages, all still missing: one ioctl
@@ -360,8 +363,9 @@ class PostcopyDestination:
             if result.leftover:
                 channel.conn.receive_data(result.leftover)
             return
+        assert result.outcome in (HANDED_BACK, FAILED, PEER_CLOSED)
         self._lane_declined = channel  # the rest of this channel is Python's
-        try:
+        with self._channel_errors(channel):
             if result.leftover:
                 channel.conn.receive_data(result.leftover)
             if result.outcome == FAILED:
@@ -369,6 +373,14 @@ class PostcopyDestination:
             if result.outcome == PEER_CLOSED:
                 channel.conn.receive_data(b"")
             self._take_channel_events(channel)
+
+    @contextlib.contextmanager
+    def _channel_errors(self, channel: Stream) -> Iterator[None]:
+        """What the channel's failures mean: a broken link (the migration pauses), or the end of the migration."""
+        try:
+            yield
+        except TimeoutError:
+            return
         except ProtocolError as error:
             channel.reply_best_effort(error.reply)
             self.detach()
@@ -378,7 +390,6 @@ class PostcopyDestination:
             self.break_link(f"post-copy channel: {error.strerror or error}")
         except MigrationError as error:
             self.give_up(str(error))
-        assert result.outcome == HANDED_BACK or result.outcome in (FAILED, PEER_CLOSED)
 
     # --- the fault handler --------------------------------------------------------------------------------
 
@@ -473,26 +484,13 @@ class PostcopyDestination:
 
     def _on_channel(self, channel: Stream, view: memoryview) -> None:
         conn = channel.conn
-        try:
+        with self._channel_errors(channel):
             count = channel.channel.recv_into(view)
             with channel.lock:
                 conn.receive_data(view[:count])
             self._last_heard = time.monotonic()
-            if not self._take_channel_events(channel):
-                return
-            if count == 0:
+            if self._take_channel_events(channel) and count == 0:
                 raise OSError("the source closed the post-copy channel")
-        except TimeoutError:
-            return
-        except ProtocolError as error:
-            channel.reply_best_effort(error.reply)
-            self.detach()
-            self.break_link(f"post-copy channel: {error}")
-        except OSError as error:
-            self.detach()
-            self.break_link(f"post-copy channel: {error.strerror or error}")
-        except MigrationError as error:
-            self.give_up(str(error))
 
     def _take_channel_events(self, channel: Stream) -> bool:
         """Handle the events received on the channel; False when an Abort ended it."""

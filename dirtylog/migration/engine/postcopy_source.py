@@ -236,7 +236,9 @@ class PostcopySource:
             scanned = 0
             while self.remaining and scanned <= npages:  # (the lane's answers make remaining an upper bound)
                 end = min(self.cursor + SCAN_WINDOW, npages)
-                found = np.flatnonzero(self.unsent[self.cursor:end])[:PUSH_PAGES]
+                # A copy first: the compiled answers clear pages of ``unsent`` without this lock, and NumPy's
+                # nonzero counts, then fills, so a page cleared in between leaves garbage in its result.
+                found = np.flatnonzero(self.unsent[self.cursor:end].copy())[:PUSH_PAGES]
                 if found.size:
                     pfns = (found + self.cursor).astype(np.uint64)
                     self.unsent[pfns] = False
