@@ -296,15 +296,6 @@ class AnswerLane(Lane):
                            dtype=np.uint64)
         self.counted = np.zeros(STATE_SIZE, dtype=np.int64)  # the counters as last folded into the statistics
 
-    @staticmethod
-    def unavailable(conn: Connection) -> str:
-        """Why the lane cannot carry this connection's requests now ("" when it can)."""
-        if UNAVAILABLE:
-            return UNAVAILABLE
-        if conn.header is None or conn.lend_requests() is None:
-            return "the connection is not in a state to lend its requests (encrypted, or mid-frame)"
-        return ""
-
     def run(self, conn: Connection, sock: int) -> LaneResult:
         """Answer requests on ``sock`` until :meth:`stop` or what the Python path must handle."""
         return self._run(conn, lambda receiving, sending, layout: serve_requests(

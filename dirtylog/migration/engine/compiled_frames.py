@@ -15,7 +15,9 @@ from numba import njit
 
 from dirtylog.migration.protocol.codec import MAX_BATCH_PAGES, MAX_GFN
 from dirtylog.migration.protocol.connection import Connection
+from dirtylog.migration.protocol.gmac_nogil import UNAVAILABLE
 from dirtylog.migration.protocol.rules import LayoutIndex
+from dirtylog.units import PAGE_SIZE
 
 # Slots of a lane's state array (int64), shared with Python while the loop runs.
 SEND_SEQ, RECV_SEQ, STOP, OUTCOME, ERRNO, RX_START, RX_END = 0, 1, 2, 3, 4, 5, 6
@@ -104,6 +106,19 @@ class Lane:
         self.state = np.zeros(state_size, dtype=np.int64)
         self.rx = np.zeros(rx_size, dtype=np.uint8)
         self._lock = threading.Lock()  # held while the loop runs: stop() waits on it
+
+    @staticmethod
+    def unavailable(conn: Connection) -> str:
+        """Why a lane cannot carry this connection's requests now ("" when it can): the loops MAC with OpenSSL,
+        handle 4 KiB pages, and take over only a connection in phase REQUESTS that is not encrypted."""
+        if UNAVAILABLE:
+            return UNAVAILABLE
+        if conn.header is None or conn.header.page_size != PAGE_SIZE:
+            return f"the compiled fault path handles {PAGE_SIZE}-byte pages"
+        if conn.lend_requests() is None:
+            return "an encrypted session (the compiled fault path only MACs frames)" if conn.encrypted else \
+                "the connection is not between frames in phase REQUESTS"
+        return ""
 
     def _run(self, conn: Connection, loop: Loop) -> LaneResult:
         """Run ``loop`` with ``conn`` lent to it, and give the connection back with what the loop did: the frames

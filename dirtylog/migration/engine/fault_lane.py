@@ -366,15 +366,6 @@ class FaultLane(Lane):
         self.tx = np.zeros(HEADER_SIZE + 8 + 12 * 64 + MAC_SIZE + 64, dtype=np.uint8)
         self.events = np.zeros((EVENTS, 4), dtype=np.int64)
 
-    @staticmethod
-    def unavailable(conn: Connection) -> str:
-        """Why the lane cannot carry this connection's requests now ("" when it can)."""
-        if UNAVAILABLE:
-            return UNAVAILABLE
-        if conn.header is None or conn.header.page_size != PAGE_SIZE or conn.lend_requests() is None:
-            return "the connection is not in a state to lend its requests (encrypted, or mid-frame)"
-        return ""
-
     def run(self, conn: Connection, sock: int) -> LaneResult:
         """Serve faults until :meth:`stop`, an idle POLL_NS, or what the Python path must handle."""
         return self._run(conn, lambda receiving, sending, layout: handle_faults(
