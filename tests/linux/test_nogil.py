@@ -128,9 +128,9 @@ def test_uffd_helpers_report_errno_for_a_closed_fd() -> None:
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
 def test_system_call_numbers_are_the_kernels(machine: str) -> None:
     # Pinned from arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h.
-    expected = {"x86_64": {"read": 0, "pread64": 17, "pwrite64": 18, "pwritev": 296, "ioctl": 16, "ppoll": 271,
-                           "getpid": 39, "clock_gettime": 228},
-                "aarch64": {"read": 63, "pread64": 67, "pwrite64": 68, "pwritev": 70, "ioctl": 29, "ppoll": 73,
-                            "getpid": 172, "clock_gettime": 113}}[machine]
+    expected = {"x86_64": {"read": 0, "write": 1, "pread64": 17, "pwrite64": 18, "pwritev": 296, "ioctl": 16,
+                           "ppoll": 271, "getpid": 39, "clock_gettime": 228},
+                "aarch64": {"read": 63, "write": 64, "pread64": 67, "pwrite64": 68, "pwritev": 70, "ioctl": 29,
+                            "ppoll": 73, "getpid": 172, "clock_gettime": 113}}[machine]
     column = 1 if machine == "aarch64" else 0
     assert {name: numbers[column] for name, numbers in nogil._NUMBERS.items()} == expected

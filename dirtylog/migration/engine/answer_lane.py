@@ -16,6 +16,7 @@ takes them and its sequence numbers back, so the Python path reports that frame 
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 import numpy as np
@@ -23,7 +24,8 @@ import numpy.typing as npt
 from numba import njit
 
 from dirtylog.linux import nogil
-from dirtylog.migration.engine.compiled_frames import (
+from dirtylog.migration.engine.compiled_frames import align8, checked_runs, le, put
+from dirtylog.migration.engine.lanes import (
     BYTES_RECEIVED,
     BYTES_SENT,
     CURSOR,
@@ -50,10 +52,6 @@ from dirtylog.migration.engine.compiled_frames import (
     STOPPED,
     Lane,
     LaneResult,
-    align8,
-    checked_runs,
-    le,
-    put,
 )
 from dirtylog.migration.payload.digest import MULTIPLIERS
 from dirtylog.migration.protocol.codec import FrameType
@@ -267,8 +265,10 @@ def serve_requests(sock: int, recv_key: np.ndarray, send_key: np.ndarray, state:
     gmac_free(sending)
 
 
+@functools.cache
 def load_kernels() -> None:
-    """Compile (first run) or load the loop, so that no post-copy waits for it: it returns at once, stopped."""
+    """Compile (first run) or load the loop, once per process, so that no post-copy waits for it: it returns at
+    once, stopped."""
     if UNAVAILABLE:
         return
     state = np.zeros(STATE_SIZE, dtype=np.int64)

@@ -30,7 +30,7 @@ from dirtylog.guest.machine import Machine, State
 from dirtylog.guest.memory import host_memory_bytes, plan_slots
 from dirtylog.kvm.system import Kvm
 from dirtylog.migration.engine.admission import Admission, Resumption
-from dirtylog.migration.engine.fault_lane import load_kernels as load_fault_lane
+from dirtylog.migration.engine.lanes import compiled_unavailable
 from dirtylog.migration.engine.postcopy_destination import LINK_CODES, PostcopyDestination
 from dirtylog.migration.engine.streams import Stream, close_aborted
 from dirtylog.migration.engine.urgency import short_switch_interval
@@ -94,7 +94,10 @@ class Listener:
         # first round, and not while a source waits, since the source times its handshake as the round trip
         # that it subtracts from the downtime.
         load_kernels()
-        load_fault_lane()  # (post-copy's compiled fault path: not at the first fault)
+        if not compiled_unavailable():  # post-copy's compiled fault path: loaded now, not at the first fault
+            from dirtylog.migration.engine.fault_lane import load_kernels as load_fault_lane
+
+            load_fault_lane()
         with Kvm() as kvm:  # what this host can run, for the Header's acceptance
             self.max_vcpus = min(kvm.max_vcpus, host_architecture().layout.max_vcpus)
         self.memory = memory

@@ -16,6 +16,7 @@ to do for POLL_NS returns to Python, which takes the connection back and carries
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 import numpy as np
@@ -23,18 +24,21 @@ import numpy.typing as npt
 from numba import njit
 
 from dirtylog.linux import nogil
-from dirtylog.migration.engine.compiled_frames import (
+from dirtylog.migration.engine.compiled_frames import align8, checked_runs, le, put
+from dirtylog.migration.engine.lanes import (
     BYTES_RECEIVED,
     BYTES_SENT,
     ERRNO,
     EVENTS_DROPPED,
     EVENTS_WRITTEN,
     FAILED,
+    FAULT,
     FRAMES_RECEIVED,
     FRAMES_SENT,
     HANDED_BACK,
     HEADER_SIZE,
     IDLE,
+    INSTALLED,
     IO_TIMEOUT_NS,
     LAST_HEARD_NS,
     MAC_SIZE,
@@ -50,12 +54,9 @@ from dirtylog.migration.engine.compiled_frames import (
     STATE_SIZE,
     STOP,
     STOPPED,
+    ZERO_FAULT,
     Lane,
     LaneResult,
-    align8,
-    checked_runs,
-    le,
-    put,
 )
 from dirtylog.migration.payload.digest import MULTIPLIERS
 from dirtylog.migration.protocol.codec import MAX_BATCH_DATA, FrameType
@@ -70,8 +71,6 @@ from dirtylog.migration.protocol.gmac_nogil import (
 )
 from dirtylog.units import PAGE_SIZE
 
-# Kinds of event-log records: (kind, page, thread id, CLOCK_MONOTONIC ns).
-FAULT, INSTALLED, ZERO_FAULT = 1, 2, 3
 EVENTS: Final = 1 << 16  # records in the log (a ring; the owner folds it often)
 _PAGE_REQUEST: Final = int(FrameType.PAGE_REQUEST)
 _POSTCOPY_PAGES: Final = int(FrameType.POSTCOPY_PAGES)
@@ -337,8 +336,10 @@ def handle_faults(uffd: int, sock: int, recv_key: np.ndarray, send_key: np.ndarr
     gmac_free(sending)
 
 
+@functools.cache
 def load_kernels() -> None:
-    """Compile (first run) or load the loop, so that no post-copy waits for it: it returns at once, stopped."""
+    """Compile (first run) or load the loop, once per process, so that no post-copy waits for it: it returns at
+    once, stopped."""
     if UNAVAILABLE:
         return
     state = np.zeros(STATE_SIZE + 1, dtype=np.int64)

@@ -28,7 +28,7 @@ import select
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -39,8 +39,17 @@ from dirtylog.guest.machine import Machine
 from dirtylog.linux import abi as linux_abi
 from dirtylog.linux.errors import UserfaultfdError
 from dirtylog.linux.userfaultfd import Userfaultfd
-from dirtylog.migration.engine.compiled_frames import FAILED, HANDED_BACK, IDLE, PEER_CLOSED, STOPPED
-from dirtylog.migration.engine.fault_lane import FAULT, INSTALLED, ZERO_FAULT, FaultLane
+from dirtylog.migration.engine.lanes import (
+    FAILED,
+    FAULT,
+    HANDED_BACK,
+    IDLE,
+    INSTALLED,
+    PEER_CLOSED,
+    STOPPED,
+    ZERO_FAULT,
+    Lane,
+)
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream
 from dirtylog.migration.engine.urgency import Urgency, raise_thread_priority
 from dirtylog.migration.errors import MigrationError
@@ -60,6 +69,9 @@ from dirtylog.migration.protocol.events import (
     PostcopyPages,
 )
 from dirtylog.units import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from dirtylog.migration.engine.fault_lane import FaultLane
 
 #: Abort codes that say a connection broke (a corrupt or forged frame), not that the peer gave up.
 LINK_CODES = frozenset({AbortCode.PROTOCOL, AbortCode.AUTHENTICATION})
@@ -306,10 +318,12 @@ class PostcopyDestination:
         self._lane_declined = None
         self._lane_requests_counted = 0
         self.lane_unavailable = "" if self.compiled_faults else "turned off (compiled_faults)"
-        self.lane_unavailable = self.lane_unavailable or FaultLane.unavailable(channel.conn)
+        self.lane_unavailable = self.lane_unavailable or Lane.unavailable(channel.conn)
         self.stats.fault_path = f"python: {self.lane_unavailable}" if self.lane_unavailable else "compiled"
         if self.lane_unavailable or self.uffd is None:
             return None
+        from dirtylog.migration.engine.fault_lane import FaultLane  # Numba: only where it runs
+
         return FaultLane(self.uffd.fd, self.machine.ram.address, self.missing, self.requested, self.owed_mask,
                          self.memory.fingerprints, io_timeout=self.io_timeout, poll_interval=LANE_POLL)
 

@@ -26,15 +26,14 @@ import os
 import queue
 import threading
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from dirtylog.bitmap import DirtyBitmap
 from dirtylog.guest.machine import Machine
-from dirtylog.migration.engine.answer_lane import AnswerLane
-from dirtylog.migration.engine.compiled_frames import FAILED, PEER_CLOSED
+from dirtylog.migration.engine.lanes import FAILED, PEER_CLOSED, Lane
 from dirtylog.migration.engine.pacer import Pacer
 from dirtylog.migration.engine.streams import RECV_CHUNK, Stream, StreamFailure
 from dirtylog.migration.engine.urgency import Urgency, raise_thread_priority, short_switch_interval
@@ -60,6 +59,9 @@ from dirtylog.migration.protocol.events import (
 from dirtylog.migration.protocol.rules import Phase
 from dirtylog.migration.transports import Endpoint, parse_endpoint
 from dirtylog.units import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from dirtylog.migration.engine.answer_lane import AnswerLane
 
 PUSH_PAGES = 256  # pages per pushed frame (1 MiB): short installs on the destination, little per-frame cost
 ANSWER_PAGES = 64  # pages per answer frame (a request for more is answered in several)
@@ -161,11 +163,14 @@ class PostcopySource:
         self.stream.channel.settimeout(self.owner.params.io_timeout)
         self.channel.channel.settimeout(0.2)  # the answering thread looks up now and then for the end
         self.lane_unavailable = "" if self.owner.params.compiled_faults else "turned off (compiled_faults)"
-        self.lane_unavailable = self.lane_unavailable or AnswerLane.unavailable(self.channel.conn)
+        self.lane_unavailable = self.lane_unavailable or Lane.unavailable(self.channel.conn)
         self.stats.fault_path = f"python: {self.lane_unavailable}" if self.lane_unavailable else "compiled"
-        self._lane = None if self.lane_unavailable else AnswerLane(
-            self.pages, self.unsent, self.owner.digest.values, answer_pages=ANSWER_PAGES,
-            io_timeout=self.owner.params.io_timeout)
+        self._lane = None
+        if not self.lane_unavailable:
+            from dirtylog.migration.engine.answer_lane import AnswerLane  # Numba: only where it runs
+
+            self._lane = AnswerLane(self.pages, self.unsent, self.owner.digest.values, answer_pages=ANSWER_PAGES,
+                                    io_timeout=self.owner.params.io_timeout)
         self._server = threading.Thread(target=self._answer_loop, name="postcopy-answers", daemon=True)
         self._server.start()
         try:
