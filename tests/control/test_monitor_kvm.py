@@ -114,6 +114,9 @@ def test_raising_the_downtime_limit_lets_a_running_migration_converge(monitors: 
     assert source.cmd("query-migrate-parameters")["downtime-limit"] == 2000
     info = wait_status(source, ("completed", "failed"))
     assert info["status"] == "completed", info
+    # The source completes at the destination's Resumed; the destination's monitor says so a moment later, when
+    # its side of the migration has returned (QEMU's users poll the destination too).
+    assert wait_status(destination, ("completed", "failed"), timeout=10)["status"] == "completed"
     assert destination.cmd("query-status") == {"running": True, "status": "running"}
     assert source.cmd("query-status") == {"running": False, "status": "postmigrate"}
     assert error_of(source, "migrate", uri=f"tcp:127.0.0.1:{port}") == \
@@ -198,6 +201,7 @@ def test_migrate_over_a_unix_socket(monitors: Monitors, key_file: str, tmp_path:
     source.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
     source.cmd("migrate", uri=f"unix:{path}")
     assert wait_status(source, ("completed", "failed"))["status"] == "completed"
+    assert wait_status(destination, ("completed", "failed"), timeout=10)["status"] == "completed"
     assert destination.cmd("query-status") == {"running": True, "status": "running"}
 
 

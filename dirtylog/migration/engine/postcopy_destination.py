@@ -124,6 +124,7 @@ class PostcopyDestination:
         self._last_heard = time.monotonic()
         self.urgency = Urgency()  # the fault handler goes before installing pushed pages
         self._lane_requests_counted = 0
+        self._recount_next = False
 
     # --- set-up and end -----------------------------------------------------------------------------------
 
@@ -155,6 +156,8 @@ class PostcopyDestination:
         self._stop_lane()
         if self._thread is not None:
             self._thread.join(2.0)
+        with self.lock:
+            self._fold_lane()  # what the lane did after the last fold (a request for a page a push brought since)
         if self.uffd is not None:
             self.uffd.close()
             self.uffd = None
@@ -337,8 +340,12 @@ class PostcopyDestination:
         lane = self._lane
         if lane is None:
             return
+        sent = lane.requests_sent  # read once: the lane goes on counting meanwhile (a request may also follow the
+        self.stats.postcopy_requests += sent - self._lane_requests_counted  # fold that took its fault's record)
+        self._lane_requests_counted = sent
         records = lane.take_events()
-        if not records.size:
+        recount, self._recount_next = bool(records.size) or self._recount_next, bool(records.size)
+        if not recount:  # the lane installed nothing since the fold after its last record
             return
         installed = 0
         for kind, page, thread, ns in records.tolist():
@@ -357,9 +364,8 @@ class PostcopyDestination:
         if settled:
             self.faults.installed(settled, time.perf_counter())
         self.stats.pages_requested += installed
-        self.stats.postcopy_requests += lane.requests_sent - self._lane_requests_counted
-        self._lane_requests_counted = lane.requests_sent
-        # Recounted, not decremented: a page the lane and a push both installed counts once.
+        # Recounted, not decremented: a page the lane and a push both installed counts once. (Also at the fold after
+        # the last record: the lane clears ``missing`` just after logging the install.)
         self.remaining = int(np.count_nonzero(self.missing))
         self.stats.remaining_pages = self.remaining
         if not self.remaining:
