@@ -164,7 +164,12 @@ def round_row(rows: RowPrinter, record: dict[str, Any]) -> None:
     """One row of the live migration view (also ``dirtylog ctl SOCKET watch-migration``)."""
     rows.row(record["round"], f"{record['pages']:,}", f"{record['bytes'] / 1e6:,.1f}",
              f"{record['mbps'] / 8:,.0f}", f"{record['dirty_pages']:,}", f"{record['dirty_pages_rate']:,}",
-             f"{record.get('expected_downtime_ms', 0):,.1f}", f"{record['throttle_percentage']}%")
+             _ms_cell(record.get("expected_downtime_ms")), f"{record['throttle_percentage']}%")
+
+
+def _ms_cell(value: float | None) -> str:
+    """Milliseconds for a table cell; "-" when unknown (an expected downtime before any page rate is known)."""
+    return "-" if value is None else f"{value:,.1f}"
 
 
 POSTCOPY_COLUMNS = [("post-copy s", 11), ("owed", 10), ("pushed", 10), ("requested", 10), ("requests", 9),

@@ -78,8 +78,6 @@ _WORDS: Final = PAGE_SIZE // 8
 _MESSAGES: Final = 64
 MAX_ANSWER_PAGES: Final = 256  # a bigger answer is handed back to Python
 RX_SIZE: Final = HEADER_SIZE + 64 + 28 * MAX_ANSWER_PAGES + MAX_ANSWER_PAGES * PAGE_SIZE + MAC_SIZE
-
-
 _FOLDED: Final = STATE_SIZE  # one slot after the shared ones: records the owner has folded
 
 

@@ -42,7 +42,7 @@ from dirtylog.migration.payload.pages import make_page_batch, pfns_from_runs
 from dirtylog.migration.payload.vm import header_of
 from dirtylog.migration.policy.parameters import MigrationParameters
 from dirtylog.migration.policy.precopy import Action, PrecopyController, RoundStats
-from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus, ProgressCallback
+from dirtylog.migration.policy.stats import MigrationStats, MigrationStatus, ProgressCallback, ms
 from dirtylog.migration.protocol.connection import SourceConnection
 from dirtylog.migration.protocol.errors import ProtocolError
 from dirtylog.migration.protocol.events import (
@@ -289,7 +289,7 @@ class SourceMigration:
             self.stats.expected_downtime = decision.expected_downtime
             self._apply_convergence(decision.throttle, decision.dirty_limited)
             self.progress("round", {**round_stats.as_dict(PAGE_SIZE),
-                                    "expected_downtime_ms": round(decision.expected_downtime * 1e3, 3),
+                                    "expected_downtime_ms": ms(decision.expected_downtime),
                                     "action": decision.action.value, "reason": decision.reason})
             if decision.action is Action.CANCEL:
                 self.stats.status = MigrationStatus.CANCELLED

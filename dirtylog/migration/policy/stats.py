@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dirtylog.migration.policy.postcopy import FaultStats
 from dirtylog.migration.policy.precopy import RoundStats
+
+
+def ms(seconds: float | None) -> float | None:
+    """Seconds as milliseconds for JSON; None (null) when unknown or infinite (an expected downtime before any page
+    rate is known), which JSON cannot carry."""
+    return None if seconds is None or not math.isfinite(seconds) else round(seconds * 1e3, 3)
 
 # progress(kind, record): the engines' live reports ("setup", "round", "refused", ...), for CLIs and QMP.
 ProgressCallback = Callable[[str, dict[str, Any]], None]
@@ -87,9 +94,6 @@ class MigrationStats:
 
     def as_dict(self) -> dict[str, Any]:
         """The statistics as QEMU's query-migrate would name them (snake_case), plus the rounds."""
-        def ms(seconds: float | None) -> float | None:
-            return None if seconds is None else round(seconds * 1e3, 3)
-
         return {
             "status": self.status.value,
             "total_time_ms": ms(self.total_time),
@@ -124,9 +128,6 @@ class MigrationStats:
 
     def postcopy_dict(self) -> dict[str, Any]:
         """Post-copy's figures (QEMU's names in snake_case where it has them)."""
-        def ms(seconds: float | None) -> float | None:
-            return None if seconds is None else round(seconds * 1e3, 3)
-
         out: dict[str, Any] = {
             "reason": self.postcopy_reason, "started_ms": ms(self.postcopy_started),
             "postcopy_time_ms": ms(self.postcopy_time), "pending_pages": self.postcopy_pending,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dirtylog.migration.errors import MigrationError
 from dirtylog.migration.policy.precopy import Action, PrecopyController, PrecopyPolicy, RoundStats
-from dirtylog.migration.policy.stats import MigrationStats
+from dirtylog.migration.policy.stats import MigrationStats, ms
 
 
 def round_of(index: int, pages: int, dirty: int, seconds: float = 1.0, zero: int = 0) -> RoundStats:
@@ -88,3 +90,15 @@ def test_throughput_leaves_the_setup_out_as_qemu_does() -> None:
     assert stats.throughput == pytest.approx(1e9)
     assert stats.as_dict()["ram"]["mbps"] == pytest.approx(8000.0)
     assert MigrationStats(transferred=10, total_time=1.0, setup_time=1.0).throughput == 0.0
+
+
+def test_an_infinite_expected_downtime_is_null_in_json() -> None:
+    """Before any page rate is known the expected downtime is infinite: JSON (and so QMP) carries it as null, never
+    as a float JSON does not have (a QMP answer holding one was an internal error)."""
+    controller = PrecopyController(PrecopyPolicy())
+    assert controller.expected_downtime(100) == float("inf")
+    stats = MigrationStats(expected_downtime=controller.expected_downtime(100))
+    record = stats.as_dict()
+    assert record["expected_downtime_ms"] is None
+    json.dumps(record, allow_nan=False)  # raises on inf or NaN
+    assert ms(0.0125) == 12.5 and ms(None) is None and ms(float("nan")) is None
