@@ -24,7 +24,7 @@ import numpy.typing as npt
 from numba import njit
 
 from dirtylog.linux import nogil
-from dirtylog.migration.engine.compiled_frames import align8, checked_runs, le, put
+from dirtylog.migration.engine.compiled_frames import align8, checked_runs, compact, le, put, whole_frame
 from dirtylog.migration.engine.lanes import (
     BYTES_RECEIVED,
     BYTES_SENT,
@@ -62,7 +62,6 @@ from dirtylog.migration.protocol.gmac_nogil import (
     gmac,
     gmac_context,
     gmac_free,
-    gmac_verifies,
 )
 from dirtylog.units import PAGE_SIZE
 
@@ -189,20 +188,13 @@ def serve_requests(sock: int, recv_key: np.ndarray, send_key: np.ndarray, state:
     end = state[RX_END]
     outcome = 0
     while outcome == 0:
-        while end - start >= HEADER_SIZE:  # every whole frame received
-            length = le(rx, start + 4, 4)
-            seq = le(rx, start + 8, 8)
-            if (rx[start] != _PAGE_REQUEST or rx[start + 1] != 0 or rx[start + 2] != 0 or rx[start + 3] != 0
-                    or seq != state[RECV_SEQ] or HEADER_SIZE + length + MAC_SIZE > rx.size):
-                outcome = HANDED_BACK
+        while True:  # every whole frame received
+            seq = state[RECV_SEQ]
+            size = whole_frame(rx, start, end, _PAGE_REQUEST, seq, receiving, scratch)
+            if size == 0:
                 break
-            size = HEADER_SIZE + length + MAC_SIZE
-            if end - start < size:
-                break
-            frame = rx[start:start + size]
-            nruns = -1
-            if gmac_verifies(receiving, seq, frame, HEADER_SIZE + length, scratch):
-                nruns = _request_runs(rx, start + HEADER_SIZE, length, runs, npages, low, high)
+            nruns = -1 if size < 0 else _request_runs(rx, start + HEADER_SIZE, size - HEADER_SIZE - MAC_SIZE, runs,
+                                                      npages, low, high)
             if nruns < 0:
                 outcome = HANDED_BACK
                 break
@@ -236,12 +228,7 @@ def serve_requests(sock: int, recv_key: np.ndarray, send_key: np.ndarray, state:
                 break
         if outcome:
             break
-        if start == end:
-            start = end = 0
-        elif rx.size - end < rx.size // 4:  # room for the rest of a frame: move what is left to the front
-            rx[:end - start] = rx[start:end].copy()
-            end -= start
-            start = 0
+        start, end = compact(rx, start, end)
         if state[STOP]:
             outcome = STOPPED
             break

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from dirtylog.migration.engine.lanes import HEADER_SIZE, MAC_SIZE
 from dirtylog.migration.protocol.codec import MAX_BATCH_PAGES, MAX_GFN
+from dirtylog.migration.protocol.gmac_nogil import gmac_verifies
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -61,3 +63,34 @@ def checked_runs(buffer: np.ndarray, starts_at: int, lengths_at: int, nruns: int
         runs[2 * r + 1] = count
         previous_end = end
     return total
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def whole_frame(rx: np.ndarray, start: int, end: int, frame_type: int, seq: int, context: object,
+                scratch: np.ndarray) -> int:
+    """The size of the frame at ``rx[start:end]`` when it is whole, of ``frame_type``, without flags, frame ``seq``,
+    and its MAC verifies; 0 while more bytes are needed; -1 for a frame the Python path must handle."""
+    if end - start < HEADER_SIZE:
+        return 0
+    length = le(rx, start + 4, 4)
+    if (rx[start] != frame_type or rx[start + 1] != 0 or rx[start + 2] != 0 or rx[start + 3] != 0
+            or le(rx, start + 8, 8) != seq or HEADER_SIZE + length + MAC_SIZE > rx.size):
+        return -1
+    size = HEADER_SIZE + length + MAC_SIZE
+    if end - start < size:
+        return 0
+    if not gmac_verifies(context, seq, rx[start:start + size], HEADER_SIZE + length, scratch):
+        return -1
+    return size
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def compact(rx: np.ndarray, start: int, end: int) -> tuple[int, int]:
+    """The unused bytes ``rx[start:end]`` made room after: emptied, or moved to the front when less than a quarter
+    of the buffer is left behind them; returns the new (start, end)."""
+    if start == end:
+        return 0, 0
+    if rx.size - end < rx.size // 4:
+        rx[:end - start] = rx[start:end].copy()
+        return 0, end - start
+    return start, end

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from numba import njit
 
 from dirtylog.linux import nogil
-from dirtylog.migration.engine.compiled_frames import align8, checked_runs, le, put
+from dirtylog.migration.engine.compiled_frames import align8, checked_runs, compact, le, put, whole_frame
 from dirtylog.migration.engine.lanes import (
     BYTES_RECEIVED,
     BYTES_SENT,
@@ -67,7 +67,6 @@ from dirtylog.migration.protocol.gmac_nogil import (
     gmac,
     gmac_context,
     gmac_free,
-    gmac_verifies,
 )
 from dirtylog.units import PAGE_SIZE
 
@@ -276,19 +275,13 @@ def handle_faults(uffd: int, sock: int, recv_key: np.ndarray, send_key: np.ndarr
             elif got > 0:
                 end += got
                 state[LAST_HEARD_NS] = nogil.monotonic_ns(clock)
-        while end - start >= HEADER_SIZE and outcome != FAILED:  # every whole frame received
-            length = le(rx, start + 4, 4)
-            seq = le(rx, start + 8, 8)
-            if (rx[start] != _POSTCOPY_PAGES or rx[start + 1] != 0 or rx[start + 2] != 0 or rx[start + 3] != 0
-                    or seq != state[RECV_SEQ] or HEADER_SIZE + length + MAC_SIZE > rx.size):
-                outcome = HANDED_BACK
+        while outcome != FAILED:  # every whole frame received
+            seq = state[RECV_SEQ]
+            size = whole_frame(rx, start, end, _POSTCOPY_PAGES, seq, receiving, scratch)
+            if size == 0:
                 break
-            size = HEADER_SIZE + length + MAC_SIZE
-            if end - start < size:
-                break
-            count = -1
-            if gmac_verifies(receiving, seq, rx[start:start + size], HEADER_SIZE + length, scratch):
-                count = _answer_checked(rx, start + HEADER_SIZE, length, runs, npages, low, high, multipliers)
+            count = -1 if size < 0 else _answer_checked(rx, start + HEADER_SIZE, size - HEADER_SIZE - MAC_SIZE, runs,
+                                                        npages, low, high, multipliers)
             if count < 0:
                 outcome = HANDED_BACK
                 break
@@ -321,12 +314,7 @@ def handle_faults(uffd: int, sock: int, recv_key: np.ndarray, send_key: np.ndarr
             state[BYTES_RECEIVED] += size
             state[PAGES] += count
             start += size
-        if start == end:
-            start = end = 0
-        elif rx.size - end < rx.size // 4:
-            rx[:end - start] = rx[start:end].copy()
-            end -= start
-            start = 0
+        start, end = compact(rx, start, end)
     state[RX_START] = start
     state[RX_END] = end
     state[OUTCOME] = outcome
